@@ -1,0 +1,32 @@
+# Two commands do everything on a fresh clone: `make export` and `make test`.
+# Both set up .venv first (Python 3.11, the CPU build of torch pinned, miaotui editable with [dev]).
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU wheel for development and CI; an unpinned torch would pull a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+MODEL ?= lstm-sentiment
+
+.PHONY: setup export train test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+export: setup
+	$(BIN)/miaotui export $(MODEL)
+
+train: setup
+	$(BIN)/python -m miaotui.models.$(subst -,_,$(MODEL)).train
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf build

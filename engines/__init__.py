@@ -1,0 +1,1 @@
+"""Engine builders (TensorRT plan, TensorRT-RTX plan, ONNX Runtime): not built yet."""

@@ -1,0 +1,359 @@
+"""The TOML config that describes one model, as typed dataclasses validated on load.
+
+Every mistake is reported as one line naming the file, the key and what was expected (InputError,
+exit status 2). Unknown keys are mistakes too: a misspelt option must not be silently ignored.
+Paths in a config are relative to the config file's folder and are resolved on load.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from miaotui.errors import InputError
+
+DTYPES = ("float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool")
+FLOAT_DTYPES = ("float32", "float16", "float64")
+PRECISIONS = ("fp32", "fp16", "int8", "int8-fp16")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# torch.onnx in torch 2.13 emits opset 20 natively; others go through the version converter.
+DEFAULT_OPSET = 20
+
+
+@dataclass(frozen=True)
+class Dim:
+    """A dynamic dimension's range; min/opt/max become TensorRT optimization profiles later."""
+
+    name: str
+    min: int
+    opt: int
+    max: int
+
+    @property
+    def is_static(self) -> bool:
+        return self.min == self.max
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]  # ints are fixed sizes, strings name a [dims] entry
+    range: tuple[float, float] | None  # half-open [low, high) for synthetic samples; None for bool
+
+    def dims(self) -> list[str]:
+        return [d for d in self.shape if isinstance(d, str)]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    factory: str  # "file.py:function" (resolved to an absolute path) or "package.module:function"
+    checkpoint: Path | None = None
+    outputs: tuple[str, ...] = ("logits",)
+    labels: tuple[str, ...] | None = None
+    tokenizer: Path | None = None
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    calibration: str | None = None  # an absolute .npz path, or "module:function"
+    validation: str | None = None
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    opset: int = DEFAULT_OPSET
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    path: Path
+    model: ModelSpec
+    inputs: dict[str, InputSpec]
+    dims: dict[str, Dim]
+    data: DataSpec = field(default_factory=DataSpec)
+    export: ExportSpec = field(default_factory=ExportSpec)
+    validate: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def folder(self) -> Path:
+        return self.path.parent
+
+    def shape_at(self, input_name: str, sizes: dict[str, int]) -> tuple[int, ...]:
+        """The concrete shape of one input with each named dim taken from `sizes`."""
+        return tuple(d if isinstance(d, int) else sizes[d] for d in self.inputs[input_name].shape)
+
+    def sizes(self, which: str) -> dict[str, int]:
+        """Every dim at its "min", "opt" or "max"."""
+        return {name: getattr(dim, which) for name, dim in self.dims.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config as plain TOML-ready data (absolute paths), as written to a work dir."""
+        model: dict[str, Any] = {"factory": self.model.factory, "outputs": list(self.model.outputs)}
+        if self.model.checkpoint:
+            model["checkpoint"] = str(self.model.checkpoint)
+        if self.model.labels:
+            model["labels"] = list(self.model.labels)
+        if self.model.tokenizer:
+            model["tokenizer"] = str(self.model.tokenizer)
+        inputs = {}
+        for spec in self.inputs.values():
+            entry: dict[str, Any] = {"dtype": spec.dtype, "shape": list(spec.shape)}
+            if spec.range is not None:
+                entry["range"] = list(spec.range)
+            inputs[spec.name] = entry
+        data = {k: v for k, v in (("calibration", self.data.calibration), ("validation", self.data.validation)) if v}
+        out: dict[str, Any] = {
+            "name": self.name,
+            "model": model,
+            "inputs": inputs,
+            "dims": {d.name: {"min": d.min, "opt": d.opt, "max": d.max} for d in self.dims.values()},
+            "export": {"opset": self.export.opset},
+        }
+        if data:
+            out["data"] = data
+        if self.validate:
+            out["validate"] = self.validate
+        return out
+
+
+class _Reader:
+    """Walks the parsed TOML, turning every mistake into one line that names file and key."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def fail(self, key: str, message: str) -> InputError:
+        return InputError(f"{self.path}: {key}: {message}")
+
+    def table(self, parent: dict, key: str, where: str, required: bool = True) -> dict:
+        if key not in parent:
+            if required:
+                raise self.fail(where, "missing (required table)")
+            return {}
+        value = parent[key]
+        if not isinstance(value, dict):
+            raise self.fail(where, f"expected a table, got {_show(value)}")
+        return value
+
+    def only(self, table: dict, allowed: tuple[str, ...], where: str) -> None:
+        unknown = [k for k in table if k not in allowed]
+        if unknown:
+            prefix = f"{where}." if where else ""
+            raise self.fail(f"{prefix}{unknown[0]}", f"unknown key (expected one of: {', '.join(allowed)})")
+
+    def value(self, table: dict, key: str, kind: type | tuple[type, ...], where: str, required: bool = True):
+        if key not in table:
+            if required:
+                raise self.fail(where, "missing (required)")
+            return None
+        value = table[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        # bool is an int in Python; a TOML true is never a valid size or number.
+        if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+            raise self.fail(where, f"expected {' or '.join(k.__name__ for k in kinds)}, got {_show(value)}")
+        return value
+
+    def relative_path(self, raw: str, where: str, must_exist: bool = True) -> Path:
+        path = (self.path.parent / raw).resolve()
+        if must_exist and not path.exists():
+            raise self.fail(where, f"file {raw!r} does not exist (looked for {path})")
+        return path
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "a list"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _is_callable_reference(raw: str) -> bool:
+    """"package.module:function" rather than a file path (a file may also be "file.py:function")."""
+    head, sep, tail = raw.rpartition(":")
+    return bool(sep) and not head.endswith(".py") and "/" not in head and bool(tail)
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise InputError(f"{path}: config file does not exist")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise InputError(f"{path}: not valid TOML: {error}") from error
+    return parse_config(raw, path)
+
+
+def parse_config(raw: dict, path: Path) -> Config:
+    r = _Reader(path)
+    r.only(raw, ("name", "model", "inputs", "dims", "data", "export", "validate"), "")
+    name = r.value(raw, "name", str, "name")
+    if not NAME_PATTERN.match(name):
+        raise r.fail("name", f"expected letters, digits, '.', '_' or '-' (it names a folder), got {name!r}")
+
+    dims = _parse_dims(r, r.table(raw, "dims", "dims", required=False))
+    inputs = _parse_inputs(r, r.table(raw, "inputs", "inputs"), dims)
+    used = {d for spec in inputs.values() for d in spec.dims()}
+    for dim_name in dims:
+        if dim_name not in used:
+            raise r.fail(f"dims.{dim_name}", "not used by any input's shape")
+    return Config(
+        name=name,
+        path=path,
+        model=_parse_model(r, r.table(raw, "model", "model")),
+        inputs=inputs,
+        dims=dims,
+        data=_parse_data(r, r.table(raw, "data", "data", required=False)),
+        export=_parse_export(r, r.table(raw, "export", "export", required=False)),
+        validate=_parse_validate(r, r.table(raw, "validate", "validate", required=False)),
+    )
+
+
+def _parse_model(r: _Reader, table: dict) -> ModelSpec:
+    r.only(table, ("factory", "checkpoint", "outputs", "labels", "tokenizer"), "model")
+    factory = r.value(table, "factory", str, "model.factory")
+    file_part, sep, function = factory.rpartition(":")
+    if not sep or not file_part or not function.isidentifier():
+        raise r.fail("model.factory", f"expected 'file.py:function' or 'package.module:function', got {factory!r}")
+    if not _is_callable_reference(factory):
+        factory = f"{r.relative_path(file_part, 'model.factory')}:{function}"
+
+    checkpoint = r.value(table, "checkpoint", str, "model.checkpoint", required=False)
+    checkpoint_path = None
+    if checkpoint is not None:
+        checkpoint_path = r.relative_path(checkpoint, "model.checkpoint")
+        if checkpoint_path.suffix not in (".safetensors", ".pt", ".pth"):
+            raise r.fail("model.checkpoint", f"expected a .safetensors, .pt or .pth file, got {checkpoint!r}")
+
+    outputs = _string_list(r, table, "outputs", "model.outputs") or ("logits",)
+    labels = _string_list(r, table, "labels", "model.labels")
+    tokenizer = r.value(table, "tokenizer", str, "model.tokenizer", required=False)
+    return ModelSpec(
+        factory=factory,
+        checkpoint=checkpoint_path,
+        outputs=outputs,
+        labels=labels,
+        tokenizer=r.relative_path(tokenizer, "model.tokenizer") if tokenizer else None,
+    )
+
+
+def _string_list(r: _Reader, table: dict, key: str, where: str) -> tuple[str, ...] | None:
+    values = r.value(table, key, list, where, required=False)
+    if values is None:
+        return None
+    if not values or not all(isinstance(v, str) and v for v in values):
+        raise r.fail(where, "expected a non-empty list of non-empty strings")
+    if len(set(values)) != len(values):
+        raise r.fail(where, "names must be unique")
+    return tuple(values)
+
+
+def _parse_dims(r: _Reader, table: dict) -> dict[str, Dim]:
+    dims = {}
+    for name, entry in table.items():
+        where = f"dims.{name}"
+        if not isinstance(entry, dict):
+            raise r.fail(where, f"expected a table {{ min = ..., opt = ..., max = ... }}, got {_show(entry)}")
+        r.only(entry, ("min", "opt", "max"), where)
+        lo, hi = r.value(entry, "min", int, f"{where}.min"), r.value(entry, "max", int, f"{where}.max")
+        opt = r.value(entry, "opt", int, f"{where}.opt", required=False)
+        opt = hi if opt is None else opt
+        if lo < 1:
+            raise r.fail(f"{where}.min", f"expected at least 1, got {lo}")
+        if lo > hi:
+            raise r.fail(where, f"min ({lo}) must not exceed max ({hi})")
+        if not lo <= opt <= hi:
+            raise r.fail(f"{where}.opt", f"expected between min ({lo}) and max ({hi}), got {opt}")
+        dims[name] = Dim(name, lo, opt, hi)
+    return dims
+
+
+def _parse_inputs(r: _Reader, table: dict, dims: dict[str, Dim]) -> dict[str, InputSpec]:
+    if not table:
+        raise r.fail("inputs", "expected at least one input")
+    inputs = {}
+    for name, entry in table.items():
+        where = f"inputs.{name}"
+        if not name.isidentifier():
+            raise r.fail(where, "input names must be Python identifiers (they are the forward() arguments)")
+        if not isinstance(entry, dict):
+            raise r.fail(where, f"expected a table {{ dtype = ..., shape = [...] }}, got {_show(entry)}")
+        r.only(entry, ("dtype", "shape", "range"), where)
+        dtype = r.value(entry, "dtype", str, f"{where}.dtype")
+        if dtype not in DTYPES:
+            raise r.fail(f"{where}.dtype", f"expected one of {', '.join(DTYPES)}, got {dtype!r}")
+        shape = r.value(entry, "shape", list, f"{where}.shape")
+        if not shape:
+            raise r.fail(f"{where}.shape", "expected at least one dimension")
+        for dim in shape:
+            if isinstance(dim, bool) or not isinstance(dim, (int, str)):
+                raise r.fail(f"{where}.shape", f"expected sizes or names of [dims] entries, got {_show(dim)}")
+            if isinstance(dim, int) and dim < 1:
+                raise r.fail(f"{where}.shape", f"fixed sizes must be at least 1, got {dim}")
+            if isinstance(dim, str) and dim not in dims:
+                known = ", ".join(dims) or "none defined"
+                raise r.fail(f"{where}.shape", f"dim {dim!r} is not defined in [dims] (defined: {known})")
+        inputs[name] = InputSpec(name, dtype, tuple(shape), _parse_range(r, entry, dtype, f"{where}.range"))
+    return inputs
+
+
+def _parse_range(r: _Reader, entry: dict, dtype: str, where: str) -> tuple[float, float] | None:
+    if dtype == "bool":
+        if "range" in entry:
+            raise r.fail(where, "bool inputs take no range")
+        return None
+    bounds = r.value(entry, "range", list, where, required=dtype not in FLOAT_DTYPES)
+    if bounds is None:
+        return (0.0, 1.0)
+    number = (float, int) if dtype in FLOAT_DTYPES else int
+    if len(bounds) != 2 or not all(isinstance(b, number) and not isinstance(b, bool) for b in bounds):
+        kind = "numbers" if dtype in FLOAT_DTYPES else "integers"
+        raise r.fail(where, f"expected two {kind} [low, high) for a {dtype} input, got {bounds!r}")
+    low, high = bounds
+    if not low < high:
+        raise r.fail(where, f"expected low < high (the range is half-open), got [{low}, {high}]")
+    return (low, high)
+
+
+def _parse_data(r: _Reader, table: dict) -> DataSpec:
+    r.only(table, ("calibration", "validation"), "data")
+    resolved = {}
+    for key in ("calibration", "validation"):
+        raw = r.value(table, key, str, f"data.{key}", required=False)
+        if raw is None:
+            continue
+        if _is_callable_reference(raw):
+            resolved[key] = raw
+        else:
+            resolved[key] = str(r.relative_path(raw, f"data.{key}"))
+    return DataSpec(**resolved)
+
+
+def _parse_export(r: _Reader, table: dict) -> ExportSpec:
+    r.only(table, ("opset",), "export")
+    opset = r.value(table, "opset", int, "export.opset", required=False)
+    if opset is None:
+        return ExportSpec()
+    if not 17 <= opset <= 23:
+        raise r.fail("export.opset", f"expected 17..23 (LayerNormalization needs 17; ONNX Runtime runs up to 23), got {opset}")
+    return ExportSpec(opset=opset)
+
+
+def _parse_validate(r: _Reader, table: dict) -> dict[str, dict[str, float]]:
+    r.only(table, PRECISIONS, "validate")
+    out = {}
+    for precision, bars in table.items():
+        where = f"validate.{precision}"
+        if not isinstance(bars, dict):
+            raise r.fail(where, f"expected a table of thresholds, got {_show(bars)}")
+        for key, value in bars.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise r.fail(f"{where}.{key}", f"expected a number, got {_show(value)}")
+        out[precision] = {k: float(v) for k, v in bars.items()}
+    return out

@@ -1,0 +1,73 @@
+"""Tokenizers in the `tokenizers` library's tokenizer.json format, for every built-in model.
+
+The LSTM classifier reads characters: a WordLevel model over single characters (NFKC, lowercased,
+whitespace dropped). Keeping it in tokenizer.json means the runtime loads it the same way as a
+transformer's WordPiece tokenizer.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from miaotui.errors import InputError
+
+PAD_TOKEN, UNK_TOKEN = "[PAD]", "[UNK]"
+
+
+def _char_pipeline(vocab: dict[str, int]):
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
+
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=UNK_TOKEN))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex("."), behavior="isolated")]
+    )
+    return tokenizer
+
+
+def build_char_tokenizer(texts: Iterable[str], min_count: int, max_length: int):
+    """A character vocabulary of the characters seen at least `min_count` times, [PAD]=0, [UNK]=1."""
+    counter_source = _char_pipeline({PAD_TOKEN: 0, UNK_TOKEN: 1})
+    counts: Counter[str] = Counter()
+    for text in texts:
+        normalized = counter_source.normalizer.normalize_str(text)
+        counts.update(ch for ch in normalized if not ch.isspace())
+    kept = sorted((ch for ch, n in counts.items() if n >= min_count), key=lambda ch: (-counts[ch], ch))
+    vocab = {PAD_TOKEN: 0, UNK_TOKEN: 1} | {ch: i + 2 for i, ch in enumerate(kept)}
+    tokenizer = _char_pipeline(vocab)
+    configure(tokenizer, max_length)
+    return tokenizer
+
+
+def configure(tokenizer, max_length: int):
+    pad_id = tokenizer.token_to_id(PAD_TOKEN)
+    tokenizer.enable_padding(pad_id=0 if pad_id is None else pad_id, pad_token=PAD_TOKEN)
+    tokenizer.enable_truncation(max_length=max_length)
+    return tokenizer
+
+
+def load_tokenizer(path: str | Path, max_length: int | None = None):
+    from tokenizers import Tokenizer
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: tokenizer file does not exist")
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as error:  # the library raises a bare Exception on malformed JSON
+        raise InputError(f"{path}: not a tokenizer.json file ({error})") from error
+    if max_length is not None:
+        configure(tokenizer, max_length)
+    return tokenizer
+
+
+def encode(tokenizer, texts: Sequence[str]) -> dict[str, np.ndarray]:
+    """Right-padded int64 `input_ids` and `attention_mask` for a batch of texts."""
+    encodings = tokenizer.encode_batch(list(texts))
+    ids = np.array([e.ids for e in encodings], dtype=np.int64)
+    mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+    return {"input_ids": ids, "attention_mask": mask}

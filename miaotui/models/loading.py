@@ -1,0 +1,129 @@
+"""Building the torch model a config names: its factory, then its checkpoint, in eval mode."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+from miaotui.config import Config
+from miaotui.errors import InputError
+
+
+def factory_source(factory: str) -> Path | None:
+    """The file that defines the factory, so that its content can key the export stage."""
+    target, _, _ = factory.rpartition(":")
+    if target.endswith(".py"):
+        return Path(target)
+    spec = importlib.util.find_spec(target) if _importable(target) else None
+    return Path(spec.origin) if spec and spec.origin else None
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def load_factory(factory: str, config_path: Path):
+    target, _, function = factory.rpartition(":")
+    where = f"{config_path}: model.factory"
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.is_file():
+            raise InputError(f"{where}: file {path} does not exist")
+        # A unique module name per file, so two configs' model.py files never shadow each other.
+        name = "miaotui_user_model_" + hashlib.sha256(str(path).encode()).hexdigest()[:12]
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except Exception as error:
+            del sys.modules[name]
+            raise InputError(f"{where}: importing {path} failed: {type(error).__name__}: {error}") from error
+    else:
+        if not _importable(target):
+            raise InputError(f"{where}: module {target!r} cannot be found")
+        try:
+            module = importlib.import_module(target)
+        except Exception as error:
+            raise InputError(f"{where}: importing {target} failed: {type(error).__name__}: {error}") from error
+    fn = getattr(module, function, None)
+    if not callable(fn):
+        raise InputError(f"{where}: {target} has no function {function!r}")
+    return fn
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """Tensors from .safetensors, or from .pt/.pth with weights_only=True: never unpickle code."""
+    import torch
+
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as error:
+            raise InputError(f"{path}: not a readable safetensors file ({error})") from error
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(f"{path}: not a weights-only torch checkpoint ({first_line})") from error
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError(f"{path}: expected a state dict of tensors (or {{'state_dict': ...}})")
+    return state
+
+
+def apply_checkpoint(model, state: dict[str, Any], path: Path) -> None:
+    """Load strictly, reporting the first mismatches in one line instead of torch's long message."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [
+        f"{k} is {tuple(state[k].shape)} in the checkpoint, {tuple(v.shape)} in the model"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing {_few(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {_few(unexpected)}")
+    if wrong:
+        problems.append(_few(wrong))
+    if problems:
+        raise InputError(f"{path}: checkpoint does not fit the model: {'; '.join(problems)}")
+    model.load_state_dict(state, strict=True)
+
+
+def _few(items: list[str], limit: int = 3) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def load_model(config: Config):
+    """The config's model in eval mode, with its checkpoint applied."""
+    from torch import nn
+
+    build = load_factory(config.model.factory, config.path)
+    try:
+        model = build()
+    except Exception as error:
+        raise InputError(
+            f"{config.path}: model.factory: {config.model.factory} raised {type(error).__name__}: {error}"
+        ) from error
+    if not isinstance(model, nn.Module):
+        raise InputError(
+            f"{config.path}: model.factory: expected it to return a torch.nn.Module, got {type(model).__name__}"
+        )
+    if config.model.checkpoint is not None:
+        apply_checkpoint(model, read_checkpoint(config.model.checkpoint), config.model.checkpoint)
+    return model.eval()

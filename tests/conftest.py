@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+# A classifier the project has never seen: two inputs under its own names (int64 tokens, float32
+# features), three classes, an output named "scores".
+CUSTOM_MODEL = '''
+import torch
+from torch import nn
+
+
+class TicketRouter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.features_proj = nn.Linear(4, 16)
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, tokens, features):
+        pooled = self.embed(tokens).mean(dim=1)
+        return self.head(torch.cat([pooled, torch.tanh(self.features_proj(features))], dim=-1))
+
+
+def build():
+    torch.manual_seed(1)
+    return TicketRouter()
+'''
+
+CUSTOM_CONFIG = """
+name = "ticket-router"
+[model]
+factory = "router.py:build"
+checkpoint = "router.safetensors"
+outputs = ["scores"]
+labels = ["billing", "bug", "other"]
+[inputs]
+tokens = {{ dtype = "int64", shape = ["batch", "words"], range = [0, 50] }}
+features = {{ dtype = "float32", shape = ["batch", 4], range = [-2.0, 2.0] }}
+[dims]
+batch = {{ min = 1, opt = 4, max = 16 }}
+words = {{ min = 2, opt = 12, max = 40 }}
+{extra}
+"""
+
+
+@pytest.fixture
+def custom_model_dir(tmp_path: Path) -> Path:
+    """A folder with router.py, router.safetensors (trained-looking random weights) and config.toml."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "router.py").write_text(textwrap.dedent(CUSTOM_MODEL))
+    namespace: dict = {}
+    exec(compile(CUSTOM_MODEL, "router.py", "exec"), namespace)
+    model = namespace["build"]()
+    torch.manual_seed(7)
+    state = {k: torch.randn_like(v) * 0.5 for k, v in model.state_dict().items()}
+    save_file(state, str(folder / "router.safetensors"))
+    write_custom_config(folder)
+    return folder
+
+
+def write_custom_config(folder: Path, extra: str = "", text: str | None = None) -> Path:
+    path = folder / "config.toml"
+    path.write_text(text if text is not None else CUSTOM_CONFIG.format(extra=extra))
+    return path

@@ -1,0 +1,111 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from miaotui.cli import main
+from miaotui.config import load_config
+from miaotui.errors import InputError
+from miaotui.models import BUILTIN_MODELS, resolve_config
+
+from conftest import CUSTOM_CONFIG, write_custom_config
+
+
+def test_builtin_config_resolves_paths_and_dims():
+    config = resolve_config("lstm-sentiment")
+    assert config.name == "lstm-sentiment"
+    assert config.model.checkpoint.is_file() and config.model.checkpoint.is_absolute()
+    assert config.dims["seq"].max == 256 and config.dims["batch"].opt == 8
+    assert config.inputs["input_ids"].shape == ("batch", "seq")
+    assert config.shape_at("input_ids", {"batch": 3, "seq": 9}) == (3, 9)
+    assert config.validate["int8"]["min_top1_agreement"] == 0.99
+
+
+def test_custom_config_resolves_relative_to_its_folder(custom_model_dir: Path):
+    config = load_config(custom_model_dir / "config.toml")
+    assert config.model.factory == f"{custom_model_dir / 'router.py'}:build"
+    assert config.model.outputs == ("scores",)
+    assert config.inputs["features"].shape == ("batch", 4)
+    assert config.inputs["features"].range == (-2.0, 2.0)
+
+
+BAD_CONFIGS = {
+    # case: (edit of the custom config, text the one-line error must contain)
+    "missing factory": (lambda t: t.replace('factory = "router.py:build"\n', ""), "model.factory: missing"),
+    "wrong dtype name": (lambda t: t.replace('dtype = "float32"', 'dtype = "float31"'), "inputs.features.dtype"),
+    "factory file missing": (lambda t: t.replace("router.py:build", "nowhere.py:build"), "nowhere.py"),
+    "min above max": (lambda t: t.replace("min = 2, opt = 12, max = 40", "min = 50, opt = 12, max = 40"),
+                      "dims.words: min (50) must not exceed max (40)"),
+    "unknown key": (lambda t: t.replace("[model]", "[model]\ncheckpiont = 'x'"), "model.checkpiont: unknown key"),
+    "undefined dim": (lambda t: t.replace('["batch", "words"]', '["batch", "tokens"]'), "dim 'tokens' is not defined"),
+    "int input without range": (lambda t: t.replace(', range = [0, 50]', ''), "inputs.tokens.range: missing"),
+    "empty range": (lambda t: t.replace('range = [0, 50]', 'range = [50, 50]'), "inputs.tokens.range"),
+    "not toml": (lambda t: t + "\n[[[", "not valid TOML"),
+    "missing name": (lambda t: t.replace('name = "ticket-router"', ''), "name: missing"),
+    "bad name": (lambda t: t.replace('name = "ticket-router"', 'name = "../escape"'), "name: expected"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CONFIGS)
+def test_bad_config_is_one_line_naming_the_key(custom_model_dir: Path, case: str):
+    edit, expected = BAD_CONFIGS[case]
+    path = write_custom_config(custom_model_dir, text=edit(CUSTOM_CONFIG.format(extra="")))
+    with pytest.raises(InputError) as caught:
+        load_config(path)
+    message = str(caught.value)
+    assert expected in message
+    assert str(path) in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("case", ["missing factory", "wrong dtype name", "factory file missing", "min above max"])
+def test_cli_bad_config_exits_2_and_writes_nothing(custom_model_dir: Path, case: str, tmp_path: Path):
+    edit, expected = BAD_CONFIGS[case]
+    path = write_custom_config(custom_model_dir, text=edit(CUSTOM_CONFIG.format(extra="")))
+    out = tmp_path / "work"
+    result = CliRunner().invoke(main, ["export", str(path), "--out", str(out)])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0]
+    assert "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_checkpoint_that_does_not_fit_names_the_tensor(custom_model_dir: Path, tmp_path: Path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(custom_model_dir / "router.safetensors"))
+    state["head.weight"] = torch.zeros(5, 32)  # 5 classes where the model has 3
+    save_file(state, str(custom_model_dir / "router.safetensors"))
+    out = tmp_path / "work"
+    result = CliRunner().invoke(main, ["export", str(custom_model_dir / "config.toml"), "--out", str(out)])
+    assert result.exit_code == 2
+    assert "head.weight is (5, 32) in the checkpoint, (3, 32) in the model" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_pickled_checkpoint_with_code_is_refused(custom_model_dir: Path, tmp_path: Path):
+    import pickle
+
+    class Payload:  # a pickle that would run code when unpickled without weights_only
+        def __reduce__(self):
+            return (print, ("unpickled!",))
+
+    bad = custom_model_dir / "router.pt"
+    bad.write_bytes(pickle.dumps({"head.weight": Payload()}))
+    text = CUSTOM_CONFIG.format(extra="").replace("router.safetensors", "router.pt")
+    path = write_custom_config(custom_model_dir, text=text)
+    result = CliRunner().invoke(main, ["export", str(path), "--out", str(tmp_path / "w")])
+    assert result.exit_code == 2
+    assert "not a weights-only torch checkpoint" in result.stderr
+    assert "unpickled!" not in result.output
+
+
+def test_unknown_model_name_lists_builtins():
+    with pytest.raises(InputError) as caught:
+        resolve_config("resnet-9000")
+    assert all(name in str(caught.value) for name in BUILTIN_MODELS)

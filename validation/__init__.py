@@ -1,0 +1,1 @@
+"""Reference outputs, parity metrics and the CI gate: not built yet."""
