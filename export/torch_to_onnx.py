@@ -8,6 +8,7 @@ so the graph carries the dims' names (batch, seq) as symbolic sizes.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import logging
 import warnings
@@ -67,6 +68,7 @@ def export_to_onnx(model, config: Config, destination: Path, options: ExportOpti
 
     from miaotui.data.samples import sample_inputs
 
+    _check_forward_arguments(model, config)
     feed = {k: torch.from_numpy(v) for k, v in sample_inputs(config, trace_sizes(config)).items()}
     parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     parameter_bytes += sum(b.numel() * b.element_size() for b in model.buffers())
@@ -106,6 +108,22 @@ def export_to_onnx(model, config: Config, destination: Path, options: ExportOpti
     except Exception as error:
         raise MiaotuiError(f"{destination}: onnx.checker rejected the exported graph: {_first_line(error)}") from error
     return destination
+
+
+def _check_forward_arguments(model, config: Config) -> None:
+    """Config inputs are passed by name: each must be a forward() argument, and every required
+    argument must be an input."""
+    parameters = inspect.signature(model.forward).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        return
+    accepted = [n for n, p in parameters.items() if p.kind not in (p.VAR_POSITIONAL, p.POSITIONAL_ONLY)]
+    unknown = [n for n in config.inputs if n not in accepted]
+    required = [n for n in accepted if parameters[n].default is parameters[n].empty and n not in config.inputs]
+    if unknown or required:
+        problem = f"{unknown[0]!r} is not an argument" if unknown else f"argument {required[0]!r} has no input"
+        raise InputError(
+            f"{config.path}: inputs: {problem} of {type(model).__name__}.forward({', '.join(accepted)})"
+        )
 
 
 def _check_io_names(ir_model, config: Config) -> None:

@@ -109,3 +109,21 @@ def test_unknown_model_name_lists_builtins():
     with pytest.raises(InputError) as caught:
         resolve_config("resnet-9000")
     assert all(name in str(caught.value) for name in BUILTIN_MODELS)
+
+
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (lambda t: t.replace("tokens = ", "ids = "), "inputs: 'ids' is not an argument of TicketRouter.forward(tokens, features)"),
+        (lambda t: t.replace('outputs = ["scores"]', 'outputs = ["scores", "extra"]'),
+         "model.outputs: the model returns 1 output(s), the config names 2"),
+    ],
+    ids=["input name not a forward argument", "more outputs than the model returns"],
+)
+def test_config_that_does_not_fit_the_model_is_exit_2(custom_model_dir: Path, tmp_path: Path, edit, expected):
+    path = write_custom_config(custom_model_dir, text=edit(CUSTOM_CONFIG.format(extra="")))
+    out = tmp_path / "work"
+    result = CliRunner().invoke(main, ["export", str(path), "--out", str(out)])
+    assert result.exit_code == 2
+    assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists()

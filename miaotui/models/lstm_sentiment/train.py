@@ -53,22 +53,25 @@ def accuracy(model: nn.Module, ids, labels) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=HERE)
+    parser.add_argument("--max-train", type=int, default=None, help="train on the first N texts only (tests)")
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     data = {name: load_split(name) for name in ("train", "validation", "test")}
     tokenizer = build_char_tokenizer((e.text for e in data["train"]), MIN_CHAR_COUNT, MAX_LENGTH)
     encoded = {
         name: (tokenize(tokenizer, [e.text for e in split]), np.array([e.label for e in split], dtype=np.int64))
         for name, split in data.items()
     }
+    if args.max_train:
+        ids, labels = encoded["train"]
+        encoded["train"] = (ids[: args.max_train], labels[: args.max_train])
     model = TextClassifier(tokenizer.get_vocab_size(), EMBEDDING_DIM, HIDDEN_DIM, num_classes=len(LABELS))
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
@@ -87,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             schedule.step()
-            total, count = total + float(loss) * len(y), count + len(y)
+            total, count = total + loss.item() * len(y), count + len(y)
         val = accuracy(model, *encoded["validation"])
         print(f"epoch {epoch}: train loss {total / count:.4f}  validation accuracy {val:.4f}  {time.time() - started:.0f}s")
         if val > best_val:

@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from miaotui.cli import PLANNED, main
+
+
+def test_help_lists_every_command_of_the_design():
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0
+    for command in ["export", *PLANNED]:
+        assert f"  {command} " in result.output
+
+
+@pytest.mark.parametrize("command", sorted(PLANNED))
+def test_commands_not_built_yet_say_so_with_exit_2(command: str):
+    result = CliRunner().invoke(main, [command, "anything"])
+    assert result.exit_code == 2
+    assert "not built yet" in result.stderr
+
+
+def test_console_script_exports_a_custom_model(custom_model_dir: Path, tmp_path: Path):
+    """The installed `miaotui` entry point, in its own process, on a model it has never seen."""
+    out = tmp_path / "work"
+    exe = Path(sys.executable).with_name("miaotui")
+    completed = subprocess.run(
+        [str(exe), "export", str(custom_model_dir / "config.toml"), "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert (out / "model.onnx").is_file()
+    assert "parity at batch=4, words=12" in completed.stdout
+    assert "Traceback" not in completed.stderr and "torchvision" not in completed.stderr
+
+
+def test_missing_config_file_is_exit_2(tmp_path: Path):
+    result = CliRunner().invoke(main, ["export", str(tmp_path / "nope.toml")])
+    assert result.exit_code == 2
+    assert "nope.toml: config file does not exist" in result.stderr
