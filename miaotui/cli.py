@@ -52,7 +52,8 @@ def reports_errors(command):
 def main() -> None:
     """miaotui: a PyTorch classifier -> a fast INT8 engine, with proof it still answers right.
 
-    CONFIG is a model's TOML config file; MODEL the name of a built-in model (lstm-sentiment).
+    CONFIG is a model's TOML config file; MODEL the name of a built-in model
+    (lstm-sentiment, minilm-sentiment).
     """
 
 

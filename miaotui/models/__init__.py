@@ -8,7 +8,10 @@ from miaotui.config import Config, load_config
 from miaotui.errors import InputError
 
 HERE = Path(__file__).parent
-BUILTIN_MODELS = {"lstm-sentiment": HERE / "lstm_sentiment" / "config.toml"}
+BUILTIN_MODELS = {
+    "lstm-sentiment": HERE / "lstm_sentiment" / "config.toml",
+    "minilm-sentiment": HERE / "minilm_sentiment" / "config.toml",
+}
 DEFAULT_MODEL = "lstm-sentiment"
 
 

@@ -56,18 +56,10 @@ def build() -> TextClassifier:
     return TextClassifier(vocab_size(), EMBEDDING_DIM, HIDDEN_DIM, num_classes=2)
 
 
-def _split_batches(split: str, batch_size: int = 32, with_labels: bool = False):
-    from miaotui.data.corpus import load_split
-    from miaotui.data.tokenizers import encode, load_tokenizer
+def _split_batches(split: str, with_labels: bool = False):
+    from miaotui.data.feeds import corpus_batches
 
-    tokenizer = load_tokenizer(HERE / "tokenizer.json", MAX_LENGTH)
-    examples = load_split(split)
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        feed = {"input_ids": encode(tokenizer, [e.text for e in chunk])["input_ids"]}
-        if with_labels:
-            feed["labels"] = torch.tensor([e.label for e in chunk]).numpy()
-        yield feed
+    return corpus_batches(split, HERE / "tokenizer.json", MAX_LENGTH, ("input_ids",), with_labels=with_labels)
 
 
 def calibration_batches():

@@ -17,38 +17,12 @@ import torch
 from torch import nn
 
 from miaotui.data.corpus import LABELS, load_split
-from miaotui.data.tokenizers import build_char_tokenizer, encode
+from miaotui.data.tokenizers import build_char_tokenizer
 from miaotui.models.lstm_sentiment import EMBEDDING_DIM, HERE, HIDDEN_DIM, MAX_LENGTH, TextClassifier
+from miaotui.models.training import accuracy, bucketed_batches, token_ids
 
+INPUTS = ("input_ids",)
 MIN_CHAR_COUNT = 2
-
-
-def batches(ids: list[np.ndarray], labels: np.ndarray, batch_size: int, rng: random.Random | None):
-    """Length-bucketed batches: texts of similar length together, so little time goes on padding."""
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    if rng is not None:
-        rng.shuffle(chunks)
-    for chunk in chunks:
-        width = max(len(ids[i]) for i in chunk)
-        x = np.zeros((len(chunk), width), dtype=np.int64)
-        for row, i in enumerate(chunk):
-            x[row, : len(ids[i])] = ids[i]
-        yield torch.from_numpy(x), torch.from_numpy(labels[chunk])
-
-
-def tokenize(tokenizer, texts: list[str]) -> list[np.ndarray]:
-    tokenizer.no_padding()
-    out = [np.array(e.ids, dtype=np.int64) for e in tokenizer.encode_batch(texts)]
-    tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
-    return out
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, ids, labels) -> float:
-    model.eval()
-    correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in batches(ids, labels, 128, None))
-    return correct / len(labels)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -66,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     data = {name: load_split(name) for name in ("train", "validation", "test")}
     tokenizer = build_char_tokenizer((e.text for e in data["train"]), MIN_CHAR_COUNT, MAX_LENGTH)
     encoded = {
-        name: (tokenize(tokenizer, [e.text for e in split]), np.array([e.label for e in split], dtype=np.int64))
+        name: (token_ids(tokenizer, [e.text for e in split]), np.array([e.label for e in split], dtype=np.int64))
         for name, split in data.items()
     }
     if args.max_train:
@@ -83,20 +57,20 @@ def main(argv: list[str] | None = None) -> None:
     for epoch in range(1, args.epochs + 1):
         model.train()
         total, count = 0.0, 0
-        for x, y in batches(*encoded["train"], args.batch_size, rng):
+        for inputs, y in bucketed_batches(*encoded["train"], args.batch_size, INPUTS, rng):
             optimizer.zero_grad()
-            loss = loss_fn(model(x), y)
+            loss = loss_fn(model(**inputs), y)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             schedule.step()
             total, count = total + loss.item() * len(y), count + len(y)
-        val = accuracy(model, *encoded["validation"])
+        val = accuracy(model, *encoded["validation"], INPUTS)
         print(f"epoch {epoch}: train loss {total / count:.4f}  validation accuracy {val:.4f}  {time.time() - started:.0f}s")
         if val > best_val:
             best_val, best_state = val, {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.load_state_dict(best_state)
-    test = accuracy(model, *encoded["test"])
+    test = accuracy(model, *encoded["test"], INPUTS)
     print(f"test accuracy {test:.4f} on {len(encoded['test'][1])} texts")
 
     from safetensors.torch import save_file
