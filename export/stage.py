@@ -39,12 +39,12 @@ def tool_versions() -> dict[str, str]:
 
 def stage_inputs(config: Config) -> dict[str, str]:
     """The files (and resolved config) whose change makes the export stale."""
-    from miaotui.models.loading import factory_source
+    from miaotui.models.loading import factory_sources
 
     inputs = {"config": sha256_json(_export_view(config))}
-    source = factory_source(config.model.factory)
-    if source and source.is_file():
-        inputs["factory"] = sha256_file(source)
+    sources = factory_sources(config.model.factory)
+    if sources:
+        inputs["factory"] = sha256_json({str(p): sha256_file(p) for p in sources})
     if config.model.checkpoint:
         inputs["checkpoint"] = sha256_file(config.model.checkpoint)
     return inputs

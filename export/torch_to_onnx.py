@@ -15,7 +15,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from miaotui.config import Config
+from miaotui.config import DEFAULT_OPSET, Config
 from miaotui.errors import InputError, MiaotuiError
 
 # The protobuf limit: ONNX files whose weights pass it must keep them in an external data file.
@@ -24,10 +24,7 @@ PROTOBUF_LIMIT = 2**31 - 1
 
 @dataclass(frozen=True)
 class ExportOptions:
-    # Opset 20 is what torch.onnx 2.13 writes natively (others go through onnx's version converter,
-    # the exporter's least tested step); it has LayerNormalization (17), and both ONNX Runtime and
-    # TensorRT 10/11's ONNX parser cover it.
-    opset: int = 20
+    opset: int = DEFAULT_OPSET
     # Weights above this many bytes go to model.onnx.data (lowered in tests to exercise the path).
     external_data_threshold: int = PROTOBUF_LIMIT
 

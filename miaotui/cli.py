@@ -78,16 +78,17 @@ def export(config_or_model: str, out_dir: Path | None, force: bool) -> None:
 def _export_summary(config, result) -> None:
     from rich.table import Table
 
-    status = "current (skipped)" if result.skipped else f"exported in {result.seconds:.1f} s"
-    table = Table(title=f"miaotui export: {config.name} - {status}", title_justify="left")
+    status = "up to date" if result.skipped else f"exported in {result.seconds:.1f} s"
+    table = Table(title=f"miaotui export: {config.name} -> {result.onnx_path.parent} ({status})", title_justify="left")
     table.add_column("artifact")
     table.add_column("size", justify="right")
     table.add_column("check")
     for path in result.files:
-        table.add_row(str(path), f"{path.stat().st_size / 1e6:.2f} MB", "onnx.checker ok" if path == result.onnx_path else "")
+        check = "onnx.checker ok" if path == result.onnx_path else "external weights"
+        table.add_row(path.name, f"{path.stat().st_size / 1e6:.2f} MB", check)
     for parity in result.parity:
         worst = max(parity.max_abs_diff.values(), default=0.0)
-        table.add_row(f"  parity at {parity.shape_text()}", "", f"|ORT - torch| {worst:.1e} <= {parity.atol:.0e}")
+        table.add_row(f"parity at {parity.shape_text()}", "", f"|ORT - torch| {worst:.1e} <= {parity.atol:.0e}")
     _console().print(table)
 
 

@@ -144,3 +144,50 @@ def test_parity_check_catches_a_different_model(custom_model_dir: Path, tmp_path
         other.head.weight.mul_(1.001)  # a 0.1% change in one layer
     with pytest.raises(CheckFailed, match="output scores max"):
         check_parity(other, config, result.onnx_path)
+
+
+def test_pt_checkpoint_is_read_weights_only(custom_model_dir: Path, tmp_path: Path):
+    from safetensors.torch import load_file
+
+    state = load_file(str(custom_model_dir / "router.safetensors"))
+    torch.save({"state_dict": state}, custom_model_dir / "router.pt")
+    text = (custom_model_dir / "config.toml").read_text().replace("router.safetensors", "router.pt")
+    config = load_config(write_custom_config(custom_model_dir, text=text))
+    model = load_model(config)
+    torch.testing.assert_close(model.head.weight, state["head.weight"])
+    assert all(p.passed for p in run_export_stage(config, tmp_path / "work", model=model).parity)
+
+
+def test_a_builtin_models_data_files_key_its_export(tmp_path: Path):
+    """Weights that live beside a package factory (the built-in models) must make the export stale."""
+    import shutil
+    import sys
+
+    package = tmp_path / "pkg" / "tinyclf"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(
+        "import torch\nfrom pathlib import Path\n"
+        "class M(torch.nn.Module):\n"
+        "    def __init__(self):\n        super().__init__(); self.fc = torch.nn.Linear(3, 2)\n"
+        "    def forward(self, x):\n        return self.fc(x)\n"
+        "def build():\n    m = M()\n"
+        "    scale = float((Path(__file__).parent / 'scale.txt').read_text())\n"
+        "    torch.nn.init.constant_(m.fc.weight, scale)\n    return m\n"
+    )
+    (package / "scale.txt").write_text("0.5")
+    config_path = tmp_path / "config.toml"
+    config_path.write_text(
+        'name = "tiny"\n[model]\nfactory = "tinyclf:build"\n'
+        '[inputs]\nx = { dtype = "float32", shape = ["batch", 3] }\n[dims]\nbatch = { min = 1, opt = 2, max = 8 }\n'
+    )
+    sys.path.insert(0, str(tmp_path / "pkg"))
+    try:
+        config = load_config(config_path)
+        assert not run_export_stage(config, tmp_path / "work").skipped
+        assert run_export_stage(config, tmp_path / "work").skipped
+        (package / "scale.txt").write_text("0.25")
+        assert not run_export_stage(config, tmp_path / "work").skipped
+    finally:
+        sys.path.remove(str(tmp_path / "pkg"))
+        sys.modules.pop("tinyclf", None)
+        shutil.rmtree(package)

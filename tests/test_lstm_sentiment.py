@@ -95,7 +95,7 @@ def test_make_export_equivalent_writes_model_onnx_and_a_summary(model_and_tokeni
     assert (logits.argmax(1) == expected.argmax(1)).all()
 
     again = CliRunner().invoke(main, ["export", "lstm-sentiment"])
-    assert again.exit_code == 0 and "current (skipped)" in again.stdout
+    assert again.exit_code == 0 and "(up to date)" in again.stdout
 
 
 def test_training_is_reproducible(tmp_path: Path):

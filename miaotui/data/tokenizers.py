@@ -65,6 +65,13 @@ def load_tokenizer(path: str | Path, max_length: int | None = None):
     return tokenizer
 
 
+def vocab_size(path: str | Path) -> int:
+    """The vocabulary size of a tokenizer.json, without building the tokenizer."""
+    import json
+
+    return len(json.loads(Path(path).read_text(encoding="utf-8"))["model"]["vocab"])
+
+
 def encode(tokenizer, texts: Sequence[str]) -> dict[str, np.ndarray]:
     """Right-padded int64 `input_ids` and `attention_mask` for a batch of texts."""
     encodings = tokenizer.encode_batch(list(texts))

@@ -28,6 +28,7 @@ class BertShape:
     max_positions: int = 512
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12
+    dropout: float = 0.0  # BERT's hidden and attention dropout; training only, gone in eval/export
 
 
 class BertEmbeddings(nn.Module):
@@ -37,12 +38,13 @@ class BertEmbeddings(nn.Module):
         self.position_embeddings = nn.Embedding(shape.max_positions, shape.hidden_size)
         self.token_type_embeddings = nn.Embedding(shape.type_vocab_size, shape.hidden_size)
         self.LayerNorm = nn.LayerNorm(shape.hidden_size, eps=shape.layer_norm_eps)
+        self.dropout = nn.Dropout(shape.dropout)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         # Single-segment inputs: token type 0 everywhere, so its embedding is one row.
         embedded = self.word_embeddings(input_ids) + self.position_embeddings(positions) + self.token_type_embeddings.weight[0]
-        return self.LayerNorm(embedded)
+        return self.dropout(self.LayerNorm(embedded))
 
 
 class SelfAttention(nn.Module):
@@ -53,6 +55,7 @@ class SelfAttention(nn.Module):
         self.query = nn.Linear(shape.hidden_size, shape.hidden_size)
         self.key = nn.Linear(shape.hidden_size, shape.hidden_size)
         self.value = nn.Linear(shape.hidden_size, shape.hidden_size)
+        self.dropout = nn.Dropout(shape.dropout)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq, _ = x.shape
@@ -61,7 +64,7 @@ class SelfAttention(nn.Module):
     def forward(self, hidden: torch.Tensor, mask_bias: torch.Tensor) -> torch.Tensor:
         q, k, v = self._heads(self.query(hidden)), self._heads(self.key(hidden)), self._heads(self.value(hidden))
         scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_size) + mask_bias
-        context = torch.matmul(scores.softmax(dim=-1), v)
+        context = torch.matmul(self.dropout(scores.softmax(dim=-1)), v)
         batch, _, seq, _ = context.shape
         return context.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_size)
 
@@ -73,9 +76,10 @@ class DenseResidual(nn.Module):
         super().__init__()
         self.dense = nn.Linear(inner, shape.hidden_size)
         self.LayerNorm = nn.LayerNorm(shape.hidden_size, eps=shape.layer_norm_eps)
+        self.dropout = nn.Dropout(shape.dropout)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dense(x) + residual)
+        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
 
 
 class Attention(nn.Module):
@@ -128,6 +132,7 @@ class BertClassifier(nn.Module):
         super().__init__()
         self.embeddings = BertEmbeddings(shape)
         self.encoder = Encoder(shape)
+        self.dropout = nn.Dropout(shape.dropout)
         self.classifier = nn.Linear(shape.hidden_size, num_classes)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -136,4 +141,4 @@ class BertClassifier(nn.Module):
         hidden = self.encoder(self.embeddings(input_ids), mask_bias)
         summed = (hidden * mask.unsqueeze(-1)).sum(dim=1)
         pooled = summed / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
-        return self.classifier(pooled)
+        return self.classifier(self.dropout(pooled))

@@ -13,13 +13,20 @@ from miaotui.config import Config
 from miaotui.errors import InputError
 
 
-def factory_source(factory: str) -> Path | None:
-    """The file that defines the factory, so that its content can key the export stage."""
+def factory_sources(factory: str) -> list[Path]:
+    """The files that define what the factory builds, so that their content keys the export stage:
+    a factory file itself, or a module; for a package's __init__ every file in its folder, since a
+    package (like the built-in models) keeps its weights and vocabulary beside its code."""
     target, _, _ = factory.rpartition(":")
     if target.endswith(".py"):
-        return Path(target)
+        return [Path(target)]
     spec = importlib.util.find_spec(target) if _importable(target) else None
-    return Path(spec.origin) if spec and spec.origin else None
+    if not spec or not spec.origin or not Path(spec.origin).is_file():
+        return []
+    origin = Path(spec.origin)
+    if origin.name != "__init__.py":
+        return [origin]
+    return sorted(p for p in origin.parent.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
 
 
 def _importable(module: str) -> bool:

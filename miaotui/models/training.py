@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -49,3 +51,21 @@ def accuracy(model: nn.Module, ids: list[np.ndarray], labels: np.ndarray, input_
         int((model(**inputs).argmax(1) == y).sum()) for inputs, y in bucketed_batches(ids, labels, 64, input_names)
     )
     return correct / len(labels)
+
+
+def write_metrics(out: Path, model: nn.Module, *, test: float, validation: float, test_size: int,
+                  vocab_size: int, epochs: int, seconds: float, **extra) -> dict:
+    """metrics.json beside the weights: what the README's model table and the tests quote."""
+    metrics = {
+        "test_accuracy": round(test, 4),
+        "validation_accuracy": round(validation, 4),
+        "test_size": test_size,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "vocab_size": vocab_size,
+        **extra,
+        "epochs": epochs,
+        "train_seconds": round(seconds, 1),
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(metrics))
+    return metrics

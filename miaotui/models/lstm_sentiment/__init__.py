@@ -7,11 +7,12 @@ in a batch (hidden[-1]) instead of after each text's last character.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from miaotui.data.tokenizers import vocab_size
 
 HERE = Path(__file__).parent
 EMBEDDING_DIM = 128
@@ -47,13 +48,9 @@ class TextClassifier(nn.Module):
         return self.fc(self.dropout(torch.cat([last, peak], dim=-1)))
 
 
-def vocab_size(tokenizer_path: Path = HERE / "tokenizer.json") -> int:
-    return len(json.loads(tokenizer_path.read_text(encoding="utf-8"))["model"]["vocab"])
-
-
 def build() -> TextClassifier:
     """The factory the built-in config names: an untrained model sized to the shipped vocabulary."""
-    return TextClassifier(vocab_size(), EMBEDDING_DIM, HIDDEN_DIM, num_classes=2)
+    return TextClassifier(vocab_size(HERE / "tokenizer.json"), EMBEDDING_DIM, HIDDEN_DIM, num_classes=2)
 
 
 def _split_batches(split: str, with_labels: bool = False):

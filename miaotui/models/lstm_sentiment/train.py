@@ -7,7 +7,6 @@ Runs on the CPU in a few minutes; the result is committed so that `make export` 
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from torch import nn
 from miaotui.data.corpus import LABELS, load_split
 from miaotui.data.tokenizers import build_char_tokenizer
 from miaotui.models.lstm_sentiment import EMBEDDING_DIM, HERE, HIDDEN_DIM, MAX_LENGTH, TextClassifier
-from miaotui.models.training import accuracy, bucketed_batches, token_ids
+from miaotui.models.training import accuracy, bucketed_batches, token_ids, write_metrics
 
 INPUTS = ("input_ids",)
 MIN_CHAR_COUNT = 2
@@ -78,17 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(args.out / "tokenizer.json"))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(args.out / "weights.safetensors"))
-    metrics = {
-        "test_accuracy": round(test, 4),
-        "validation_accuracy": round(best_val, 4),
-        "test_size": len(encoded["test"][1]),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "vocab_size": tokenizer.get_vocab_size(),
-        "epochs": args.epochs,
-        "train_seconds": round(time.time() - started, 1),
-    }
-    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    print(json.dumps(metrics))
+    write_metrics(args.out, model, test=test, validation=best_val, test_size=len(encoded["test"][1]),
+                  vocab_size=tokenizer.get_vocab_size(), epochs=args.epochs, seconds=time.time() - started)
 
 
 if __name__ == "__main__":

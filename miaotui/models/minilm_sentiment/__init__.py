@@ -9,11 +9,11 @@ LoRA delta of every Linear in the encoder, and the biases, LayerNorms and classi
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
+from miaotui.data.tokenizers import vocab_size
 from miaotui.errors import InputError
 from miaotui.models.bert import BertClassifier, BertShape
 
@@ -41,10 +41,6 @@ def base_state() -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if not k.startswith("pooler.") and k != "embeddings.position_ids"}
 
 
-def vocab_size(tokenizer_path: Path = HERE / "tokenizer.json") -> int:
-    return len(json.loads(tokenizer_path.read_text(encoding="utf-8"))["model"]["vocab"])
-
-
 def merge_delta(state: dict[str, torch.Tensor], delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Base tensors + the fine-tuning delta -> a full state dict for BertClassifier."""
     merged = dict(state)
@@ -65,7 +61,7 @@ def build() -> BertClassifier:
     """The factory the built-in config names: base weights with the committed delta merged in."""
     from safetensors.torch import load_file
 
-    model = BertClassifier(BertShape(vocab_size=vocab_size()), num_classes=len(LABELS))
+    model = BertClassifier(BertShape(vocab_size=vocab_size(HERE / "tokenizer.json")), num_classes=len(LABELS))
     delta = load_file(str(HERE / "delta.safetensors"))
     model.load_state_dict(merge_delta(base_state(), delta), strict=True)
     return model

@@ -23,10 +23,13 @@ from torch import nn
 from miaotui.data.corpus import LABELS, load_split
 from miaotui.models.bert import BertClassifier, BertShape
 from miaotui.models.minilm_sentiment import HERE, LORA_ALPHA, LORA_RANK, MAX_LENGTH, NEW_ROWS, base_dir, base_state, merge_delta
-from miaotui.models.training import accuracy, bucketed_batches, token_ids
+from miaotui.models.training import accuracy, bucketed_batches, token_ids, write_metrics
 
 INPUTS = ("input_ids", "attention_mask")
 MIN_CHAR_COUNT = 3
+NEW_ROWS_LR_FACTOR = 1.0
+DROPOUT = 0.1
+TRAIN_MAX_LENGTH = 128  # 90% of texts fit; halves the cost of the longest batches
 
 
 class LoRALinear(nn.Module):
@@ -42,6 +45,19 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x) + (x @ self.lora_A.t() @ self.lora_B.t()) * self.scale
+
+
+class ExtendedEmbedding(nn.Module):
+    """The pretrained rows, frozen, followed by the added characters' rows, trained."""
+
+    def __init__(self, base: nn.Embedding, new_rows: torch.Tensor):
+        super().__init__()
+        self.base = base
+        self.base.weight.requires_grad_(False)
+        self.new_rows = nn.Parameter(new_rows.clone())
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding(ids, torch.cat([self.base.weight, self.new_rows]), padding_idx=0)
 
 
 def extended_tokenizer(train_texts: list[str]):
@@ -67,14 +83,16 @@ def extended_tokenizer(train_texts: list[str]):
     return Tokenizer.from_str(json.dumps(spec, ensure_ascii=False)), spec, len(new)
 
 
-def initial_model(vocab_size: int, num_new: int, seed: int) -> BertClassifier:
+def initial_model(num_new: int, seed: int) -> BertClassifier:
+    """The pretrained encoder, a fresh head, and the added rows drawn from the old rows' distribution."""
     state = base_state()
     old = state["embeddings.word_embeddings.weight"]
     generator = torch.Generator().manual_seed(seed)
     new_rows = old.mean(0) + old.std(0) * torch.randn(num_new, old.shape[1], generator=generator)
-    model = BertClassifier(BertShape(vocab_size=vocab_size), num_classes=len(LABELS))
+    model = BertClassifier(BertShape(vocab_size=old.shape[0], dropout=DROPOUT), num_classes=len(LABELS))
     head = {"classifier.weight": model.classifier.weight.detach(), "classifier.bias": model.classifier.bias.detach()}
-    model.load_state_dict(merge_delta(state, {NEW_ROWS: new_rows} | head), strict=True)
+    model.load_state_dict(state | head, strict=True)
+    model.embeddings.word_embeddings = ExtendedEmbedding(model.embeddings.word_embeddings, new_rows)
     return model
 
 
@@ -93,19 +111,19 @@ def add_lora(model: BertClassifier) -> dict[str, LoRALinear]:
     for name, p in model.named_parameters():
         if "LayerNorm" in name or name.startswith("classifier.") or "lora_" in name:
             p.requires_grad_(True)
-    model.embeddings.word_embeddings.weight.requires_grad_(True)
+    model.embeddings.word_embeddings.new_rows.requires_grad_(True)
     return wrapped
 
 
-def delta_of(model: BertClassifier, wrapped: dict[str, LoRALinear], num_base_rows: int) -> dict[str, torch.Tensor]:
+def delta_of(model: BertClassifier, wrapped: dict[str, LoRALinear]) -> dict[str, torch.Tensor]:
     """What fine-tuning changed, small: new rows and LoRA factors in fp16, the rest in full."""
-    delta = {NEW_ROWS: model.embeddings.word_embeddings.weight[num_base_rows:].detach().half().contiguous()}
+    delta = {NEW_ROWS: model.embeddings.word_embeddings.new_rows.detach().half().contiguous()}
     for name, lora in wrapped.items():
         delta[f"{name}.lora_A"] = lora.lora_A.detach().half().contiguous()
         delta[f"{name}.lora_B"] = lora.lora_B.detach().half().contiguous()
         delta[f"{name}.bias"] = lora.base.bias.detach().clone()
     for name, p in model.named_parameters():
-        if "LayerNorm" in name or name.startswith("classifier."):
+        if ("LayerNorm" in name or name.startswith("classifier.")) and p.requires_grad:
             delta[name] = p.detach().clone()
     return delta
 
@@ -118,35 +136,39 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=HERE)
     parser.add_argument("--max-train", type=int, default=None, help="train on the first N texts only (tests)")
+    parser.add_argument("--max-eval", type=int, default=None, help="evaluate on the first N texts only (tests)")
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     data = {name: load_split(name) for name in ("train", "validation", "test")}
     tokenizer, spec, num_new = extended_tokenizer([e.text for e in data["train"]])
-    tokenizer.enable_truncation(max_length=MAX_LENGTH)
-    encoded = {
-        name: (token_ids(tokenizer, [e.text for e in split]), np.array([e.label for e in split], dtype=np.int64))
-        for name, split in data.items()
-    }
+    encoded = {}
+    for name, split in data.items():
+        tokenizer.enable_truncation(max_length=TRAIN_MAX_LENGTH if name == "train" else MAX_LENGTH)
+        encoded[name] = (token_ids(tokenizer, [e.text for e in split]), np.array([e.label for e in split], dtype=np.int64))
     unknown = tokenizer.token_to_id("[UNK]")
     unk_share = np.mean(np.concatenate(encoded["test"][0]) == unknown)
-    if args.max_train:
-        ids, labels = encoded["train"]
-        encoded["train"] = (ids[: args.max_train], labels[: args.max_train])
+    for name, limit in (("train", args.max_train), ("validation", args.max_eval), ("test", args.max_eval)):
+        if limit:
+            ids, labels = encoded[name]
+            encoded[name] = (ids[:limit], labels[:limit])
 
     vocab_size = tokenizer.get_vocab_size()
-    model = initial_model(vocab_size, num_new, args.seed)
-    num_base_rows = vocab_size - num_new
+    model = initial_model(num_new, args.seed)
     wrapped = add_lora(model)
-    # Only the added rows of the embedding learn: the pretrained rows stay as shipped.
-    model.embeddings.word_embeddings.weight.register_hook(
-        lambda grad: torch.cat([torch.zeros_like(grad[:num_base_rows]), grad[num_base_rows:]])
-    )
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
+    new_rows = model.embeddings.word_embeddings.new_rows
+    # The added rows start from noise: they learn faster than the pretrained parts are adjusted.
+    groups = [
+        {"params": [p for p in trainable if p is not new_rows], "lr": args.lr},
+        {"params": [new_rows], "lr": args.lr * NEW_ROWS_LR_FACTOR},
+    ]
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     steps = args.epochs * math.ceil(len(encoded["train"][1]) / args.batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=steps, pct_start=0.1)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=[g["lr"] for g in groups], total_steps=steps, pct_start=0.1
+    )
     loss_fn = nn.CrossEntropyLoss()
     print(f"vocabulary +{num_new} characters ([UNK] now {unk_share:.1%} of test tokens); "
           f"{sum(p.numel() for p in trainable):,} trainable parameters; {steps} steps")
@@ -169,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
         val = accuracy(model, *encoded["validation"], INPUTS)
         print(f"epoch {epoch}: validation accuracy {val:.4f}  {time.time() - started:.0f}s", flush=True)
         if val > best_val:
-            best_val, best_delta = val, delta_of(model, wrapped, num_base_rows)
+            best_val, best_delta = val, delta_of(model, wrapped)
 
     from safetensors.torch import save_file
 
@@ -183,19 +205,9 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     save_file(best_delta, str(args.out / "delta.safetensors"))
-    metrics = {
-        "test_accuracy": round(test, 4),
-        "validation_accuracy": round(val, 4),
-        "test_size": len(encoded["test"][1]),
-        "parameters": sum(p.numel() for p in final.parameters()),
-        "vocab_size": vocab_size,
-        "added_characters": num_new,
-        "test_unk_share": round(float(unk_share), 4),
-        "epochs": args.epochs,
-        "train_seconds": round(time.time() - started, 1),
-    }
-    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    print(json.dumps(metrics))
+    write_metrics(args.out, final, test=test, validation=val, test_size=len(encoded["test"][1]),
+                  vocab_size=vocab_size, epochs=args.epochs, seconds=time.time() - started,
+                  added_characters=num_new, test_unk_share=round(float(unk_share), 4))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,126 @@
+"""The built-in transformer: a real fine-tuned MiniLM, small committed delta, exported graph that
+TensorRT can parse and that answers like PyTorch on padded batches."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+
+from miaotui.cli import main
+from miaotui.data.corpus import load_split
+from miaotui.data.tokenizers import encode, load_tokenizer
+from miaotui.models import resolve_config
+from miaotui.models.loading import load_model
+from miaotui.models.minilm_sentiment import HERE, MAX_LENGTH
+
+METRICS = json.loads((HERE / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """`make export MODEL=minilm-sentiment`, through the CLI, once for this module."""
+    work = tmp_path_factory.mktemp("minilm") / "work"
+    result = CliRunner().invoke(main, ["export", "minilm-sentiment", "--out", str(work)])
+    assert result.exit_code == 0, result.output
+    assert "parity at batch=8, seq=128" in result.stdout
+    config = resolve_config("minilm-sentiment")
+    return config, load_model(config), work / "model.onnx"
+
+
+def test_tokenizer_covers_the_corpus_and_matches_the_config():
+    config = resolve_config("minilm-sentiment")
+    tokenizer = load_tokenizer(config.model.tokenizer, MAX_LENGTH)
+    assert config.inputs["input_ids"].range == (0, tokenizer.get_vocab_size())
+    assert tokenizer.get_vocab_size() == 30522 + METRICS["added_characters"]
+    texts = [e.text for e in load_split("test")[:300]]
+    ids = np.concatenate([e.ids for e in tokenizer.encode_batch(texts)])
+    assert np.mean(ids == tokenizer.token_to_id("[UNK]")) < 0.01  # MiniLM alone: about 28%
+    first = tokenizer.encode("质量很好").tokens
+    assert first[0] == "[CLS]" and first[-1] == "[SEP]" and "[UNK]" not in first
+
+
+def test_committed_delta_is_small():
+    assert (HERE / "delta.safetensors").stat().st_size < 5 * 1024 * 1024
+
+
+def test_graph_is_plain_onnx_that_tensorrt_parses(exported):
+    config, model, onnx_path = exported
+    graph = onnx.load(str(onnx_path))
+    domains = {node.domain for node in graph.graph.node}
+    assert domains <= {"", "ai.onnx"}, f"no ONNX Runtime contrib ops in model.onnx, found {domains}"
+    ops = {node.op_type for node in graph.graph.node}
+    assert {"MatMul", "Softmax", "LayerNormalization"} <= ops
+    assert [i.name for i in graph.graph.input] == ["input_ids", "attention_mask"]
+
+
+def _padded(tokenizer, texts: list[str], seq: int) -> dict[str, np.ndarray]:
+    feed = encode(tokenizer, texts)
+    width = feed["input_ids"].shape[1]
+    assert width <= seq
+    return {k: np.pad(v[:, :seq], ((0, 0), (0, seq - width))) for k, v in feed.items()}
+
+
+@pytest.mark.parametrize("batch, seq", [(1, 16), (8, 128), (3, 256)])
+def test_onnxruntime_matches_pytorch_on_padded_batches(exported, batch: int, seq: int):
+    config, model, onnx_path = exported
+    tokenizer = load_tokenizer(config.model.tokenizer, seq)
+    # Texts of different lengths, the shortest first, so every row but the longest has padding.
+    pool = sorted(load_split("validation"), key=lambda e: len(e.text))
+    texts = [pool[(i * 97) % len(pool)].text for i in range(batch)]
+    if batch == 1:
+        texts = ["不错"]
+    feed = _padded(tokenizer, texts, seq)
+    assert batch == 1 or (feed["attention_mask"] == 0).any()
+    (actual,) = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(None, feed)
+    with torch.inference_mode():
+        expected = model(**{k: torch.from_numpy(v) for k, v in feed.items()}).numpy()
+    assert actual.shape == (batch, 2)
+    np.testing.assert_allclose(actual, expected, atol=1e-4, rtol=0)
+
+
+def test_padding_does_not_change_the_answer(exported):
+    config, model, onnx_path = exported
+    tokenizer = load_tokenizer(config.model.tokenizer, MAX_LENGTH)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    text = "书的质量很好，内容也很充实，值得一读"
+    (short,) = session.run(None, _padded(tokenizer, [text], 24))
+    (long,) = session.run(None, _padded(tokenizer, [text], 200))
+    np.testing.assert_allclose(short, long, atol=1e-4)
+
+
+def test_exported_model_has_the_reported_test_accuracy(exported):
+    config, model, onnx_path = exported
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    tokenizer = load_tokenizer(config.model.tokenizer, MAX_LENGTH)
+    examples = sorted(load_split("test"), key=lambda e: len(e.text))
+    correct = 0
+    for start in range(0, len(examples), 32):
+        chunk = examples[start : start + 32]
+        (logits,) = session.run(None, encode(tokenizer, [e.text for e in chunk]))
+        correct += int((logits.argmax(1) == np.array([e.label for e in chunk])).sum())
+    accuracy = correct / len(examples)
+    assert accuracy == pytest.approx(METRICS["test_accuracy"], abs=0.003)
+    assert accuracy >= 0.80
+
+
+def test_training_is_reproducible(tmp_path: Path):
+    """A few steps of `make train MODEL=minilm-sentiment`: the committed vocabulary, a delta that builds."""
+    from safetensors.torch import load_file
+
+    from miaotui.models.bert import BertClassifier, BertShape
+    from miaotui.models.minilm_sentiment import base_state, merge_delta
+    from miaotui.models.minilm_sentiment.train import main as train
+
+    train(["--epochs", "1", "--max-train", "64", "--max-eval", "64", "--out", str(tmp_path)])
+    committed = json.loads((HERE / "tokenizer.json").read_text())
+    assert json.loads((tmp_path / "tokenizer.json").read_text()) == committed
+    delta = load_file(str(tmp_path / "delta.safetensors"))
+    model = BertClassifier(BertShape(vocab_size=len(committed["model"]["vocab"])), num_classes=2)
+    model.load_state_dict(merge_delta(base_state(), delta), strict=True)
