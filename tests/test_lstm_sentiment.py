@@ -94,6 +94,10 @@ def test_make_export_equivalent_writes_model_onnx_and_a_summary(model_and_tokeni
     np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
     assert (logits.argmax(1) == expected.argmax(1)).all()
 
+    from tensorrt_judge import build_with_tensorrt_rtx
+
+    assert build_with_tensorrt_rtx(onnx_path, config) > 1_000_000
+
     again = CliRunner().invoke(main, ["export", "lstm-sentiment"])
     assert again.exit_code == 0 and "(up to date)" in again.stdout
 

@@ -60,6 +60,13 @@ def test_graph_is_plain_onnx_that_tensorrt_parses(exported):
     assert [i.name for i in graph.graph.input] == ["input_ids", "attention_mask"]
 
 
+def test_tensorrt_builds_the_exported_graph(exported):
+    from tensorrt_judge import build_with_tensorrt_rtx
+
+    config, model, onnx_path = exported
+    assert build_with_tensorrt_rtx(onnx_path, config) > 10_000_000
+
+
 def _padded(tokenizer, texts: list[str], seq: int) -> dict[str, np.ndarray]:
     feed = encode(tokenizer, texts)
     width = feed["input_ids"].shape[1]
