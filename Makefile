@@ -19,8 +19,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
+# The main job: every stage built so far (export -> optimize), each skipped when up to date.
 export: setup
-	$(BIN)/miaotui export $(MODEL)
+	$(BIN)/miaotui optimize $(MODEL)
 
 train: setup
 	$(BIN)/python -m miaotui.models.$(subst -,_,$(MODEL)).train

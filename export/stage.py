@@ -1,59 +1,116 @@
-"""The export stage in a work directory: skipped when its inputs are unchanged, atomic otherwise."""
+"""The export and optimize stages in a work directory: skipped when their inputs are unchanged
+(per manifest.json), written atomically otherwise."""
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from miaotui.artifacts import StageRecord, WorkDir, sha256_file, sha256_json, stage_key
 from miaotui.config import Config
+from miaotui.export.optimize import OPTIMIZE_ATOL, compare_onnx, optimize_onnx
 from miaotui.export.parity import FLOAT32_ATOL, ParityResult, check_parity, parity_sizes
 from miaotui.export.torch_to_onnx import ExportOptions, export_to_onnx
 
-STAGE = "export"
 ONNX_NAME = "model.onnx"
+OPT_NAME = "model.opt.onnx"
 
 
 @dataclass
-class ExportResult:
-    onnx_path: Path
-    files: list[Path]  # model.onnx, and model.onnx.data when the weights are external
-    parity: list[ParityResult] = field(default_factory=list)
+class StageResult:
+    stage: str
+    path: Path  # the stage's main artifact
+    files: list[Path]  # every file it wrote (an .onnx and, for large models, its .data)
     seconds: float = 0.0
     skipped: bool = False  # the manifest showed nothing changed
+    details: dict[str, Any] = field(default_factory=dict)  # what the stage measured
 
     @property
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.files)
 
 
+@dataclass
+class ExportResult(StageResult):
+    @property
+    def onnx_path(self) -> Path:
+        return self.path
+
+    @property
+    def parity(self) -> list[ParityResult]:
+        return [ParityResult(**p) for p in self.details.get("parity", [])]
+
+
 def tool_versions() -> dict[str, str]:
     import onnx
     import onnxruntime
+    import polygraphy
     import torch
 
-    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+    return {
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "polygraphy": polygraphy.__version__,
+    }
 
 
-def stage_inputs(config: Config) -> dict[str, str]:
+def _graph_view(config: Config) -> dict:
+    # Only what shapes the graph; [data] or [validate] edits must not force a re-export.
+    view = config.to_dict()
+    return {k: view[k] for k in ("model", "inputs", "dims", "export")}
+
+
+def _onnx_files(work: WorkDir, name: str) -> dict[str, str]:
+    files = {name: sha256_file(work.path(name))}
+    data = work.path(name + ".data")
+    if data.is_file():
+        files[data.name] = sha256_file(data)
+    return files
+
+
+def _run_stage(work: WorkDir, stage: str, primary: str, inputs: dict[str, str], options: dict[str, Any],
+               produce: Callable[[Path], dict[str, Any]], force: bool, result_type=StageResult) -> StageResult:
+    """Skip when current; else `produce(scratch)` writes the outputs into a scratch folder and
+    returns what it measured, and the outputs are renamed into place."""
+    key = stage_key(inputs, options, tool_versions())
+    if not force and work.is_current(stage, key):
+        record = work.record(stage)
+        files = [work.path(name) for name in record.outputs]
+        return result_type(stage, work.path(primary), files, record.seconds, skipped=True, details=record.details)
+
+    started = time.perf_counter()
+    with work.staging() as scratch:
+        details = produce(scratch)
+        produced = sorted(scratch.iterdir())
+        # Weights first: an .onnx must never point at a .data file that is not there yet.
+        for path in sorted(produced, key=lambda p: p.name == primary):
+            os.replace(path, work.path(path.name))
+        stale = work.path(primary + ".data")
+        if stale.exists() and all(p.name != stale.name for p in produced):
+            stale.unlink()
+    files = [work.path(p.name) for p in produced]
+    seconds = time.perf_counter() - started
+    outputs = {p.name: sha256_file(p) for p in files}
+    work.save_record(stage, StageRecord(key, inputs, options, tool_versions(), outputs, round(seconds, 3), details=details))
+    return result_type(stage, work.path(primary), files, seconds, details=details)
+
+
+def export_inputs(config: Config) -> dict[str, str]:
     """The files (and resolved config) whose change makes the export stale."""
     from miaotui.models.loading import factory_sources
 
-    inputs = {"config": sha256_json(_export_view(config))}
+    inputs = {"config": sha256_json(_graph_view(config))}
     sources = factory_sources(config.model.factory)
     if sources:
         inputs["factory"] = sha256_json({str(p): sha256_file(p) for p in sources})
     if config.model.checkpoint:
         inputs["checkpoint"] = sha256_file(config.model.checkpoint)
     return inputs
-
-
-def _export_view(config: Config) -> dict:
-    # Only what shapes the exported graph; [data] or [validate] edits must not force a re-export.
-    view = config.to_dict()
-    return {k: view[k] for k in ("model", "inputs", "dims", "export")}
 
 
 def write_resolved_config(config: Config, work: WorkDir) -> None:
@@ -71,48 +128,39 @@ def run_export_stage(config: Config, work_dir: str | Path, options: ExportOption
                      force: bool = False, model=None) -> ExportResult:
     """Export the config's model into `work_dir`/model.onnx unless the manifest says it is current.
 
-    All user input (config, factory, checkpoint) is checked before the work dir is touched, so a
-    mistake leaves nothing behind.
+    A bad factory or checkpoint fails inside the staging area, which is removed together with the
+    work dir when this run created it: a mistake leaves nothing behind.
     """
     from miaotui.models.loading import load_model
 
     options = options or ExportOptions(opset=config.export.opset)
     work = WorkDir(work_dir)
-    inputs = stage_inputs(config)
-    option_view = asdict(options) | {"atol": FLOAT32_ATOL}
-    key = stage_key(inputs, option_view, tool_versions())
-    onnx_path = work.path(ONNX_NAME)
-    if not force and work.is_current(STAGE, key):
-        record = work.record(STAGE)
-        files = [work.path(name) for name in record.outputs]
-        parity = [ParityResult(**p) for p in record.details.get("parity", [])]
-        return ExportResult(onnx_path, files, parity, record.seconds, skipped=True)
 
-    model = model if model is not None else load_model(config)
-    started = time.perf_counter()
-    with work.staging() as scratch:
+    def produce(scratch: Path) -> dict[str, Any]:
+        nonlocal model
+        model = model if model is not None else load_model(config)
         staged = export_to_onnx(model, config, scratch / ONNX_NAME, options)
         parity = check_parity(model, config, staged, parity_sizes(config))
-        produced = sorted(scratch.iterdir())
-        # The data file first: model.onnx must never point at weights that are not there yet.
-        for path in sorted(produced, key=lambda p: p.name == ONNX_NAME):
-            os.replace(path, work.path(path.name))
-        stale = work.path(ONNX_NAME + ".data")
-        if stale.exists() and not any(p.name == stale.name for p in produced):
-            stale.unlink()
         write_resolved_config(config, work)
-    files = [work.path(p.name) for p in produced]
-    seconds = time.perf_counter() - started
-    work.save_record(
-        STAGE,
-        StageRecord(
-            key=key,
-            inputs=inputs,
-            options=option_view,
-            tool_versions=tool_versions(),
-            outputs={p.name: sha256_file(p) for p in files},
-            seconds=round(seconds, 3),
-            details={"parity": [asdict(p) for p in parity]},
-        ),
-    )
-    return ExportResult(onnx_path, files, parity, seconds)
+        return {"parity": [asdict(p) for p in parity]}
+
+    return _run_stage(work, "export", ONNX_NAME, export_inputs(config), asdict(options) | {"atol": FLOAT32_ATOL},
+                      produce, force, ExportResult)
+
+
+def run_optimize_stage(config: Config, work_dir: str | Path, force: bool = False,
+                       external_data_threshold: int | None = None, export: ExportResult | None = None) -> StageResult:
+    """model.onnx -> model.opt.onnx, running the export stage first unless `export` is its result.
+    `force` redoes this stage only; the export is redone only when stale."""
+    export = export or run_export_stage(config, work_dir)
+    work = WorkDir(work_dir)
+    threshold = external_data_threshold or ExportOptions().external_data_threshold
+    inputs = {"config": sha256_json(_graph_view(config))} | _onnx_files(work, ONNX_NAME)
+
+    def produce(scratch: Path) -> dict[str, Any]:
+        report = optimize_onnx(export.path, scratch / OPT_NAME, threshold)
+        report.max_abs_diff = compare_onnx(export.path, scratch / OPT_NAME, config, parity_sizes(config))
+        return asdict(report)
+
+    return _run_stage(work, "optimize", OPT_NAME, inputs, {"atol": OPTIMIZE_ATOL, "external_data_threshold": threshold},
+                      produce, force)

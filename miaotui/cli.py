@@ -17,7 +17,6 @@ from miaotui.errors import InputError, MiaotuiError
 # Commands of later issues: listed in --help so the whole flow is visible, refusing with exit 2.
 PLANNED = {
     "run": ("CONFIG|MODEL", "Run every stage: export, optimize, quantize, build, validate."),
-    "optimize": ("CONFIG|MODEL", "Graph optimization: model.onnx -> model.opt.onnx."),
     "quantize": ("CONFIG|MODEL", "INT8 QDQ quantization with calibration data -> model.int8.onnx."),
     "build": ("ONNX", "Compile an engine (onnxruntime, tensorrt, tensorrt-rtx)."),
     "validate": ("ENGINE", "Accuracy parity of an engine against the PyTorch reference."),
@@ -57,53 +56,84 @@ def main() -> None:
     """
 
 
-@main.command()
-@click.argument("config_or_model", metavar="CONFIG|MODEL")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Work directory (default: build/<name>).")
-@click.option("--force", is_flag=True, help="Export even when the manifest says model.onnx is current.")
-@reports_errors
-def export(config_or_model: str, out_dir: Path | None, force: bool) -> None:
-    """Export the PyTorch model to ONNX and check it against PyTorch (model.onnx)."""
+def _stage_command(name: str, summary: str):
+    """A command that runs one stage of a config's flow (and the stages before it, when stale)."""
+
+    def decorate(run):
+        @main.command(name=name, help=summary)
+        @click.argument("config_or_model", metavar="CONFIG|MODEL")
+        @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                      help="Work directory (default: build/<name>).")
+        @click.option("--force", is_flag=True, help="Redo this stage even when the manifest says it is current "
+                      "(earlier stages are redone only when stale).")
+        @reports_errors
+        def command(config_or_model: str, out_dir: Path | None, force: bool) -> None:
+            from miaotui.models import resolve_config
+
+            config = resolve_config(config_or_model)
+            work_dir = out_dir or Path("build") / config.name
+            with _console(stderr=True).status(f"{name} {config.name}"):
+                results = run(config, work_dir, force)
+            _summary(name, config, work_dir, results)
+
+        return command
+
+    return decorate
+
+
+@_stage_command("export", "Export the PyTorch model to ONNX and check it against PyTorch (model.onnx).")
+def export(config, work_dir: Path, force: bool):
     from miaotui.export import run_export_stage
-    from miaotui.models import resolve_config
 
-    config = resolve_config(config_or_model)
-    work_dir = out_dir or Path("build") / config.name
-    with _console(stderr=True).status(f"exporting {config.name} to ONNX"):
-        result = run_export_stage(config, work_dir, force=force)
-    _export_summary(config, result)
+    return [run_export_stage(config, work_dir, force=force)]
 
 
-def _export_summary(config, result) -> None:
+@_stage_command("optimize", "Fold constants, infer shapes, drop dead nodes (model.opt.onnx), after export.")
+def optimize(config, work_dir: Path, force: bool):
+    from miaotui.export import run_export_stage, run_optimize_stage
+
+    exported = run_export_stage(config, work_dir)
+    return [exported, run_optimize_stage(config, work_dir, force=force, export=exported)]
+
+
+def _summary(command: str, config, work_dir: Path, results) -> None:
     from rich.table import Table
 
-    status = "up to date" if result.skipped else f"exported in {result.seconds:.1f} s"
-    table = Table(title=f"miaotui export: {config.name} -> {result.onnx_path.parent} ({status})", title_justify="left")
-    table.add_column("artifact")
-    table.add_column("size", justify="right")
-    table.add_column("check")
-    for path in result.files:
-        check = "onnx.checker ok" if path == result.onnx_path else "external weights"
-        table.add_row(path.name, f"{path.stat().st_size / 1e6:.2f} MB", check)
-    for parity in result.parity:
-        worst = max(parity.max_abs_diff.values(), default=0.0)
-        table.add_row(f"parity at {parity.shape_text()}", "", f"|ORT - torch| {worst:.1e} <= {parity.atol:.0e}")
+    table = Table(title=f"miaotui {command}: {config.name} -> {work_dir}", title_justify="left")
+    for column, justify in (("stage", "left"), ("artifact", "left"), ("size", "right"), ("s", "right"), ("check", "left")):
+        table.add_column(column, justify=justify)
+    for result in results:
+        seconds = "cached" if result.skipped else f"{result.seconds:.1f}"
+        for index, path in enumerate(result.files):
+            first = index == 0
+            table.add_row(result.stage if first else "", path.name, f"{path.stat().st_size / 1e6:.1f} MB",
+                          seconds if first else "", _check(result) if first else "")
     _console().print(table)
+
+
+def _check(result) -> str:
+    if result.stage == "export":
+        worst = max((max(p.max_abs_diff.values(), default=0.0) for p in result.parity), default=0.0)
+        shapes = "; ".join(p.shape_text() for p in result.parity)
+        return f"onnx.checker ok; vs torch max |diff| {worst:.0e} at {shapes}"
+    if result.stage == "optimize":
+        d = result.details
+        return f"{d['nodes_before']} -> {d['nodes_after']} nodes; vs model.onnx max |diff| {d['max_abs_diff']:.0e}"
+    return ""
 
 
 def _planned_command(name: str, metavar: str, summary: str):
     @click.argument("args", nargs=-1, metavar=metavar)
     @reports_errors
     def command(args) -> None:
-        raise InputError(f"'miaotui {name}' is not built yet; today 'miaotui export' runs the first stage")
+        raise InputError(f"'miaotui {name}' is not built yet; today 'miaotui export' and 'miaotui optimize' run the first stages")
 
     command.__doc__ = f"{summary} (not built yet)"
     return main.command(name=name, context_settings={"ignore_unknown_options": True})(command)
 
 
-for _name, (_metavar, _summary) in PLANNED.items():
-    _planned_command(_name, _metavar, _summary)
+for _planned, (_metavar, _text) in PLANNED.items():
+    _planned_command(_planned, _metavar, _text)
 
 
 if __name__ == "__main__":
