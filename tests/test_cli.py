@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +31,7 @@ def test_console_script_exports_a_custom_model(custom_model_dir: Path, tmp_path:
     exe = Path(sys.executable).with_name("miaotui")
     completed = subprocess.run(
         [str(exe), "export", str(custom_model_dir / "config.toml"), "--out", str(out)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"},
     )
     assert completed.returncode == 0, completed.stderr
     assert (out / "model.onnx").is_file()

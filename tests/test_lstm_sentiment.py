@@ -79,7 +79,7 @@ def test_answer_does_not_depend_on_padding_in_the_batch(model_and_tokenizer):
 def test_make_export_equivalent_writes_model_onnx_and_a_summary(model_and_tokenizer, tmp_path: Path, monkeypatch):
     config, model, tokenizer = model_and_tokenizer
     monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(main, ["export", "lstm-sentiment"])
+    result = CliRunner().invoke(main, ["optimize", "lstm-sentiment"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     onnx_path = tmp_path / "build" / "lstm-sentiment" / "model.onnx"
     assert onnx_path.is_file()
@@ -97,8 +97,9 @@ def test_make_export_equivalent_writes_model_onnx_and_a_summary(model_and_tokeni
     from tensorrt_judge import build_with_tensorrt_rtx
 
     assert build_with_tensorrt_rtx(onnx_path, config) > 1_000_000
+    assert build_with_tensorrt_rtx(onnx_path.with_name("model.opt.onnx"), config) > 1_000_000
 
-    again = CliRunner().invoke(main, ["export", "lstm-sentiment"])
+    again = CliRunner().invoke(main, ["optimize", "lstm-sentiment"])
     assert again.exit_code == 0 and "cached" in again.stdout
 
 

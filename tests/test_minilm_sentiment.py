@@ -25,9 +25,9 @@ METRICS = json.loads((HERE / "metrics.json").read_text())
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """`make export MODEL=minilm-sentiment`, through the CLI, once for this module."""
+    """`make export MODEL=minilm-sentiment` (export -> optimize), through the CLI, once for this module."""
     work = tmp_path_factory.mktemp("minilm") / "work"
-    result = CliRunner().invoke(main, ["export", "minilm-sentiment", "--out", str(work)])
+    result = CliRunner().invoke(main, ["optimize", "minilm-sentiment", "--out", str(work)], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "batch=8, seq=128" in result.stdout
     config = resolve_config("minilm-sentiment")
@@ -65,6 +65,7 @@ def test_tensorrt_builds_the_exported_graph(exported):
 
     config, model, onnx_path = exported
     assert build_with_tensorrt_rtx(onnx_path, config) > 10_000_000
+    assert build_with_tensorrt_rtx(onnx_path.with_name("model.opt.onnx"), config) > 10_000_000
 
 
 def _padded(tokenizer, texts: list[str], seq: int) -> dict[str, np.ndarray]:
