@@ -22,7 +22,6 @@ PLANNED = {
     "validate": ("ENGINE", "Accuracy parity of an engine against the PyTorch reference."),
     "bench": ("ENGINE...", "Latency and throughput of engines."),
     "predict": ("ENGINE_OR_DIR TEXT...", "Classify texts with an engine."),
-    "inspect": ("ENGINE_OR_ONNX", "Show an engine's or ONNX file's inputs, outputs and metadata."),
 }
 
 
@@ -120,6 +119,32 @@ def _check(result) -> str:
         d = result.details
         return f"{d['nodes_before']} -> {d['nodes_after']} nodes; vs model.onnx max |diff| {d['max_abs_diff']:.0e}"
     return ""
+
+
+@main.command()
+@click.argument("path", metavar="ENGINE_OR_ONNX", type=click.Path(path_type=Path))
+@reports_errors
+def inspect(path: Path) -> None:
+    """Show an ONNX file's inputs, outputs, opset and ops (engines: not built yet)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from miaotui.export.inspect_onnx import summarize_onnx
+
+    if path.suffix != ".onnx":
+        raise InputError(f"{path}: expected an .onnx file (inspecting engines is not built yet)")
+    summary = summarize_onnx(path)
+    plain = "plain ONNX" if not summary.foreign_domains else f"custom domains: {', '.join(summary.foreign_domains)}"
+    _console().print(f"{escape(str(path))}: opset {summary.opset}, {summary.size_bytes / 1e6:.1f} MB, {plain}")
+    table = Table()
+    for column in ("", "name", "dtype", "shape"):
+        table.add_column(column)
+    for kind, tensors in (("input", summary.inputs), ("output", summary.outputs)):
+        for tensor in tensors:
+            table.add_row(kind, escape(tensor.name), tensor.dtype, escape("[" + ", ".join(map(str, tensor.shape)) + "]"))
+    _console().print(table)
+    ops = ", ".join(f"{op} {n}" for op, n in summary.op_counts.items())
+    _console().print(f"{sum(summary.op_counts.values())} nodes: {ops}")
 
 
 def _planned_command(name: str, metavar: str, summary: str):
