@@ -54,13 +54,13 @@ def compare_onnx(reference: Path, candidate: Path, config: Config, sizes_list: l
                  atol: float = OPTIMIZE_ATOL) -> float:
     """Max |difference| of two ONNX files on the same sample inputs; CheckFailed past `atol`."""
     from miaotui.data.samples import sample_inputs
-    from miaotui.export.parity import max_abs_diff, onnxruntime_session
+    from miaotui.export.parity import max_abs_diff, onnxruntime_session, run_session
 
     sessions = onnxruntime_session(reference), onnxruntime_session(candidate)
     worst = 0.0
     for index, sizes in enumerate(sizes_list):
         feed = sample_inputs(config, sizes, seed=index)
-        expected, actual = (dict(zip([o.name for o in s.get_outputs()], s.run(None, feed))) for s in sessions)
+        expected, actual = (run_session(s, feed) for s in sessions)
         for name in config.model.outputs:
             diff = max_abs_diff(np.asarray(expected[name]), np.asarray(actual[name]), name)
             worst = max(worst, diff)

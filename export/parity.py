@@ -67,6 +67,11 @@ def onnxruntime_session(onnx_path: Path, threads: int = 0):
     return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
 
 
+def run_session(session, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """An ONNX Runtime session's outputs by name."""
+    return dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
+
+
 def max_abs_diff(reference: np.ndarray, actual: np.ndarray, name: str) -> float:
     if reference.shape != actual.shape:
         raise CheckFailed(f"output {name}: PyTorch gives shape {reference.shape}, ONNX Runtime {actual.shape}")
@@ -101,7 +106,7 @@ def check_parity(
                 raise InputError(f"parity size {name}={size} is outside [dims] {name} ({dim.min}..{dim.max})")
         feed = sample_inputs(config, sizes, seed=seed + index)
         expected = torch_outputs(model, feed, config.model.outputs)
-        actual = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
+        actual = run_session(session, feed)
         diffs = {name: max_abs_diff(expected[name], actual[name], name) for name in config.model.outputs}
         result = ParityResult(sizes, diffs, atol)
         results.append(result)

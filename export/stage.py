@@ -14,7 +14,7 @@ from miaotui.artifacts import StageRecord, WorkDir, sha256_file, sha256_json, st
 from miaotui.config import Config
 from miaotui.export.optimize import OPTIMIZE_ATOL, compare_onnx, optimize_onnx
 from miaotui.export.parity import FLOAT32_ATOL, ParityResult, check_parity, parity_sizes
-from miaotui.export.torch_to_onnx import ExportOptions, export_to_onnx
+from miaotui.export.torch_to_onnx import PROTOBUF_LIMIT, ExportOptions, export_to_onnx
 
 ONNX_NAME = "model.onnx"
 OPT_NAME = "model.opt.onnx"
@@ -65,19 +65,12 @@ def _graph_view(config: Config) -> dict:
     return {k: view[k] for k in ("model", "inputs", "dims", "export")}
 
 
-def _onnx_files(work: WorkDir, name: str) -> dict[str, str]:
-    files = {name: sha256_file(work.path(name))}
-    data = work.path(name + ".data")
-    if data.is_file():
-        files[data.name] = sha256_file(data)
-    return files
-
-
 def _run_stage(work: WorkDir, stage: str, primary: str, inputs: dict[str, str], options: dict[str, Any],
                produce: Callable[[Path], dict[str, Any]], force: bool, result_type=StageResult) -> StageResult:
     """Skip when current; else `produce(scratch)` writes the outputs into a scratch folder and
     returns what it measured, and the outputs are renamed into place."""
-    key = stage_key(inputs, options, tool_versions())
+    tools = tool_versions()
+    key = stage_key(inputs, options, tools)
     if not force and work.is_current(stage, key):
         record = work.record(stage)
         files = [work.path(name) for name in record.outputs]
@@ -96,7 +89,7 @@ def _run_stage(work: WorkDir, stage: str, primary: str, inputs: dict[str, str], 
     files = [work.path(p.name) for p in produced]
     seconds = time.perf_counter() - started
     outputs = {p.name: sha256_file(p) for p in files}
-    work.save_record(stage, StageRecord(key, inputs, options, tool_versions(), outputs, round(seconds, 3), details=details))
+    work.save_record(stage, StageRecord(key, inputs, options, tools, outputs, round(seconds, 3), details=details))
     return result_type(stage, work.path(primary), files, seconds, details=details)
 
 
@@ -154,8 +147,9 @@ def run_optimize_stage(config: Config, work_dir: str | Path, force: bool = False
     `force` redoes this stage only; the export is redone only when stale."""
     export = export or run_export_stage(config, work_dir)
     work = WorkDir(work_dir)
-    threshold = external_data_threshold or ExportOptions().external_data_threshold
-    inputs = {"config": sha256_json(_graph_view(config))} | _onnx_files(work, ONNX_NAME)
+    threshold = external_data_threshold or PROTOBUF_LIMIT
+    # The export's record holds the sha256s of model.onnx (and its .data), just verified or written.
+    inputs = {"config": sha256_json(_graph_view(config))} | work.record("export").outputs
 
     def produce(scratch: Path) -> dict[str, Any]:
         report = optimize_onnx(export.path, scratch / OPT_NAME, threshold)
