@@ -19,9 +19,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
-# The main job: every stage built so far (export -> optimize), each skipped when up to date.
+# The main job: every stage built so far (export -> optimize -> quantize), each skipped when up to date.
 export: setup
-	$(BIN)/miaotui optimize $(MODEL)
+	$(BIN)/miaotui quantize $(MODEL)
 
 train: setup
 	$(BIN)/python -m miaotui.models.$(subst -,_,$(MODEL)).train

@@ -1,8 +1,9 @@
-"""PyTorch -> ONNX (checked against PyTorch right after export) and graph optimization."""
+"""PyTorch -> ONNX (checked against PyTorch right after export), graph optimization, INT8 quantization."""
 
 from miaotui.export.optimize import OptimizeReport, compare_onnx, optimize_onnx
 from miaotui.export.parity import ParityResult, check_parity
-from miaotui.export.stage import ExportResult, StageResult, run_export_stage, run_optimize_stage
+from miaotui.export.stage import (ExportResult, QuantizeOptions, QuantizeResult, StageResult, quantize_options,
+                                  run_export_stage, run_optimize_stage, run_quantize_stage)
 from miaotui.export.torch_to_onnx import ExportOptions, export_to_onnx
 
 __all__ = [
@@ -10,6 +11,8 @@ __all__ = [
     "ExportResult",
     "OptimizeReport",
     "ParityResult",
+    "QuantizeOptions",
+    "QuantizeResult",
     "StageResult",
     "check_parity",
     "compare_onnx",
@@ -17,4 +20,6 @@ __all__ = [
     "optimize_onnx",
     "run_export_stage",
     "run_optimize_stage",
+    "run_quantize_stage",
+    "quantize_options",
 ]

@@ -1,17 +1,21 @@
-"""The export and optimize stages in a work directory: skipped when their inputs are unchanged
+"""The export, optimize and quantize stages in a work directory: skipped when their inputs are unchanged
 (per manifest.json), written atomically otherwise."""
 
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from miaotui.artifacts import StageRecord, WorkDir, sha256_file, sha256_json, stage_key
+import numpy as np
+
+from miaotui.artifacts import StageRecord, WorkDir, atomic_write_json, sha256_file, sha256_json, stage_key
 from miaotui.config import Config
+from miaotui.errors import InputError
 from miaotui.export.optimize import OPTIMIZE_ATOL, compare_onnx, optimize_onnx
 from miaotui.export.parity import FLOAT32_ATOL, ParityResult, check_parity, parity_sizes
 from miaotui.export.torch_to_onnx import PROTOBUF_LIMIT, ExportOptions, export_to_onnx
@@ -158,3 +162,143 @@ def run_optimize_stage(config: Config, work_dir: str | Path, force: bool = False
 
     return _run_stage(work, "optimize", OPT_NAME, inputs, {"atol": OPTIMIZE_ATOL, "external_data_threshold": threshold},
                       produce, force)
+
+
+INT8_NAME = "model.int8.onnx"
+QUANTIZATION_NAME = "quantization.json"
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    method: str = "minmax"  # minmax | entropy | percentile
+    samples: int | None = 512  # calibration samples to use (None: the whole set)
+    smooth_alpha: float = 0.5  # SmoothQuant strength for INT8 MatMul inputs; 0 turns smoothing off
+    include: tuple[str, ...] = ()  # node-name or op-type globs forced to INT8
+    exclude: tuple[str, ...] = ()  # ... kept in float; wins over include
+    calibration: str | None = None  # another calibration set than the config's [data] calibration
+
+
+@dataclass
+class QuantizeResult(StageResult):
+    warnings: list[str] = field(default_factory=list)
+    earlier: list[StageResult] = field(default_factory=list)  # the export and optimize runs it made first
+
+
+def quantize_options(config: Config, method: str | None = None, samples: int | None = None,
+                     include: tuple[str, ...] = (), exclude: tuple[str, ...] = (),
+                     calibration: str | None = None, smooth_alpha: float | None = None) -> QuantizeOptions:
+    """The config's [quantize] table with the command line's choices on top."""
+    base = config.quantize
+    return QuantizeOptions(
+        method=method or base.method,
+        samples=samples if samples is not None else base.samples,
+        smooth_alpha=smooth_alpha if smooth_alpha is not None else base.smooth_alpha,
+        include=tuple(base.include) + tuple(include),
+        exclude=tuple(base.exclude) + tuple(exclude),
+        calibration=calibration,
+    )
+
+
+def run_quantize_stage(config: Config, work_dir: str | Path, options: QuantizeOptions | None = None,
+                       force: bool = False, progress: bool = True, optimize: StageResult | None = None) -> QuantizeResult:
+    """model.opt.onnx -> model.int8.onnx (+ calibration.json, quantization.json), after optimize.
+
+    Every data batch is checked (and fingerprinted) before anything runs, so bad data fails first
+    and leaves nothing behind; calibration is skipped when calibration.json holds the same key.
+    """
+    import onnx
+    import onnxruntime
+
+    from miaotui.data.datasets import data_set, summarize
+    from miaotui.export.calibration import (CALIBRATION_NAME, CalibrationKey, CalibrationRequest, calibrate,
+                                            check_sample_count, load_cached, save)
+    from miaotui.export.smoothing import SMOOTHING_ATOL, channel_peaks, smooth, smoothing_targets
+    from miaotui.export.quantize import check_qdq, compare_top1, confirm_decisions, name_unnamed_nodes, quantize_onnx
+    from miaotui.export.quantize_rules import REASONS, plan_quantization, tensors_to_calibrate
+
+    options = options or quantize_options(config)
+    if options.samples is not None and options.samples < 1:
+        raise InputError(f"--samples {options.samples}: expected a positive number of calibration samples")
+    calibration_set = data_set(config, "calibration", options.calibration)
+    calibration_data = summarize(calibration_set, options.samples)
+    warnings = check_sample_count(options.method, calibration_data.samples, calibration_set.where)
+    if options.samples and calibration_data.samples < options.samples:
+        warnings.append(f"{calibration_set.where}: {options.samples} samples asked for, the set has {calibration_data.samples}")
+    if config.data.validation:
+        agreement_set = data_set(config, "validation")
+    else:
+        agreement_set = calibration_set
+        warnings.append(f"{config.path}: no data.validation: top-1 agreement measured on the calibration set, "
+                        "which is not held out")
+    agreement_data = summarize(agreement_set)
+
+    earlier = []
+    if optimize is None:
+        exported = run_export_stage(config, work_dir)
+        optimize = run_optimize_stage(config, work_dir, export=exported)
+        earlier = [exported, optimize]
+    work = WorkDir(work_dir)
+    model = onnx.load(str(optimize.path))
+    name_unnamed_nodes(model)
+    decisions = plan_quantization(model, options.include, options.exclude)
+    op_types = tuple(sorted({d.op_type for d in decisions if d.quantized}))
+    opt_record = work.record("optimize")
+    key = CalibrationKey(opt_record.outputs[OPT_NAME], calibration_data.fingerprint, calibration_data.samples,
+                         options.method, options.smooth_alpha, onnxruntime.__version__)
+    inputs = {"model.opt.onnx": opt_record.outputs[OPT_NAME], "calibration data": calibration_data.fingerprint,
+              "agreement data": agreement_data.fingerprint}
+    external = any(name.endswith(".data") for name in opt_record.outputs)
+
+    def produce(scratch: Path) -> dict[str, Any]:
+        cached = load_cached(work.path(CALIBRATION_NAME), key)
+        targets = smoothing_targets(model, {d.name for d in decisions if d.quantized}) if options.smooth_alpha else {}
+        if cached and set(targets) <= set(cached.peaks):
+            peaks = {name: np.asarray(cached.peaks[name], np.float32) for name in targets}
+        else:
+            cached = None  # new peaks: the ranges after smoothing are new too
+            peaks = channel_peaks(model, list(targets), calibration_set.batches(options.samples)) if targets else {}
+        smoothed = smooth(model, targets, peaks, options.smooth_alpha) if targets else []
+        with tempfile.TemporaryDirectory(prefix="miaotui-smoothed-") as folder:
+            calibrated = optimize.path
+            if smoothed:  # the calibrator reads a file; FP32 must still answer like model.opt.onnx
+                calibrated = Path(folder) / "model.smoothed.onnx"
+                onnx.save(model, str(calibrated), save_as_external_data=external, location=calibrated.name + ".data")
+                compare_onnx(optimize.path, calibrated, config, [config.sizes("opt")], atol=SMOOTHING_ATOL)
+            request = CalibrationRequest(key, tensors_to_calibrate(model, decisions))
+            calibration = cached if cached and cached.covers(request) else None
+            if calibration is None:
+                calibration = calibrate(calibrated, calibration_set.batches(options.samples), request, progress)
+                calibration.peaks = {name: [float(v) for v in values] for name, values in peaks.items()}
+                save(calibration, scratch / CALIBRATION_NAME)
+        quantize_onnx(model, scratch / INT8_NAME, calibration, decisions, external)
+        final = confirm_decisions(scratch / INT8_NAME, decisions)
+        check = check_qdq(scratch / INT8_NAME, model, calibration)
+        agreement = compare_top1(optimize.path, scratch / INT8_NAME, agreement_set.batches(), config.model.outputs[0],
+                                 progress)
+        details = {
+            "method": options.method,
+            "calibration": {"samples": calibration.key.samples, "seconds": round(calibration.seconds, 3),
+                            "cached": calibration.cached, "set": calibration_set.where},
+            "nodes": {"quantized": sum(d.quantized for d in final), "float": sum(not d.quantized for d in final)},
+            "smoothing": {"alpha": options.smooth_alpha, "inputs": len(smoothed),
+                          "max_factor": round(max((i.max_factor for i in smoothed), default=1.0), 3)},
+            "qdq_check": asdict(check),
+            "agreement": asdict(agreement) | {"set": agreement_set.where},
+            "warnings": warnings,
+        }
+        report = details | {
+            "op_types_quantized": list(op_types),
+            "include": list(options.include),
+            "exclude": list(options.exclude),
+            "smoothed_inputs": [asdict(i) for i in smoothed],
+            "decisions": [{"node": d.name, "op_type": d.op_type, "quantized": d.quantized, "reason": d.reason,
+                           "why": d.explain()} for d in final],
+            "reasons": REASONS,
+        }
+        atomic_write_json(scratch / QUANTIZATION_NAME, report)
+        return details
+
+    result = _run_stage(work, "quantize", INT8_NAME, inputs, asdict(options), produce, force, QuantizeResult)
+    result.warnings = list(result.details.get("warnings", []))
+    result.earlier = earlier
+    return result

@@ -17,12 +17,17 @@ from miaotui.errors import InputError, MiaotuiError
 # Commands of later issues: listed in --help so the whole flow is visible, refusing with exit 2.
 PLANNED = {
     "run": ("CONFIG|MODEL", "Run every stage: export, optimize, quantize, build, validate."),
-    "quantize": ("CONFIG|MODEL", "INT8 QDQ quantization with calibration data -> model.int8.onnx."),
     "build": ("ONNX", "Compile an engine (onnxruntime, tensorrt, tensorrt-rtx)."),
     "validate": ("ENGINE", "Accuracy parity of an engine against the PyTorch reference."),
     "bench": ("ENGINE...", "Latency and throughput of engines."),
     "predict": ("ENGINE_OR_DIR TEXT...", "Classify texts with an engine."),
 }
+
+
+def escape(text: str) -> str:
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
 
 
 def _console(stderr: bool = False):
@@ -55,27 +60,35 @@ def main() -> None:
     """
 
 
-def _stage_command(name: str, summary: str):
-    """A command that runs one stage of a config's flow (and the stages before it, when stale)."""
+def _stage_command(name: str, summary: str, options=(), spinner: bool = True):
+    """A command that runs one stage of a config's flow (and the stages before it, when stale).
+    `options` are extra click options, passed to the stage function as keyword arguments."""
 
     def decorate(run):
-        @main.command(name=name, help=summary)
-        @click.argument("config_or_model", metavar="CONFIG|MODEL")
-        @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-                      help="Work directory (default: build/<name>).")
-        @click.option("--force", is_flag=True, help="Redo this stage even when the manifest says it is current "
-                      "(earlier stages are redone only when stale).")
         @reports_errors
-        def command(config_or_model: str, out_dir: Path | None, force: bool) -> None:
+        def command(config_or_model: str, out_dir: Path | None, force: bool, **extra) -> None:
             from miaotui.models import resolve_config
 
             config = resolve_config(config_or_model)
             work_dir = out_dir or Path("build") / config.name
-            with _console(stderr=True).status(f"{name} {config.name}"):
-                results = run(config, work_dir, force)
+            if spinner:
+                with _console(stderr=True).status(f"{name} {config.name}"):
+                    results = run(config, work_dir, force, **extra)
+            else:  # the stage draws its own progress bars
+                results = run(config, work_dir, force, **extra)
+            for result in results:
+                for warning in getattr(result, "warnings", []):
+                    _console(stderr=True).print(f"[yellow]warning:[/yellow] {escape(warning)}")
             _summary(name, config, work_dir, results)
 
-        return command
+        for option in reversed(options):
+            command = option(command)
+        command = click.option("--force", is_flag=True, help="Redo this stage even when the manifest says it is "
+                               "current (earlier stages are redone only when stale).")(command)
+        command = click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                               help="Work directory (default: build/<name>).")(command)
+        command = click.argument("config_or_model", metavar="CONFIG|MODEL")(command)
+        return main.command(name=name, help=summary)(command)
 
     return decorate
 
@@ -93,6 +106,34 @@ def optimize(config, work_dir: Path, force: bool):
 
     exported = run_export_stage(config, work_dir)
     return [exported, run_optimize_stage(config, work_dir, force=force, export=exported)]
+
+
+@_stage_command(
+    "quantize",
+    "INT8 QDQ quantization with calibration data (model.int8.onnx, calibration.json, quantization.json), "
+    "after export and optimize; reports top-1 agreement with FP32 on the validation set.",
+    options=(
+        click.option("--method", type=click.Choice(["minmax", "entropy", "percentile"]), default=None,
+                     help="Calibration method (default: the config's [quantize] method, else minmax)."),
+        click.option("--samples", type=int, default=None, help="Calibration samples to use (default: 512)."),
+        click.option("--smooth-alpha", type=click.FloatRange(0, 1, max_open=True), default=None,
+                     help="SmoothQuant strength for INT8 MatMul inputs (default 0.5; 0 turns smoothing off)."),
+        click.option("--calibration", "calibration_data", default=None, metavar="NPZ|MODULE:FUNCTION",
+                     help="Calibration data instead of the config's data.calibration."),
+        click.option("--include", multiple=True, metavar="NODE_OR_PATTERN",
+                     help="Quantize nodes whose name or op type matches this glob, whatever the rules say (repeatable)."),
+        click.option("--exclude", multiple=True, metavar="NODE_OR_PATTERN",
+                     help="Keep nodes whose name or op type matches this glob in float (repeatable; wins over --include)."),
+    ),
+    spinner=False,
+)
+def quantize(config, work_dir: Path, force: bool, method, samples, smooth_alpha, calibration_data, include, exclude):
+    from miaotui.export import quantize_options, run_quantize_stage
+
+    # The data is checked before anything runs; export and optimize run inside, when stale.
+    options = quantize_options(config, method, samples, include, exclude, calibration_data, smooth_alpha)
+    result = run_quantize_stage(config, work_dir, options, force=force)
+    return [*result.earlier, result]
 
 
 def _summary(command: str, config, work_dir: Path, results) -> None:
@@ -118,6 +159,18 @@ def _check(result) -> str:
     if result.stage == "optimize":
         d = result.details
         return f"{d['nodes_before']} -> {d['nodes_after']} nodes; vs model.onnx max |diff| {d['max_abs_diff']:.0e}"
+    if result.stage == "quantize":
+        d = result.details
+        calibration = d["calibration"]
+        seconds = "cached" if calibration["cached"] else f"{calibration['seconds']:.1f} s"
+        agreement = d["agreement"]
+        smoothing = f"{d['smoothing']['inputs']} inputs smoothed; " if d["smoothing"]["inputs"] else ""
+        text = (f"{d['nodes']['quantized']} nodes INT8, {d['nodes']['float']} float; {smoothing}{d['method']} on "
+                f"{calibration['samples']} samples ({seconds}); top-1 agreement with FP32 "
+                f"{agreement['top1_agreement']:.4f} on {agreement['samples']}")
+        if agreement["reference_accuracy"] is not None:
+            text += f"; accuracy {agreement['reference_accuracy']:.4f} -> {agreement['candidate_accuracy']:.4f}"
+        return text
     return ""
 
 
@@ -151,7 +204,7 @@ def _planned_command(name: str, metavar: str, summary: str):
     @click.argument("args", nargs=-1, metavar=metavar)
     @reports_errors
     def command(args) -> None:
-        raise InputError(f"'miaotui {name}' is not built yet; today 'miaotui export' and 'miaotui optimize' run the first stages")
+        raise InputError(f"'miaotui {name}' is not built yet; today 'miaotui export', 'optimize' and 'quantize' run the first stages")
 
     command.__doc__ = f"{summary} (not built yet)"
     return main.command(name=name, context_settings={"ignore_unknown_options": True})(command)

@@ -70,6 +70,18 @@ class ExportSpec:
     opset: int = DEFAULT_OPSET
 
 
+QUANTIZE_METHODS = ("minmax", "entropy", "percentile")
+
+
+@dataclass(frozen=True)
+class QuantizeSpec:
+    method: str = "minmax"
+    samples: int | None = 512  # calibration samples; None = the whole calibration set
+    smooth_alpha: float = 0.5  # SmoothQuant migration strength for INT8 MatMul inputs; 0 = off
+    include: tuple[str, ...] = ()  # node-name or op-type globs forced to INT8
+    exclude: tuple[str, ...] = ()  # node-name or op-type globs kept in float
+
+
 @dataclass(frozen=True)
 class Config:
     name: str
@@ -79,6 +91,7 @@ class Config:
     dims: dict[str, Dim]
     data: DataSpec = field(default_factory=DataSpec)
     export: ExportSpec = field(default_factory=ExportSpec)
+    quantize: QuantizeSpec = field(default_factory=QuantizeSpec)
     validate: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
@@ -118,6 +131,12 @@ class Config:
         }
         if data:
             out["data"] = data
+        quantize: dict[str, Any] = {"method": self.quantize.method, "smooth_alpha": self.quantize.smooth_alpha,
+                                    "include": list(self.quantize.include),
+                                    "exclude": list(self.quantize.exclude)}
+        if self.quantize.samples is not None:
+            quantize["samples"] = self.quantize.samples
+        out["quantize"] = quantize
         if self.validate:
             out["validate"] = self.validate
         return out
@@ -194,7 +213,7 @@ def load_config(path: str | Path) -> Config:
 
 def parse_config(raw: dict, path: Path) -> Config:
     r = _Reader(path)
-    r.only(raw, ("name", "model", "inputs", "dims", "data", "export", "validate"), "")
+    r.only(raw, ("name", "model", "inputs", "dims", "data", "export", "quantize", "validate"), "")
     name = r.value(raw, "name", str, "name")
     if not NAME_PATTERN.match(name):
         raise r.fail("name", f"expected letters, digits, '.', '_' or '-' (it names a folder), got {name!r}")
@@ -213,6 +232,7 @@ def parse_config(raw: dict, path: Path) -> Config:
         dims=dims,
         data=_parse_data(r, r.table(raw, "data", "data", required=False)),
         export=_parse_export(r, r.table(raw, "export", "export", required=False)),
+        quantize=_parse_quantize(r, r.table(raw, "quantize", "quantize", required=False)),
         validate=_parse_validate(r, r.table(raw, "validate", "validate", required=False)),
     )
 
@@ -345,6 +365,26 @@ def _parse_export(r: _Reader, table: dict) -> ExportSpec:
     if not 17 <= opset <= 23:
         raise r.fail("export.opset", f"expected 17..23 (LayerNormalization needs 17; ONNX Runtime runs up to 23), got {opset}")
     return ExportSpec(opset=opset)
+
+
+def _parse_quantize(r: _Reader, table: dict) -> QuantizeSpec:
+    r.only(table, ("method", "samples", "smooth_alpha", "include", "exclude"), "quantize")
+    method = r.value(table, "method", str, "quantize.method", required=False) or QuantizeSpec.method
+    if method not in QUANTIZE_METHODS:
+        raise r.fail("quantize.method", f"expected one of {', '.join(QUANTIZE_METHODS)}, got {method!r}")
+    samples = r.value(table, "samples", int, "quantize.samples", required=False)
+    if samples is not None and samples < 1:
+        raise r.fail("quantize.samples", f"expected a positive number of calibration samples, got {samples}")
+    alpha = r.value(table, "smooth_alpha", (int, float), "quantize.smooth_alpha", required=False)
+    if alpha is not None and not 0 <= alpha < 1:
+        raise r.fail("quantize.smooth_alpha", f"expected 0 (off) up to, not including, 1, got {alpha}")
+    return QuantizeSpec(
+        method=method,
+        smooth_alpha=float(alpha) if alpha is not None else QuantizeSpec.smooth_alpha,
+        samples=samples if samples is not None else QuantizeSpec.samples,
+        include=_string_list(r, table, "include", "quantize.include") or (),
+        exclude=_string_list(r, table, "exclude", "quantize.exclude") or (),
+    )
 
 
 def _parse_validate(r: _Reader, table: dict) -> dict[str, dict[str, float]]:

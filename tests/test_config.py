@@ -45,6 +45,10 @@ BAD_CONFIGS = {
     "not toml": (lambda t: t + "\n[[[", "not valid TOML"),
     "missing name": (lambda t: t.replace('name = "ticket-router"', ''), "name: missing"),
     "bad name": (lambda t: t.replace('name = "ticket-router"', 'name = "../escape"'), "name: expected"),
+    "bad method": (lambda t: t + '\n[quantize]\nmethod = "kl"\n', "quantize.method: expected one of minmax, entropy, percentile"),
+    "zero samples": (lambda t: t + "\n[quantize]\nsamples = 0\n", "quantize.samples: expected a positive number"),
+    "exclude not a list": (lambda t: t + '\n[quantize]\nexclude = "Gather"\n', "quantize.exclude: expected list"),
+    "quantize typo": (lambda t: t + "\n[quantize]\nsample = 10\n", "quantize.sample: unknown key"),
 }
 
 

@@ -76,10 +76,10 @@ def test_answer_does_not_depend_on_padding_in_the_batch(model_and_tokenizer):
     assert alone.argmax(1).tolist() == [1, 0]
 
 
-def test_make_export_equivalent_writes_model_onnx_and_a_summary(model_and_tokenizer, tmp_path: Path, monkeypatch):
+def test_make_export_equivalent_writes_every_stage_and_a_summary(model_and_tokenizer, tmp_path: Path, monkeypatch):
     config, model, tokenizer = model_and_tokenizer
     monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(main, ["optimize", "lstm-sentiment"], env={"COLUMNS": "200"})
+    result = CliRunner().invoke(main, ["quantize", "lstm-sentiment"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     onnx_path = tmp_path / "build" / "lstm-sentiment" / "model.onnx"
     assert onnx_path.is_file()
@@ -99,8 +99,20 @@ def test_make_export_equivalent_writes_model_onnx_and_a_summary(model_and_tokeni
     assert build_with_tensorrt_rtx(onnx_path, config) > 1_000_000
     assert build_with_tensorrt_rtx(onnx_path.with_name("model.opt.onnx"), config) > 1_000_000
 
-    again = CliRunner().invoke(main, ["optimize", "lstm-sentiment"])
-    assert again.exit_code == 0 and "cached" in again.stdout
+    # INT8: everything with an INT8 form is INT8 (embedding table, head); the LSTM says why not.
+    report = json.loads((onnx_path.parent / "quantization.json").read_text())
+    by_op = {d["op_type"]: d for d in report["decisions"]}
+    assert by_op["Gather"]["quantized"] and by_op["Gemm"]["quantized"]
+    assert not by_op["LSTM"]["quantized"] and by_op["LSTM"]["reason"] == "op-not-supported"
+    assert "DynamicQuantizeLSTM" in by_op["LSTM"]["why"]
+    assert report["agreement"]["samples"] == 886 and report["agreement"]["top1_agreement"] >= 0.99
+    assert "top-1 agreement with FP32" in result.stdout
+    int8 = onnx_path.with_name("model.int8.onnx")
+    assert int8.stat().st_size < 0.7 * onnx_path.stat().st_size  # the embedding table is INT8 on disk
+    assert build_with_tensorrt_rtx(int8, config) > 1_000_000
+
+    again = CliRunner().invoke(main, ["quantize", "lstm-sentiment"])
+    assert again.exit_code == 0 and again.stdout.count("cached") >= 3
 
 
 def test_training_is_reproducible(tmp_path: Path):

@@ -132,3 +132,49 @@ def test_training_is_reproducible(tmp_path: Path):
     delta = load_file(str(tmp_path / "delta.safetensors"))
     model = BertClassifier(BertShape(vocab_size=len(committed["model"]["vocab"])), num_classes=2)
     model.load_state_dict(merge_delta(base_state(), delta), strict=True)
+
+
+@pytest.fixture(scope="module")
+def quantized(exported):
+    """`make export MODEL=minilm-sentiment`'s last stage: model.int8.onnx with the default rules."""
+    from miaotui.export import run_quantize_stage
+
+    config, model, onnx_path = exported
+    return run_quantize_stage(config, onnx_path.parent, progress=False)
+
+
+def test_int8_agrees_with_fp32_and_keeps_test_accuracy(exported, quantized):
+    """On the test split (never seen by calibration or by the rules): top-1 agreement with FP32 (which
+    equals PyTorch within 1e-4, checked above) and the accuracy drop, both through ONNX Runtime."""
+    config, model, onnx_path = exported
+    assert quantized.details["agreement"]["top1_agreement"] >= 0.99  # validation split, by the stage
+    sessions = [ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+                for path in (onnx_path.with_name("model.opt.onnx"), quantized.path)]
+    tokenizer = load_tokenizer(config.model.tokenizer, MAX_LENGTH)
+    examples = sorted(load_split("test"), key=lambda e: len(e.text))
+    top = [[], []]
+    for start in range(0, len(examples), 32):
+        feed = encode(tokenizer, [e.text for e in examples[start : start + 32]])
+        for index, session in enumerate(sessions):
+            top[index].append(session.run(None, feed)[0].argmax(1))
+    fp32, int8 = (np.concatenate(t) for t in top)
+    labels = np.array([e.label for e in examples])
+    assert np.mean(fp32 == int8) >= 0.99
+    assert np.mean(fp32 == labels) - np.mean(int8 == labels) <= 0.01
+
+
+def test_int8_graph_follows_the_rules_and_tensorrt_builds_it(exported, quantized):
+    from tensorrt_judge import build_with_tensorrt_rtx
+
+    config, model, onnx_path = exported
+    report = json.loads(onnx_path.with_name("quantization.json").read_text())
+    reasons = {}
+    for decision in report["decisions"]:
+        reasons.setdefault((decision["op_type"], decision["reason"]), []).append(decision["node"])
+    assert len(reasons[("MatMul", "rule-activation-matmul")]) == 12  # Q x K^T and softmax x V, 6 layers
+    assert len(reasons[("MatMul", "rule-post-gelu")]) == 6  # FFN down-projections
+    assert len(reasons[("Gather", "int8")]) == 2  # word and position embedding tables
+    assert ("LayerNormalization", "rule-op-type") in reasons and ("Softmax", "int8") not in reasons
+    assert quantized.details["qdq_check"]["weights"] == quantized.details["nodes"]["quantized"]
+    assert quantized.path.stat().st_size < 0.5 * onnx_path.stat().st_size
+    assert build_with_tensorrt_rtx(quantized.path, config) > 10_000_000

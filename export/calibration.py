@@ -1,0 +1,192 @@
+"""Activation ranges from real data, with ONNX Runtime's calibrators, streamed and cached.
+
+ONNX Runtime's calibrators keep every activation of one collect_data() call in memory (16 MiniLM
+batches with a histogram method were OOM-killed at 24 GB here), while their range and histogram
+collectors merge across calls. So the data is fed one batch per call: memory stays at one batch's
+activations however many samples there are.
+
+calibration.json is a cache keyed on what decides the ranges (the model's sha256, a fingerprint of
+the data, the sample count, the method, the smoothing strength, the ONNX Runtime version): a rerun
+with the same key and no new tensor to calibrate does not run the model again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from miaotui.artifacts import atomic_write_json
+from miaotui.errors import InputError, MiaotuiError
+
+CALIBRATION_NAME = "calibration.json"
+METHODS = ("minmax", "entropy", "percentile")
+DEFAULT_METHOD = "minmax"
+DEFAULT_SAMPLES = 512
+# Histogram methods estimate a distribution's tail: with a handful of samples the estimate is noise.
+MIN_SAMPLES = {"minmax": 1, "entropy": 16, "percentile": 16}
+# Below this many samples the ranges are usable but may miss what real traffic holds: a warning.
+FEW_SAMPLES = 128
+CACHE_FORMAT = 2
+
+
+@dataclass(frozen=True)
+class CalibrationKey:
+    model_sha256: str
+    data_fingerprint: str
+    samples: int
+    method: str
+    smooth_alpha: float  # 0: no smoothing
+    onnxruntime: str
+
+
+@dataclass(frozen=True)
+class CalibrationRequest:
+    key: CalibrationKey
+    tensors: tuple[str, ...]  # the activations whose ranges the quantizer needs
+
+
+@dataclass
+class Calibration:
+    key: CalibrationKey
+    ranges: dict[str, tuple[float, float]]  # tensor name -> (lowest, highest) seen or estimated
+    seconds: float
+    cached: bool = False
+    peaks: dict[str, list[float]] = field(default_factory=dict)  # per-channel max|x| used for smoothing
+
+    def covers(self, request: CalibrationRequest) -> bool:
+        return self.key == request.key and set(request.tensors) <= set(self.ranges)
+
+    def to_json(self) -> dict:
+        return {"format": CACHE_FORMAT, "key": asdict(self.key), "seconds": round(self.seconds, 3),
+                "ranges": {name: list(bounds) for name, bounds in sorted(self.ranges.items())},
+                "channel_peaks": dict(sorted(self.peaks.items()))}
+
+
+def check_sample_count(method: str, samples: int, where: str) -> list[str]:
+    """InputError when the method cannot work with so few samples; warnings when it works poorly."""
+    if method not in METHODS:
+        raise InputError(f"calibration method {method!r}: expected one of {', '.join(METHODS)}")
+    if samples < MIN_SAMPLES[method]:
+        raise InputError(f"{where}: {samples} samples; {method} calibration needs at least {MIN_SAMPLES[method]}")
+    if samples < FEW_SAMPLES:
+        return [f"{where}: only {samples} calibration samples; ranges may miss what real inputs reach "
+                f"(use {FEW_SAMPLES} or more)"]
+    return []
+
+
+def load_cached(path: Path, key: CalibrationKey) -> Calibration | None:
+    """What calibration.json holds when it was made with this key (same model, data, method)."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("format") != CACHE_FORMAT or CalibrationKey(**data["key"]) != key:
+            return None
+        ranges = {name: (float(lo), float(hi)) for name, (lo, hi) in data["ranges"].items()}
+        peaks = {name: [float(v) for v in values] for name, values in data.get("channel_peaks", {}).items()}
+    except (ValueError, KeyError, TypeError):
+        return None  # a damaged cache only costs a recalibration
+    return Calibration(key, ranges, float(data.get("seconds", 0.0)), cached=True, peaks=peaks)
+
+
+def save(calibration: Calibration, path: Path) -> None:
+    atomic_write_json(path, calibration.to_json())
+
+
+def calibrate(model_path: Path, batches: Iterable[dict[str, np.ndarray]], request: CalibrationRequest,
+              progress: bool = True) -> Calibration:
+    """Run the model on every batch and return the range of each tensor the request names."""
+    from onnxruntime.quantization.calibrate import EntropyCalibrater, MinMaxCalibrater, PercentileCalibrater
+    from tqdm import tqdm
+
+    key = request.key
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="miaotui-calibrate-") as scratch, _quiet_onnxruntime():
+        common = {"augmented_model_path": str(Path(scratch) / "augmented.onnx"),
+                  "use_external_data_format": _has_external_data(model_path),
+                  # Symmetric: TensorRT takes symmetric INT8 only, so histograms are of |x| too.
+                  "symmetric": True}
+        if key.method == "minmax":
+            calibrator = MinMaxCalibrater(model_path, None, **common)
+        elif key.method == "entropy":  # TensorRT's entropy calibrator's histogram sizes
+            calibrator = EntropyCalibrater(model_path, None, num_bins=2048, num_quantized_bins=128, **common)
+        else:
+            calibrator = PercentileCalibrater(model_path, None, num_bins=2048, percentile=99.999, **common)
+        # ONNX Runtime would calibrate every input and output of every node of the quantized op
+        # types (attention scores included, 4x a hidden state each); histograms of what nobody
+        # reads cost minutes. Only the tensors the quantizer needs are made outputs.
+        wanted = set(request.tensors)
+        select = calibrator.select_tensors_to_calibrate
+        calibrator.select_tensors_to_calibrate = lambda model: _only(select(model), wanted)
+        calibrator.augment_graph()
+        calibrator.create_inference_session()
+        with tqdm(total=key.samples, desc=f"calibrating ({key.method})", unit="sample", disable=not progress,
+                  leave=False) as bar:
+            for feed in batches:
+                calibrator.collect_data(_OneBatch(feed))
+                bar.update(next(iter(feed.values())).shape[0])
+        tensors = calibrator.compute_data()
+        del calibrator
+    ranges = {}
+    for name, data in tensors.items():
+        lowest, highest = data.range_value
+        ranges[name] = (float(np.asarray(lowest).min()), float(np.asarray(highest).max()))
+    missing = sorted(set(request.tensors) - set(ranges))
+    if missing:
+        raise MiaotuiError(f"calibration found no range for {missing[0]!r} (and {len(missing) - 1} more)")
+    return Calibration(key, ranges, time.perf_counter() - started)
+
+
+def onnxruntime_cache(calibration: Calibration, path: Path) -> None:
+    """The ranges in ONNX Runtime's own calibration-cache format, for quantize_static to read."""
+    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData, save_tensors_data
+
+    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+              "percentile": CalibrationMethod.Percentile}[calibration.key.method]
+    data = {name: TensorData(lowest=np.array(lo, np.float32), highest=np.array(hi, np.float32))
+            for name, (lo, hi) in calibration.ranges.items()}
+    save_tensors_data(TensorsData(method, data), path)
+
+
+def _only(selected, wanted: set[str]):
+    tensors, value_infos = selected
+    return {name for name in tensors if name in wanted}, value_infos
+
+
+class _OneBatch:
+    """A CalibrationDataReader over exactly one feed dict: one collect_data() call per batch."""
+
+    def __init__(self, feed: dict[str, np.ndarray]):
+        self.feed: dict[str, np.ndarray] | None = feed
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        feed, self.feed = self.feed, None
+        return feed
+
+
+def _has_external_data(model_path: Path) -> bool:
+    return Path(str(model_path) + ".data").is_file()
+
+
+class _quiet_onnxruntime:
+    """ONNX Runtime's quantization tools log advice through the root logger at WARNING and print
+    progress to stdout (once per batch): stdout is the command's table, so both are silenced."""
+
+    def __enter__(self):
+        self.level = logging.getLogger().level
+        logging.getLogger().setLevel(logging.ERROR)
+        self.stdout = contextlib.redirect_stdout(io.StringIO())
+        self.stdout.__enter__()
+
+    def __exit__(self, *exc):
+        self.stdout.__exit__(*exc)
+        logging.getLogger().setLevel(self.level)

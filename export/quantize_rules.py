@@ -1,0 +1,164 @@
+"""Which nodes become INT8: rules derived from measurement, then the user's --include / --exclude.
+
+Every node on float data whose op type ONNX Runtime's quantizer knows, or that carries weights with
+no INT8 form (recurrent layers), gets a decision with its reason; quantization.json lists them all. The rules
+and the measurements behind them (benchmarks/quantize_rules.py reruns them):
+
+- Only ops that hold weights and do the multiply-accumulates are INT8 by default: MatMul, Gemm,
+  Conv, ConvTranspose, and Gather over a weight table (embeddings, INT8 storage). Quantizing every
+  op type ONNX Runtime supports (its default) put Q/DQ pairs around Add, Mul, Softmax and friends:
+  on minilm-sentiment TensorRT-RTX refused the graph ("Quantized constant ... is only allowed
+  before DQ") and top-1 agreement with FP32 fell to 0.82.
+- MatMuls whose two inputs are both activations (attention: Q x K^T and softmax x V) stay float:
+  per-tensor scales on attention scores lose the small probabilities that carry the signal.
+- MatMuls fed by Gelu (transformer FFN down-projections) stay float: post-GELU activations are
+  heavy-tailed, one per-tensor scale either clips the tail or crushes the bulk.
+- Recurrent layers (LSTM, GRU, RNN) stay float: ONNX Runtime's QDQ quantizer has no rule for them
+  (its INT8 LSTM is the contrib op DynamicQuantizeLSTM, which is not plain ONNX and which TensorRT
+  cannot parse), and TensorRT's ONNX parser takes no Q/DQ into its recurrent layers.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+from miaotui.errors import InputError
+
+DEFAULT_OP_TYPES = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Gather")
+RECURRENT_OP_TYPES = ("LSTM", "GRU", "RNN")
+
+# reason -> what quantization.json and the summary say about it
+REASONS = {
+    "int8": "quantized: weights per channel, activations per tensor, symmetric INT8",
+    "user-include": "quantized because --include matched it",
+    "user-exclude": "kept in float because --exclude matched it",
+    "quantizer-skipped": "left float by ONNX Runtime's quantizer: a data-movement op is INT8 only where its input "
+                         "already is",
+    "op-not-supported": "no INT8 form for a recurrent layer: ONNX Runtime's QDQ quantizer has no LSTM/GRU/RNN rule "
+                        "(its INT8 LSTM is the contrib op DynamicQuantizeLSTM: not plain ONNX, TensorRT cannot parse "
+                        "it) and TensorRT takes no Q/DQ into its recurrent layers",
+    "rule-op-type": "rule: only weight-carrying ops (MatMul, Gemm, Conv, Gather over weights) are INT8 by default; "
+                    "Q/DQ around elementwise and data-movement ops made TensorRT refuse the graph and cost accuracy",
+    "rule-activation-matmul": "rule: both inputs are activations (attention scores or context): per-tensor INT8 "
+                              "loses the small attention probabilities",
+    "rule-post-gelu": "rule: input comes from Gelu (FFN down-projection): heavy-tailed activations that one "
+                      "per-tensor scale cannot hold",
+    "rule-gather-not-weights": "rule: gathers from a computed tensor, not from a weight table",
+}
+
+
+@dataclass(frozen=True)
+class NodeDecision:
+    name: str
+    op_type: str
+    quantized: bool
+    reason: str  # a key of REASONS
+    matched: str | None = None  # the --include / --exclude pattern that decided it
+
+    def explain(self) -> str:
+        text = REASONS[self.reason]
+        return f"{text} ({self.matched})" if self.matched else text
+
+
+def candidate_op_types() -> set[str]:
+    """Op types ONNX Runtime's quantizer can write as QDQ, plus weight-carrying ops with no INT8 form."""
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    return set(QDQRegistry) | set(QLinearOpsRegistry) | set(RECURRENT_OP_TYPES)
+
+
+def plan_quantization(model, include: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> list[NodeDecision]:
+    """One decision for each candidate node of `model` (an onnx.ModelProto with inferred shapes).
+
+    Patterns are fnmatch globs matched against node names and op types ("node_MatMul_48", "*ffn*",
+    "Gather"); --exclude wins over --include, and both win over the rules.
+    """
+    graph = model.graph
+    weights = {init.name for init in graph.initializer}
+    float_tensors = _float_tensors(model)
+    producers = {output: node for node in graph.node for output in node.output}
+    candidates = candidate_op_types()
+
+    def matching(patterns: tuple[str, ...], node) -> str | None:
+        return next((p for p in patterns if fnmatch.fnmatchcase(node.name, p) or fnmatch.fnmatchcase(node.op_type, p)), None)
+
+    used_include: set[str] = set()
+    used_exclude: set[str] = set()
+    decisions = []
+    for node in graph.node:
+        if node.op_type not in candidates or node.domain not in ("", "ai.onnx"):
+            continue
+        rule = _rule(node, weights, float_tensors, producers)
+        if rule == "not-float":  # shapes, indexes, masks: not quantizable, not listed
+            continue
+        if rule == "op-not-supported":
+            decisions.append(NodeDecision(node.name, node.op_type, False, rule))
+            continue
+        excluded, included = matching(exclude, node), matching(include, node)
+        if excluded:
+            used_exclude.add(excluded)
+            decisions.append(NodeDecision(node.name, node.op_type, False, "user-exclude", f"--exclude {excluded}"))
+        elif included:
+            used_include.add(included)
+            decisions.append(NodeDecision(node.name, node.op_type, True, "user-include", f"--include {included}"))
+        else:
+            decisions.append(NodeDecision(node.name, node.op_type, rule == "int8", rule))
+
+    for flag, patterns, used in (("--include", include, used_include), ("--exclude", exclude, used_exclude)):
+        for pattern in patterns:
+            if pattern not in used:
+                raise InputError(f"{flag} {pattern}: matches no quantizable node (patterns match node names "
+                                 "and op types; `miaotui inspect MODEL.onnx` lists the ops)")
+    return decisions
+
+
+# The quantizer writes Q/DQ on these ops' inputs only (OpTypesToExcludeOutputQuantization in quantize.py).
+FLOAT_OUTPUT_OP_TYPES = ("MatMul", "Gemm", "Conv", "ConvTranspose")
+
+
+def tensors_to_calibrate(model, decisions: list[NodeDecision]) -> tuple[str, ...]:
+    """The activations whose ranges the quantizer reads: the float inputs of every INT8 node (not
+    its weights) and, for ops whose outputs get Q/DQ too (a Gather's, say), their outputs."""
+    quantized = {d.name for d in decisions if d.quantized}
+    weights = {init.name for init in model.graph.initializer}
+    floats = _float_tensors(model)
+    tensors = set()
+    for node in model.graph.node:
+        if node.name not in quantized:
+            continue
+        names = [name for name in node.input if name] + ([] if node.op_type in FLOAT_OUTPUT_OP_TYPES else list(node.output))
+        tensors.update(name for name in names if name and name not in weights and name in floats)
+    return tuple(sorted(tensors))
+
+
+def _rule(node, weights: set[str], float_tensors: set[str], producers: dict) -> str:
+    if node.op_type in RECURRENT_OP_TYPES:
+        return "op-not-supported"
+    data_inputs = [name for name in node.input if name]
+    if node.op_type in ("Gather", "GatherElements"):
+        data_inputs = data_inputs[:1]
+    if not any(name in float_tensors for name in data_inputs):
+        return "not-float"
+    if node.op_type not in DEFAULT_OP_TYPES:
+        return "rule-op-type"
+    if node.op_type == "Gather" and node.input[0] not in weights:
+        return "rule-gather-not-weights"
+    if node.op_type == "MatMul":
+        if not any(name in weights for name in node.input[:2]):
+            return "rule-activation-matmul"
+        if any(name in producers and producers[name].op_type == "Gelu" for name in node.input[:2]):
+            return "rule-post-gelu"
+    return "int8"
+
+
+def _float_tensors(model) -> set[str]:
+    import onnx
+
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
+    graph = model.graph
+    names = {init.name for init in graph.initializer if init.data_type in floats}
+    for info in list(graph.input) + list(graph.value_info) + list(graph.output):
+        if info.type.tensor_type.elem_type in floats:
+            names.add(info.name)
+    return names

@@ -1,0 +1,295 @@
+"""The quantize stage on a classifier the project has never seen: QDQ that TensorRT builds, scales that
+follow from the data, the calibration cache, and every kind of bad calibration data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import write_custom_config
+from onnx import numpy_helper
+from tensorrt_judge import build_with_tensorrt_rtx
+
+from miaotui.config import load_config
+from miaotui.errors import CheckFailed, InputError
+from miaotui.export import quantize_options, run_quantize_stage
+from miaotui.export.calibration import Calibration, CalibrationKey
+from miaotui.export.quantize import check_qdq
+
+DATA = """
+[data]
+calibration = "calib.npz"
+validation = "val.npz"
+"""
+
+
+def write_data(folder: Path, samples: int = 200, words: int = 12, seed: int = 0, **edits) -> None:
+    """calib.npz and val.npz for the TicketRouter (tokens int64, features float32); `edits` replace
+    calibration arrays by name (None drops one)."""
+    rng = np.random.default_rng(seed)
+    calibration = {"tokens": rng.integers(0, 50, (samples, words), dtype=np.int64),
+                   "features": rng.uniform(-2, 2, (samples, 4)).astype(np.float32)}
+    for name, value in edits.items():
+        if value is None:
+            calibration.pop(name, None)
+        else:
+            calibration[name] = value
+    np.savez(folder / "calib.npz", **calibration)
+    np.savez(folder / "val.npz", tokens=rng.integers(0, 50, (96, 20), dtype=np.int64),
+             features=rng.uniform(-2, 2, (96, 4)).astype(np.float32), labels=rng.integers(0, 3, 96))
+
+
+@pytest.fixture
+def router(custom_model_dir: Path) -> Path:
+    write_custom_config(custom_model_dir, DATA)
+    write_data(custom_model_dir)
+    return custom_model_dir
+
+
+def quantize(folder: Path, work: Path, **options):
+    config = load_config(folder / "config.toml")
+    return run_quantize_stage(config, work, quantize_options(config, **options), progress=False)
+
+
+def test_custom_classifier_quantizes_to_qdq_that_tensorrt_builds(router: Path, tmp_path: Path):
+    result = quantize(router, tmp_path / "work")
+    work = tmp_path / "work"
+    model = onnx.load(str(work / "model.int8.onnx"))
+    ops = [node.op_type for node in model.graph.node]
+    assert ops.count("DequantizeLinear") >= 3 and "QuantizeLinear" in ops
+    assert not [node.domain for node in model.graph.node if node.domain not in ("", "ai.onnx")]
+
+    report = json.loads((work / "quantization.json").read_text())
+    decided = {d["op_type"]: d for d in report["decisions"] if d["op_type"] in ("Gather", "Gemm")}
+    assert decided["Gather"]["quantized"] and decided["Gemm"]["quantized"]
+    assert all(d["why"] for d in report["decisions"])
+    assert result.details["qdq_check"]["weights"] == 3  # embedding, features_proj, head
+    # Random weights, random data: still, INT8 of a 3-layer model must agree on most labels.
+    assert result.details["agreement"]["samples"] == 96
+    assert result.details["agreement"]["top1_agreement"] >= 0.9
+    assert result.details["agreement"]["reference_accuracy"] is not None
+    build_with_tensorrt_rtx(work / "model.int8.onnx", load_config(router / "config.toml"))
+
+
+def test_symmetric_int8_everywhere_and_biases_stay_float(router: Path, tmp_path: Path):
+    quantize(router, tmp_path / "work")
+    model = onnx.load(str(tmp_path / "work" / "model.int8.onnx"))
+    initializers = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            zero_point = initializers[node.input[2]]
+            assert zero_point.dtype == np.int8 and not zero_point.any(), node.name
+        if node.op_type == "Gemm":
+            assert initializers[node.input[2]].dtype == np.float32  # TensorRT rejects INT32 biases
+
+
+def test_scale_check_catches_a_wrong_activation_or_weight_scale(router: Path, tmp_path: Path):
+    work = tmp_path / "work"
+    quantize(router, work)
+    calibration_json = json.loads((work / "calibration.json").read_text())
+    calibration = Calibration(CalibrationKey(**calibration_json["key"]),
+                              {k: tuple(v) for k, v in calibration_json["ranges"].items()}, 0.0)
+    float_model = onnx.load(str(work / "model.opt.onnx"))
+    check = check_qdq(work / "model.int8.onnx", float_model, calibration)
+    assert check.activations >= 2 and check.weights == 3
+
+    for target in ("QuantizeLinear", "DequantizeLinear"):
+        model = onnx.load(str(work / "model.int8.onnx"))
+        node = next(n for n in model.graph.node if n.op_type == target)
+        scale = next(i for i in model.graph.initializer if i.name == node.input[1])
+        scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * np.float32(1.02), scale.name))
+        damaged = tmp_path / f"damaged-{target}.onnx"
+        onnx.save(model, str(damaged))
+        with pytest.raises(CheckFailed, match="scale"):
+            check_qdq(damaged, float_model, calibration)
+
+    # A range the quantizer did not use (calibration.json edited by hand) is caught too.
+    name = next(iter(calibration.ranges))
+    low, high = calibration.ranges[name]
+    calibration.ranges[name] = (low * 2, high * 2)
+    with pytest.raises(CheckFailed, match="calibrated range"):
+        check_qdq(work / "model.int8.onnx", float_model, calibration)
+
+
+def test_rerun_is_skipped_and_calibration_is_cached(router: Path, tmp_path: Path):
+    work = tmp_path / "work"
+    first = quantize(router, work)
+    assert not first.skipped and not first.details["calibration"]["cached"]
+    assert quantize(router, work).skipped
+
+    head = next(d["node"] for d in json.loads((work / "quantization.json").read_text())["decisions"]
+                if d["op_type"] == "Gemm" and d["quantized"])
+    excluded = quantize(router, work, exclude=(head,))
+    assert not excluded.skipped and excluded.details["calibration"]["cached"]
+    report = json.loads((work / "quantization.json").read_text())
+    assert next(d for d in report["decisions"] if d["node"] == head)["reason"] == "user-exclude"
+
+    other_method = quantize(router, work, method="percentile")
+    assert not other_method.details["calibration"]["cached"]
+    assert json.loads((work / "calibration.json").read_text())["key"]["method"] == "percentile"
+
+    write_data(router, seed=5)  # new data: calibrated again
+    assert not quantize(router, work, method="percentile").details["calibration"]["cached"]
+
+
+def test_calibration_reads_npz_in_batches_and_counts_samples(router: Path, tmp_path: Path):
+    write_data(router, samples=150)
+    result = quantize(router, tmp_path / "work", samples=100)
+    assert result.details["calibration"]["samples"] == 100
+    result = quantize(router, tmp_path / "other", samples=1000)
+    assert result.details["calibration"]["samples"] == 150
+    assert any("1000 samples asked for, the set has 150" in w for w in result.warnings)
+
+
+BAD_DATA = {
+    "empty": ({"tokens": np.zeros((0, 12), np.int64), "features": np.zeros((0, 4), np.float32)}, "set is empty"),
+    "wrong-name": ({"features": None, "feature": np.zeros((200, 4), np.float32)}, "unknown array 'feature'"),
+    "missing": ({"features": None}, "input 'features' is missing"),
+    "dtype": ({"tokens": np.zeros((200, 12), np.int32)}, "input 'tokens': expected dtype int64, got int32"),
+    "seq-too-long": ({"tokens": np.zeros((200, 41), np.int64)}, r"words=41 is outside \[dims\] words \(2..40\)"),
+    "fixed-dim": ({"features": np.zeros((200, 5), np.float32)}, "axis 1 must be 4"),
+    "rank": ({"features": np.zeros((200,), np.float32)}, "expected rank 2"),
+    "nan": ({"features": np.full((200, 4), np.nan, np.float32)}, "batch 0 \(from sample 0\): input .features.: 64 NaN or Inf values"),
+    "pickle": ({"tokens": np.array([object()] * 200, dtype=object)}, "Python objects"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DATA))
+def test_bad_calibration_data_is_one_line_exit_2_and_nothing_written(router: Path, tmp_path: Path, case: str):
+    edits, message = BAD_DATA[case]
+    if case == "empty":
+        np.savez(router / "calib.npz", **edits)
+    elif case == "pickle":
+        np.savez(router / "calib.npz", tokens=edits["tokens"], features=np.zeros((200, 4), np.float32))
+    else:
+        write_data(router, **edits)
+    work = tmp_path / "work"
+    result = run_cli("quantize", str(router / "config.toml"), "--out", str(work))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "calib.npz" in lines[0]
+    import re
+
+    assert re.search(message, lines[0]), lines[0]
+    assert not work.exists()  # the data is checked before any stage runs
+
+
+def test_too_few_samples_is_an_error_for_histograms_and_a_warning_for_minmax(router: Path, tmp_path: Path):
+    write_data(router, samples=8)
+    with pytest.raises(InputError, match="entropy calibration needs at least 16"):
+        quantize(router, tmp_path / "a", method="entropy")
+    result = quantize(router, tmp_path / "b", method="minmax")
+    assert any("only 8 calibration samples" in w for w in result.warnings)
+
+
+def test_missing_calibration_set_and_unmatched_patterns_are_input_errors(custom_model_dir: Path, router: Path, tmp_path: Path):
+    with pytest.raises(InputError, match="--exclude nothing_like_this: matches no quantizable node"):
+        quantize(router, tmp_path / "a", exclude=("nothing_like_this",))
+    write_custom_config(custom_model_dir)  # no [data]
+    with pytest.raises(InputError, match="data.calibration: missing"):
+        quantize(custom_model_dir, tmp_path / "b")
+
+
+def test_cli_quantize_prints_the_summary(router: Path, tmp_path: Path):
+    result = run_cli("quantize", str(router / "config.toml"), "--out", str(tmp_path / "work"), "--method", "percentile",
+                     "--samples", "64", "--exclude", "Gather")
+    assert result.returncode == 0, result.stderr
+    assert "model.int8.onnx" in result.stdout and "quantization.json" in result.stdout
+    assert "percentile on 64 samples" in result.stdout and "top-1 agreement with FP32" in result.stdout
+    assert "only 64 calibration samples" in result.stderr  # a warning, not an error
+    report = json.loads((tmp_path / "work" / "quantization.json").read_text())
+    gather = next(d for d in report["decisions"] if d["op_type"] == "Gather")
+    assert not gather["quantized"] and gather["why"].endswith("(--exclude Gather)")
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, COLUMNS="200")
+    return subprocess.run([sys.executable, "-m", "miaotui.cli", *args], capture_output=True, text=True, env=env)
+
+
+def test_config_quantize_table_is_the_default_and_the_command_line_adds_to_it(router: Path):
+    custom_model_dir = router
+    write_custom_config(custom_model_dir, DATA + '\n[quantize]\nmethod = "entropy"\nsamples = 300\nexclude = ["Gather"]\n')
+    config = load_config(custom_model_dir / "config.toml")
+    options = quantize_options(config)
+    assert (options.method, options.samples, options.exclude) == ("entropy", 300, ("Gather",))
+    options = quantize_options(config, method="minmax", samples=64, exclude=("node_head",))
+    assert (options.method, options.samples, options.exclude) == ("minmax", 64, ("Gather", "node_head"))
+
+
+OUTLIER_MODEL = '''
+import torch
+from torch import nn
+
+
+class OutlierNet(nn.Module):
+    """A LayerNorm with one channel 40x the others feeding a Linear: what BERT's LayerNorms do."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.proj = nn.Linear(16, 64)
+        self.norm = nn.LayerNorm(64)
+        self.hidden = nn.Linear(64, 64)
+        self.head = nn.Linear(64, 3)
+        with torch.no_grad():
+            self.norm.weight[7] = 40.0
+
+    def forward(self, features):
+        pooled = torch.relu(self.hidden(self.norm(self.proj(features)))).mean(dim=1)
+        return self.head(pooled)
+
+
+def build():
+    return OutlierNet()
+'''
+
+OUTLIER_CONFIG = """
+name = "outlier-net"
+[model]
+factory = "outlier.py:build"
+[inputs]
+features = { dtype = "float32", shape = ["batch", "seq", 16], range = [-1.0, 1.0] }
+[dims]
+batch = { min = 1, opt = 8, max = 16 }
+seq = { min = 1, opt = 8, max = 16 }
+[data]
+calibration = "calib.npz"
+validation = "val.npz"
+"""
+
+
+def test_smoothing_moves_an_outlier_channel_into_the_weights(tmp_path: Path):
+    import onnxruntime as ort
+
+    folder = tmp_path / "outlier"
+    folder.mkdir()
+    (folder / "outlier.py").write_text(OUTLIER_MODEL)
+    (folder / "config.toml").write_text(OUTLIER_CONFIG)
+    rng = np.random.default_rng(0)
+    np.savez(folder / "calib.npz", features=rng.normal(size=(256, 8, 16)).astype(np.float32))
+    validation = rng.normal(size=(256, 8, 16)).astype(np.float32)
+    np.savez(folder / "val.npz", features=validation)
+
+    errors = {}
+    for alpha in (0.0, 0.5):
+        work = tmp_path / f"work-{alpha}"
+        result = quantize(folder, work, smooth_alpha=alpha)
+        smoothed = json.loads((work / "quantization.json").read_text())["smoothed_inputs"]
+        assert len(smoothed) == (2 if alpha else 0)  # the inputs of `proj` and of `hidden` (the LayerNorm's)
+        outputs = [ort.InferenceSession(str(work / name), providers=["CPUExecutionProvider"]).run(None, {"features": validation})[0]
+                   for name in ("model.opt.onnx", "model.int8.onnx")]
+        errors[alpha] = float(np.abs(outputs[0] - outputs[1]).mean())
+        if alpha:
+            assert max(s["max_factor"] for s in smoothed) > 10
+            assert json.loads((work / "calibration.json").read_text())["channel_peaks"]
+            build_with_tensorrt_rtx(work / "model.int8.onnx", load_config(folder / "config.toml"))
+    # One per-tensor scale set by the outlier crushes the other 63 channels; smoothed, they survive.
+    assert errors[0.5] < 0.5 * errors[0.0], errors
