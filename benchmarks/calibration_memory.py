@@ -38,7 +38,7 @@ model = onnx.load(str(model_path), load_external_data=False)
 name_unnamed_nodes(model)
 tensors = tensors_to_calibrate(model, plan_quantization(model))
 del model
-request = CalibrationRequest(CalibrationKey("-", summary.fingerprint, summary.samples, method, "-"), tensors)
+request = CalibrationRequest(CalibrationKey("-", summary.fingerprint, summary.samples, method, "-", 0.0, "-"), tensors)
 result = calibrate(model_path, data.batches(), request)
 import resource
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux: this whole process's peak

@@ -36,6 +36,15 @@ MIN_SAMPLES = {"minmax": 1, "entropy": 16, "percentile": 16}
 # Below this many samples the ranges are usable but may miss what real traffic holds: a warning.
 FEW_SAMPLES = 128
 CACHE_FORMAT = 2
+# Each method's calibrator settings; part of the cache key, so changing one recalibrates.
+METHOD_SETTINGS = {
+    "minmax": {},
+    # ONNX Runtime's entropy histogram spans [-T, T], both signs: INT8 has 255 levels over it. Its
+    # default of 128 quantized bins (TensorRT's figure, for a one-sided |x| histogram) models 7-bit
+    # quantization and clipped MiniLM's LayerNorm outputs to 0.4-0.5 of their range here.
+    "entropy": {"num_bins": 2048, "num_quantized_bins": 255},
+    "percentile": {"num_bins": 2048, "percentile": 99.999},
+}
 
 
 @dataclass(frozen=True)
@@ -44,6 +53,7 @@ class CalibrationKey:
     data_fingerprint: str
     samples: int
     method: str
+    settings: str  # the method's calibrator settings (METHOD_SETTINGS)
     smooth_alpha: float  # 0: no smoothing
     onnxruntime: str
 
@@ -115,12 +125,13 @@ def calibrate(model_path: Path, batches: Iterable[dict[str, np.ndarray]], reques
                   "use_external_data_format": _has_external_data(model_path),
                   # Symmetric: TensorRT takes symmetric INT8 only, so histograms are of |x| too.
                   "symmetric": True}
+        settings = METHOD_SETTINGS[key.method]
         if key.method == "minmax":
-            calibrator = MinMaxCalibrater(model_path, None, **common)
-        elif key.method == "entropy":  # TensorRT's entropy calibrator's histogram sizes
-            calibrator = EntropyCalibrater(model_path, None, num_bins=2048, num_quantized_bins=128, **common)
+            calibrator = MinMaxCalibrater(model_path, None, **settings, **common)
+        elif key.method == "entropy":
+            calibrator = EntropyCalibrater(model_path, None, **settings, **common)
         else:
-            calibrator = PercentileCalibrater(model_path, None, num_bins=2048, percentile=99.999, **common)
+            calibrator = PercentileCalibrater(model_path, None, **settings, **common)
         # ONNX Runtime would calibrate every input and output of every node of the quantized op
         # types (attention scores included, 4x a hidden state each); histograms of what nobody
         # reads cost minutes. Only the tensors the quantizer needs are made outputs.

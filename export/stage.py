@@ -210,8 +210,8 @@ def run_quantize_stage(config: Config, work_dir: str | Path, options: QuantizeOp
     import onnxruntime
 
     from miaotui.data.datasets import data_set, summarize
-    from miaotui.export.calibration import (CALIBRATION_NAME, CalibrationKey, CalibrationRequest, calibrate,
-                                            check_sample_count, load_cached, save)
+    from miaotui.export.calibration import (CALIBRATION_NAME, METHOD_SETTINGS, CalibrationKey, CalibrationRequest,
+                                            calibrate, check_sample_count, load_cached, save)
     from miaotui.export.smoothing import SMOOTHING_ATOL, channel_peaks, smooth, smoothing_targets
     from miaotui.export.quantize import check_qdq, compare_top1, confirm_decisions, name_unnamed_nodes, quantize_onnx
     from miaotui.export.quantize_rules import REASONS, plan_quantization, tensors_to_calibrate
@@ -244,9 +244,10 @@ def run_quantize_stage(config: Config, work_dir: str | Path, options: QuantizeOp
     op_types = tuple(sorted({d.op_type for d in decisions if d.quantized}))
     opt_record = work.record("optimize")
     key = CalibrationKey(opt_record.outputs[OPT_NAME], calibration_data.fingerprint, calibration_data.samples,
-                         options.method, options.smooth_alpha, onnxruntime.__version__)
+                         options.method, sha256_json(METHOD_SETTINGS[options.method]), options.smooth_alpha,
+                         onnxruntime.__version__)
     inputs = {"model.opt.onnx": opt_record.outputs[OPT_NAME], "calibration data": calibration_data.fingerprint,
-              "agreement data": agreement_data.fingerprint}
+              "agreement data": agreement_data.fingerprint, "calibration": sha256_json(asdict(key))}
     external = any(name.endswith(".data") for name in opt_record.outputs)
 
     def produce(scratch: Path) -> dict[str, Any]:
@@ -275,6 +276,11 @@ def run_quantize_stage(config: Config, work_dir: str | Path, options: QuantizeOp
         check = check_qdq(scratch / INT8_NAME, model, calibration)
         agreement = compare_top1(optimize.path, scratch / INT8_NAME, agreement_set.batches(), config.model.outputs[0],
                                  progress)
+        bar = config.validate.get("int8", {}).get("min_top1_agreement")
+        if bar is not None and agreement.top1_agreement < bar:
+            warnings.append(f"top-1 agreement {agreement.top1_agreement:.4f} is below [validate.int8] "
+                            f"min_top1_agreement {bar:g}: the parity gate will fail; quantization.json says what is "
+                            "INT8 (try another --method or --exclude the nodes that drift)")
         details = {
             "method": options.method,
             "calibration": {"samples": calibration.key.samples, "seconds": round(calibration.seconds, 3),

@@ -382,9 +382,17 @@ def _parse_quantize(r: _Reader, table: dict) -> QuantizeSpec:
         method=method,
         smooth_alpha=float(alpha) if alpha is not None else QuantizeSpec.smooth_alpha,
         samples=samples if samples is not None else QuantizeSpec.samples,
-        include=_string_list(r, table, "include", "quantize.include") or (),
-        exclude=_string_list(r, table, "exclude", "quantize.exclude") or (),
+        include=_patterns(r, table, "include"),
+        exclude=_patterns(r, table, "exclude"),
     )
+
+
+def _patterns(r: _Reader, table: dict, key: str) -> tuple[str, ...]:
+    """An include/exclude list of globs; empty is fine (nothing forced)."""
+    values = r.value(table, key, list, f"quantize.{key}", required=False) or []
+    if not all(isinstance(v, str) and v for v in values):
+        raise r.fail(f"quantize.{key}", "expected a list of node-name or op-type patterns (non-empty strings)")
+    return tuple(values)
 
 
 def _parse_validate(r: _Reader, table: dict) -> dict[str, dict[str, float]]:
