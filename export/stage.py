@@ -77,7 +77,7 @@ def _run_stage(work: WorkDir, stage: str, primary: str, inputs: dict[str, str], 
     key = stage_key(inputs, options, tools)
     if not force and work.is_current(stage, key):
         record = work.record(stage)
-        files = [work.path(name) for name in record.outputs]
+        files = [work.path(name) for name in sorted(record.outputs, key=lambda name: name != primary)]
         return result_type(stage, work.path(primary), files, record.seconds, skipped=True, details=record.details)
 
     started = time.perf_counter()
@@ -90,7 +90,7 @@ def _run_stage(work: WorkDir, stage: str, primary: str, inputs: dict[str, str], 
         stale = work.path(primary + ".data")
         if stale.exists() and all(p.name != stale.name for p in produced):
             stale.unlink()
-    files = [work.path(p.name) for p in produced]
+    files = [work.path(p.name) for p in sorted(produced, key=lambda p: p.name != primary)]  # main artifact first
     seconds = time.perf_counter() - started
     outputs = {p.name: sha256_file(p) for p in files}
     work.save_record(stage, StageRecord(key, inputs, options, tools, outputs, round(seconds, 3), details=details))

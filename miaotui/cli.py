@@ -146,9 +146,13 @@ def _summary(command: str, config, work_dir: Path, results) -> None:
         seconds = "cached" if result.skipped else f"{result.seconds:.1f}"
         for index, path in enumerate(result.files):
             first = index == 0
-            table.add_row(result.stage if first else "", path.name, f"{path.stat().st_size / 1e6:.1f} MB",
+            table.add_row(result.stage if first else "", path.name, _size(path.stat().st_size),
                           seconds if first else "", _check(result) if first else "")
     _console().print(table)
+
+
+def _size(size: int) -> str:
+    return f"{size / 1e6:.1f} MB" if size >= 100_000 else f"{size / 1e3:.1f} kB"
 
 
 def _check(result) -> str:
