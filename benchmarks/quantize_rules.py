@@ -54,6 +54,7 @@ def tensorrt_verdict(path: Path, config) -> str:
 
 
 def main() -> None:
+    from miaotui.errors import MiaotuiError
     from miaotui.export import quantize_options, run_quantize_stage
     from miaotui.models import resolve_config
 
@@ -82,7 +83,11 @@ def main() -> None:
                 nodes = nodes_with_reason(default, reason) if default.is_dir() else ()
                 overrides["include"] = tuple(p for p in overrides["include"] if p != reason) + nodes
             options = quantize_options(config, method=args.method, **overrides)
-            result = run_quantize_stage(config, work, options, progress=False)
+            try:
+                result = run_quantize_stage(config, work, options, progress=False)
+            except MiaotuiError as error:
+                print(f"| {name} | {what} | | failed: {str(error)[:100]} | | |", flush=True)
+                continue
             agreement = result.details["agreement"]
             accuracy = f"{agreement['reference_accuracy']:.4f} -> {agreement['candidate_accuracy']:.4f}"
             print(f"| {name} | {what} | {result.details['nodes']['quantized']} | {agreement['top1_agreement']:.4f} "
