@@ -293,3 +293,14 @@ def test_smoothing_moves_an_outlier_channel_into_the_weights(tmp_path: Path):
             build_with_tensorrt_rtx(work / "model.int8.onnx", load_config(folder / "config.toml"))
     # One per-tensor scale set by the outlier crushes the other 63 channels; smoothed, they survive.
     assert errors[0.5] < 0.5 * errors[0.0], errors
+
+
+def test_calibration_set_from_the_command_line_replaces_the_configs(router: Path, tmp_path: Path):
+    other = tmp_path / "other.npz"
+    rng = np.random.default_rng(9)
+    np.savez(other, tokens=rng.integers(0, 50, (40, 30), dtype=np.int64),
+             features=rng.uniform(-2, 2, (40, 4)).astype(np.float32))
+    result = quantize(router, tmp_path / "work", calibration=str(other))
+    assert result.details["calibration"]["samples"] == 40 and "other.npz" in result.details["calibration"]["set"]
+    with pytest.raises(InputError, match="missing.npz: calibration data file does not exist"):
+        quantize(router, tmp_path / "work", calibration=str(tmp_path / "missing.npz"))
