@@ -147,8 +147,9 @@ def check_qdq(int8_path: Path, float_model, calibration: Calibration) -> QdqChec
             inherited = input_scale(source)
             if inherited is not None:
                 expected, origin = inherited, "the scale of its input"
-            elif source in producers and producers[source].op_type == "Softmax":
-                # ONNX Runtime's quantizer pins a softmax's range to [0, 1] whatever was seen.
+            elif source in producers and producers[source].op_type == "Softmax" and \
+                    getattr(producers.get(producers[source].input[0]), "op_type", None) == "DequantizeLinear":
+                # ONNX Runtime's quantizer pins an INT8 softmax's range to [0, 1] whatever was seen.
                 expected, origin = 1.0 / INT8_MAX, "a softmax's range [0, 1]"
             elif source in calibration.ranges:
                 low, high = calibration.ranges[source]
