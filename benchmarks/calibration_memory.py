@@ -59,10 +59,12 @@ def write_samples(path: Path, samples: int, seq: int) -> None:
 
 
 def main() -> None:
+    from miaotui.config import QUANTIZE_METHODS
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=1024)
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--method", action="append", choices=["minmax", "entropy", "percentile"])
+    parser.add_argument("--method", action="append", choices=QUANTIZE_METHODS)
     parser.add_argument("--model", type=Path, default=Path("build/minilm-sentiment/model.opt.onnx"))
     args = parser.parse_args()
     if not args.model.is_file():
@@ -71,7 +73,7 @@ def main() -> None:
         npz = Path(scratch) / "calibration.npz"
         write_samples(npz, args.samples, args.seq)
         print(f"| method | samples x seq | calibration s | peak RSS |\n|---|---|---|---|")
-        for method in args.method or ["minmax", "entropy", "percentile"]:
+        for method in args.method or QUANTIZE_METHODS:
             done = subprocess.run([sys.executable, "-c", CHILD, str(args.model), str(npz), method],
                                   stdout=subprocess.PIPE, text=True, check=True)
             result = json.loads(done.stdout.strip().splitlines()[-1])

@@ -25,12 +25,10 @@ from pathlib import Path
 import numpy as np
 
 from miaotui.artifacts import atomic_write_json
+from miaotui.config import QUANTIZE_METHODS
 from miaotui.errors import InputError, MiaotuiError
 
 CALIBRATION_NAME = "calibration.json"
-METHODS = ("minmax", "entropy", "percentile")
-DEFAULT_METHOD = "minmax"
-DEFAULT_SAMPLES = 512
 # Histogram methods estimate a distribution's tail: with a handful of samples the estimate is noise.
 MIN_SAMPLES = {"minmax": 1, "entropy": 16, "percentile": 16}
 # Below this many samples the ranges are usable but may miss what real traffic holds: a warning.
@@ -83,8 +81,8 @@ class Calibration:
 
 def check_sample_count(method: str, samples: int, where: str) -> list[str]:
     """InputError when the method cannot work with so few samples; warnings when it works poorly."""
-    if method not in METHODS:
-        raise InputError(f"calibration method {method!r}: expected one of {', '.join(METHODS)}")
+    if method not in QUANTIZE_METHODS:
+        raise InputError(f"calibration method {method!r}: expected one of {', '.join(QUANTIZE_METHODS)}")
     if samples < MIN_SAMPLES[method]:
         raise InputError(f"{where}: {samples} samples; {method} calibration needs at least {MIN_SAMPLES[method]}")
     if samples < FEW_SAMPLES:
@@ -115,23 +113,18 @@ def save(calibration: Calibration, path: Path) -> None:
 def calibrate(model_path: Path, batches: Iterable[dict[str, np.ndarray]], request: CalibrationRequest,
               progress: bool = True) -> Calibration:
     """Run the model on every batch and return the range of each tensor the request names."""
-    from onnxruntime.quantization.calibrate import EntropyCalibrater, MinMaxCalibrater, PercentileCalibrater
+    from onnxruntime.quantization import calibrate as ort_calibrate
     from tqdm import tqdm
 
     key = request.key
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="miaotui-calibrate-") as scratch, _quiet_onnxruntime():
+    with tempfile.TemporaryDirectory(prefix="miaotui-calibrate-") as scratch, quiet_onnxruntime():
         common = {"augmented_model_path": str(Path(scratch) / "augmented.onnx"),
                   "use_external_data_format": _has_external_data(model_path),
                   # Symmetric: TensorRT takes symmetric INT8 only, so histograms are of |x| too.
                   "symmetric": True}
-        settings = METHOD_SETTINGS[key.method]
-        if key.method == "minmax":
-            calibrator = MinMaxCalibrater(model_path, None, **settings, **common)
-        elif key.method == "entropy":
-            calibrator = EntropyCalibrater(model_path, None, **settings, **common)
-        else:
-            calibrator = PercentileCalibrater(model_path, None, **settings, **common)
+        calibrator_class = getattr(ort_calibrate, onnxruntime_method(key.method).name + "Calibrater")
+        calibrator = calibrator_class(model_path, None, **METHOD_SETTINGS[key.method], **common)
         # ONNX Runtime would calibrate every input and output of every node of the quantized op
         # types (attention scores included, 4x a hidden state each); histograms of what nobody
         # reads cost minutes. Only the tensors the quantizer needs are made outputs.
@@ -159,13 +152,19 @@ def calibrate(model_path: Path, batches: Iterable[dict[str, np.ndarray]], reques
 
 def onnxruntime_cache(calibration: Calibration, path: Path) -> None:
     """The ranges in ONNX Runtime's own calibration-cache format, for quantize_static to read."""
-    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData, save_tensors_data
+    from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
 
-    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-              "percentile": CalibrationMethod.Percentile}[calibration.key.method]
     data = {name: TensorData(lowest=np.array(lo, np.float32), highest=np.array(hi, np.float32))
             for name, (lo, hi) in calibration.ranges.items()}
-    save_tensors_data(TensorsData(method, data), path)
+    save_tensors_data(TensorsData(onnxruntime_method(calibration.key.method), data), path)
+
+
+def onnxruntime_method(method: str):
+    """miaotui's method name ("minmax", ...) as ONNX Runtime's CalibrationMethod."""
+    from onnxruntime.quantization.calibrate import CalibrationMethod
+
+    return {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile}[method]
 
 
 def _only(selected, wanted: set[str]):
@@ -188,7 +187,7 @@ def _has_external_data(model_path: Path) -> bool:
     return Path(str(model_path) + ".data").is_file()
 
 
-class _quiet_onnxruntime:
+class quiet_onnxruntime:
     """ONNX Runtime's quantization tools log advice through the root logger at WARNING and print
     progress to stdout (once per batch): stdout is the command's table, so both are silenced."""
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from miaotui.errors import CheckFailed, InputError
-from miaotui.export.calibration import Calibration, _quiet_onnxruntime, onnxruntime_cache
+from miaotui.export.calibration import Calibration, onnxruntime_cache, onnxruntime_method, quiet_onnxruntime
 from miaotui.export.quantize_rules import NodeDecision
 
 INT8_MAX = 127  # symmetric INT8: [-127, 127], scale = |range| / 127
@@ -44,15 +44,13 @@ def name_unnamed_nodes(model) -> int:
 def quantize_onnx(model, destination: Path, calibration: Calibration, decisions: list[NodeDecision],
                   external_data: bool = False) -> None:
     """Write the QDQ model for the nodes `decisions` marks quantized, with the calibrated ranges."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     nodes = [d.name for d in decisions if d.quantized]
     if not nodes:
         raise InputError("nothing to quantize: every candidate node is kept in float (check --exclude)")
     op_types = sorted({d.op_type for d in decisions if d.quantized})
-    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-              "percentile": CalibrationMethod.Percentile}[calibration.key.method]
-    with tempfile.TemporaryDirectory(prefix="miaotui-quantize-") as scratch, _quiet_onnxruntime():
+    with tempfile.TemporaryDirectory(prefix="miaotui-quantize-") as scratch, quiet_onnxruntime():
         cache = Path(scratch) / "ranges.json"
         onnxruntime_cache(calibration, cache)
         quantize_static(
@@ -60,7 +58,7 @@ def quantize_onnx(model, destination: Path, calibration: Calibration, decisions:
             str(destination),
             calibration_data_reader=None,
             calibration_cache_path=str(cache),
-            calibrate_method=method,
+            calibrate_method=onnxruntime_method(calibration.key.method),
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=op_types,
             nodes_to_quantize=nodes,

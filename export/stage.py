@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from miaotui.artifacts import StageRecord, WorkDir, atomic_write_json, sha256_file, sha256_json, stage_key
-from miaotui.config import Config
+from miaotui.config import Config, QuantizeSpec
 from miaotui.errors import InputError
 from miaotui.export.optimize import OPTIMIZE_ATOL, compare_onnx, optimize_onnx
 from miaotui.export.parity import FLOAT32_ATOL, ParityResult, check_parity, parity_sizes
@@ -170,9 +170,10 @@ QUANTIZATION_NAME = "quantization.json"
 
 @dataclass(frozen=True)
 class QuantizeOptions:
-    method: str = "minmax"  # minmax | entropy | percentile
-    samples: int | None = 512  # calibration samples to use (None: the whole set)
-    smooth_alpha: float = 0.5  # SmoothQuant strength for INT8 MatMul inputs; 0 turns smoothing off
+    # The defaults are the config's [quantize] defaults; quantize_options() applies a config's own.
+    method: str = QuantizeSpec.method  # minmax | entropy | percentile
+    samples: int | None = QuantizeSpec.samples  # calibration samples to use (None: the whole set)
+    smooth_alpha: float = QuantizeSpec.smooth_alpha  # SmoothQuant strength; 0 turns smoothing off
     include: tuple[str, ...] = ()  # node-name or op-type globs forced to INT8
     exclude: tuple[str, ...] = ()  # ... kept in float; wins over include
     calibration: str | None = None  # another calibration set than the config's [data] calibration

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from miaotui.config import QUANTIZE_METHODS
 from miaotui.errors import InputError, MiaotuiError
 
 # Commands of later issues: listed in --help so the whole flow is visible, refusing with exit 2.
@@ -113,7 +114,7 @@ def optimize(config, work_dir: Path, force: bool):
     "INT8 QDQ quantization with calibration data (model.int8.onnx, calibration.json, quantization.json), "
     "after export and optimize; reports top-1 agreement with FP32 on the validation set.",
     options=(
-        click.option("--method", type=click.Choice(["minmax", "entropy", "percentile"]), default=None,
+        click.option("--method", type=click.Choice(QUANTIZE_METHODS), default=None,
                      help="Calibration method (default: the config's [quantize] method, else minmax)."),
         click.option("--samples", type=int, default=None, help="Calibration samples to use (default: 512)."),
         click.option("--smooth-alpha", type=click.FloatRange(0, 1, max_open=True), default=None,
@@ -183,7 +184,6 @@ def _check(result) -> str:
 @reports_errors
 def inspect(path: Path) -> None:
     """Show an ONNX file's inputs, outputs, opset and ops (engines: not built yet)."""
-    from rich.markup import escape
     from rich.table import Table
 
     from miaotui.export.inspect_onnx import summarize_onnx

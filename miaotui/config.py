@@ -194,7 +194,7 @@ def _show(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"
 
 
-def _is_callable_reference(raw: str) -> bool:
+def is_callable_reference(raw: str) -> bool:
     """"package.module:function" rather than a file path (a file may also be "file.py:function")."""
     head, sep, tail = raw.rpartition(":")
     return bool(sep) and not head.endswith(".py") and "/" not in head and bool(tail)
@@ -243,7 +243,7 @@ def _parse_model(r: _Reader, table: dict) -> ModelSpec:
     file_part, sep, function = factory.rpartition(":")
     if not sep or not file_part or not function.isidentifier():
         raise r.fail("model.factory", f"expected 'file.py:function' or 'package.module:function', got {factory!r}")
-    if not _is_callable_reference(factory):
+    if not is_callable_reference(factory):
         factory = f"{r.relative_path(file_part, 'model.factory')}:{function}"
 
     checkpoint = r.value(table, "checkpoint", str, "model.checkpoint", required=False)
@@ -350,7 +350,7 @@ def _parse_data(r: _Reader, table: dict) -> DataSpec:
         raw = r.value(table, key, str, f"data.{key}", required=False)
         if raw is None:
             continue
-        if _is_callable_reference(raw):
+        if is_callable_reference(raw):
             resolved[key] = raw
         else:
             resolved[key] = str(r.relative_path(raw, f"data.{key}"))

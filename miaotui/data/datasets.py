@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from miaotui.config import FLOAT_DTYPES, Config
+from miaotui.config import FLOAT_DTYPES, Config, is_callable_reference
 from miaotui.errors import InputError
 
 LABELS = "labels"
@@ -71,12 +71,12 @@ def data_set(config: Config, key: str, override: str | None = None) -> DataSet:
     if source is None:
         raise InputError(f"{config.path}: data.{key}: missing; the {key} set is needed here "
                          f"(an .npz of arrays named like the inputs, or \"module:function\" yielding feed dicts)")
-    if override and not _is_callable(override):
+    if override and not is_callable_reference(override):
         path = Path(override).resolve()
         if not path.is_file():
             raise InputError(f"{override}: {key} data file does not exist")
         source = str(path)
-    if not _is_callable(source) and not source.endswith(".npz"):
+    if not is_callable_reference(source) and not source.endswith(".npz"):
         raise InputError(f"{source}: data.{key}: expected an .npz file or \"module:function\"")
     return DataSet(config, key, source)
 
@@ -165,11 +165,6 @@ def _rows(feed: dict[str, np.ndarray]) -> int:
 
 def _shape_text(shape) -> str:
     return "[" + ", ".join(map(str, shape)) + "]"
-
-
-def _is_callable(source: str) -> bool:
-    head, sep, tail = source.rpartition(":")
-    return bool(sep) and not head.endswith(".npz") and "/" not in head and tail.isidentifier()
 
 
 def _npz_batch_size(config: Config) -> int:
