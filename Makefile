@@ -19,9 +19,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
-# The main job: every stage built so far (export -> optimize -> quantize), each skipped when up to date.
+# The main job: export -> optimize -> quantize -> build (the onnxruntime engine, and the TensorRT-RTX
+# plan where that library is installed, as it is by [dev]); each stage skipped when up to date.
 export: setup
-	$(BIN)/miaotui quantize $(MODEL)
+	$(BIN)/miaotui run $(MODEL)
 
 train: setup
 	$(BIN)/python -m miaotui.models.$(subst -,_,$(MODEL)).train

@@ -3,17 +3,14 @@
 
 from __future__ import annotations
 
-import os
 import tempfile
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from miaotui.artifacts import StageRecord, WorkDir, atomic_write_json, sha256_file, sha256_json, stage_key
+from miaotui.artifacts import StageResult, WorkDir, atomic_write_json, run_stage, sha256_file, sha256_json
 from miaotui.config import Config, QuantizeSpec
 from miaotui.errors import InputError
 from miaotui.export.optimize import OPTIMIZE_ATOL, compare_onnx, optimize_onnx
@@ -22,20 +19,6 @@ from miaotui.export.torch_to_onnx import PROTOBUF_LIMIT, ExportOptions, export_t
 
 ONNX_NAME = "model.onnx"
 OPT_NAME = "model.opt.onnx"
-
-
-@dataclass
-class StageResult:
-    stage: str
-    path: Path  # the stage's main artifact
-    files: list[Path]  # every file it wrote (an .onnx and, for large models, its .data)
-    seconds: float = 0.0
-    skipped: bool = False  # the manifest showed nothing changed
-    details: dict[str, Any] = field(default_factory=dict)  # what the stage measured
-
-    @property
-    def size_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.files)
 
 
 @dataclass
@@ -67,34 +50,6 @@ def _graph_view(config: Config) -> dict:
     # Only what shapes the graph; [data] or [validate] edits must not force a re-export.
     view = config.to_dict()
     return {k: view[k] for k in ("model", "inputs", "dims", "export")}
-
-
-def _run_stage(work: WorkDir, stage: str, primary: str, inputs: dict[str, str], options: dict[str, Any],
-               produce: Callable[[Path], dict[str, Any]], force: bool, result_type=StageResult) -> StageResult:
-    """Skip when current; else `produce(scratch)` writes the outputs into a scratch folder and
-    returns what it measured, and the outputs are renamed into place."""
-    tools = tool_versions()
-    key = stage_key(inputs, options, tools)
-    if not force and work.is_current(stage, key):
-        record = work.record(stage)
-        files = [work.path(name) for name in sorted(record.outputs, key=lambda name: name != primary)]
-        return result_type(stage, work.path(primary), files, record.seconds, skipped=True, details=record.details)
-
-    started = time.perf_counter()
-    with work.staging() as scratch:
-        details = produce(scratch)
-        produced = sorted(scratch.iterdir())
-        # Weights first: an .onnx must never point at a .data file that is not there yet.
-        for path in sorted(produced, key=lambda p: p.name == primary):
-            os.replace(path, work.path(path.name))
-        stale = work.path(primary + ".data")
-        if stale.exists() and all(p.name != stale.name for p in produced):
-            stale.unlink()
-    files = [work.path(p.name) for p in sorted(produced, key=lambda p: p.name != primary)]  # main artifact first
-    seconds = time.perf_counter() - started
-    outputs = {p.name: sha256_file(p) for p in files}
-    work.save_record(stage, StageRecord(key, inputs, options, tools, outputs, round(seconds, 3), details=details))
-    return result_type(stage, work.path(primary), files, seconds, details=details)
 
 
 def export_inputs(config: Config) -> dict[str, str]:
@@ -141,7 +96,7 @@ def run_export_stage(config: Config, work_dir: str | Path, options: ExportOption
         write_resolved_config(config, work)
         return {"parity": [asdict(p) for p in parity]}
 
-    return _run_stage(work, "export", ONNX_NAME, export_inputs(config), asdict(options) | {"atol": FLOAT32_ATOL},
+    return run_stage(work, tool_versions(), "export", ONNX_NAME, export_inputs(config), asdict(options) | {"atol": FLOAT32_ATOL},
                       produce, force, ExportResult)
 
 
@@ -160,7 +115,7 @@ def run_optimize_stage(config: Config, work_dir: str | Path, force: bool = False
         report.max_abs_diff = compare_onnx(export.path, scratch / OPT_NAME, config, parity_sizes(config))
         return asdict(report)
 
-    return _run_stage(work, "optimize", OPT_NAME, inputs, {"atol": OPTIMIZE_ATOL, "external_data_threshold": threshold},
+    return run_stage(work, tool_versions(), "optimize", OPT_NAME, inputs, {"atol": OPTIMIZE_ATOL, "external_data_threshold": threshold},
                       produce, force)
 
 
@@ -305,7 +260,7 @@ def run_quantize_stage(config: Config, work_dir: str | Path, options: QuantizeOp
         atomic_write_json(scratch / QUANTIZATION_NAME, report)
         return details
 
-    result = _run_stage(work, "quantize", INT8_NAME, inputs, asdict(options), produce, force, QuantizeResult)
+    result = run_stage(work, tool_versions(), "quantize", INT8_NAME, inputs, asdict(options), produce, force, QuantizeResult)
     result.warnings = list(result.details.get("warnings", []))
     result.earlier = earlier
     return result

@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,3 +143,49 @@ class WorkDir:
                 self.root.rmdir()
             raise
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+@dataclass
+class StageResult:
+    stage: str
+    path: Path  # the stage's main artifact
+    files: list[Path]  # every file it wrote (an .onnx and, for large models, its .data)
+    seconds: float = 0.0
+    skipped: bool = False  # the manifest showed nothing changed
+    details: dict[str, Any] = field(default_factory=dict)  # what the stage measured
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.files)
+
+
+def run_stage(work: WorkDir, tools: dict[str, str], stage: str, primary: str, inputs: dict[str, str],
+              options: dict[str, Any], produce: Callable[[Path], dict[str, Any]], force: bool,
+              result_type=StageResult) -> StageResult:
+    """Skip when current; else `produce(scratch)` writes the outputs into a scratch folder (sub-folders
+    such as engines/ allowed) and returns what it measured, and the outputs are renamed into place.
+    `primary` is the main artifact's path relative to the work dir; `tools` the versions that matter."""
+    key = stage_key(inputs, options, tools)
+    if not force and work.is_current(stage, key):
+        record = work.record(stage)
+        files = [work.path(name) for name in sorted(record.outputs, key=lambda name: name != primary)]
+        return result_type(stage, work.path(primary), files, record.seconds, skipped=True, details=record.details)
+
+    started = time.perf_counter()
+    with work.staging() as scratch:
+        details = produce(scratch)
+        produced = sorted(p.relative_to(scratch).as_posix() for p in scratch.rglob("*") if p.is_file())
+        # Weights first and the main artifact last: an .onnx must never point at a .data file that
+        # is not there yet, and an engine's sidecar describes a file already in place.
+        for name in sorted(produced, key=lambda name: name == primary):
+            work.path(name).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(scratch / name, work.path(name))
+        stale = work.path(primary + ".data")
+        if stale.exists() and all(name != primary + ".data" for name in produced):
+            stale.unlink()
+    names = sorted(produced, key=lambda name: name != primary)  # main artifact first
+    files = [work.path(name) for name in names]
+    seconds = time.perf_counter() - started
+    outputs = {name: sha256_file(work.path(name)) for name in names}
+    work.save_record(stage, StageRecord(key, inputs, options, tools, outputs, round(seconds, 3), details=details))
+    return result_type(stage, work.path(primary), files, seconds, details=details)

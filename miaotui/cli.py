@@ -12,13 +12,11 @@ from pathlib import Path
 
 import click
 
-from miaotui.config import QUANTIZE_METHODS
+from miaotui.config import PRECISIONS, QUANTIZE_METHODS
 from miaotui.errors import InputError, MiaotuiError
 
 # Commands of later issues: listed in --help so the whole flow is visible, refusing with exit 2.
 PLANNED = {
-    "run": ("CONFIG|MODEL", "Run every stage: export, optimize, quantize, build, validate."),
-    "build": ("ONNX", "Compile an engine (onnxruntime, tensorrt, tensorrt-rtx)."),
     "validate": ("ENGINE", "Accuracy parity of an engine against the PyTorch reference."),
     "bench": ("ENGINE...", "Latency and throughput of engines."),
     "predict": ("ENGINE_OR_DIR TEXT...", "Classify texts with an engine."),
@@ -137,6 +135,148 @@ def quantize(config, work_dir: Path, force: bool, method, samples, smooth_alpha,
     return [*result.earlier, result]
 
 
+def _apply(options):
+    def decorate(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+_TENSORRT_OPTIONS = (
+    click.option("--workspace", "workspace_mib", type=int, default=None, metavar="MIB",
+                 help="TensorRT: workspace memory limit in MiB (default: the library's)."),
+    click.option("--opt-level", "optimization_level", type=int, default=3, show_default=True,
+                 help="TensorRT: builder optimization level, 0 (fast build) .. 5 (fastest engine)."),
+    click.option("--compute-capability", "compute_capabilities", multiple=True, metavar="SM89",
+                 help="TensorRT-RTX: a GPU generation to build for (repeatable; default: every one the library "
+                      "offers from SM80 on; SM75 Turing gets an engine of its own)."),
+    click.option("--version-compatible", is_flag=True,
+                 help="TensorRT: a plan later TensorRT versions can run."),
+    click.option("--hardware-compatibility", type=click.Choice(["ampere+", "same-compute-capability"]), default=None,
+                 help="TensorRT: a plan that runs on other GPUs than the one it was built on."),
+)
+
+
+def _tensorrt_options(workspace_mib, optimization_level, compute_capabilities, version_compatible,
+                      hardware_compatibility):
+    from miaotui.engines import TensorRTOptions
+
+    return TensorRTOptions(workspace_mib, optimization_level, tuple(compute_capabilities), version_compatible,
+                           hardware_compatibility)
+
+
+@_stage_command(
+    "run",
+    "Run every stage: export, optimize, quantize (int8), then build an engine for each --backend "
+    "(default: onnxruntime, and tensorrt-rtx where it is installed) into engines/.",
+    options=(
+        click.option("--backend", "backends", multiple=True, type=click.Choice(["onnxruntime", "tensorrt", "tensorrt-rtx"]),
+                     help="Engine backend (repeatable; default: onnxruntime, plus tensorrt-rtx where installed)."),
+        click.option("--precision", type=click.Choice(["int8", "fp32"]), default="int8", show_default=True,
+                     help="int8 builds model.int8.onnx, fp32 model.opt.onnx."),
+        *_TENSORRT_OPTIONS,
+    ),
+    spinner=False,
+)
+def run(config, work_dir: Path, force: bool, backends, precision, **tensorrt):
+    from miaotui.engines import BuildOptions
+    from miaotui.engines.stage import available_backends, run_build_stage
+
+    results, earlier = [], None
+    for backend in backends or available_backends():
+        options = BuildOptions(backend=backend, precision=precision, tensorrt=_tensorrt_options(**tensorrt))
+        with _console(stderr=True).status(f"build {config.name} {backend} {precision}"):
+            result = run_build_stage(config, work_dir, options, force=force, earlier=earlier)
+        if earlier is None:
+            results += result.earlier
+        earlier = result.earlier
+        results.append(result)
+    return results
+
+
+@main.command()
+@click.argument("onnx_path", metavar="ONNX", type=click.Path(path_type=Path))
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt", "tensorrt-rtx"]), default="onnxruntime",
+              show_default=True, help="Engine kind: onnxruntime (any machine), tensorrt (data-centre GPU, builds on "
+              "one), tensorrt-rtx (RTX GPUs; builds ahead of time without a GPU).")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None,
+              help="The precision the ONNX graph must hold (default: whatever it holds; precision lives in the graph).")
+@click.option("--shapes", multiple=True, metavar="NAME:MIN,OPT,MAX",
+              help="Shape range of one input, e.g. input_ids:1x1,8x128,64x256 (repeatable; default: the config's [dims]).")
+@click.option("--config", "config_or_model", default=None, metavar="CONFIG|MODEL",
+              help="The model's config, for its [dims] (default: config.toml beside the ONNX file, as in a work dir).")
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="onnxruntime: the execution provider to optimize for.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="ENGINE",
+              help="Engine file (.ort or .plan; default: engines/<name>.<backend>.<precision>.<ext> beside the ONNX file).")
+@_apply(_TENSORRT_OPTIONS)
+@reports_errors
+def build(onnx_path: Path, backend, precision, shapes, config_or_model, provider, output, **tensorrt) -> None:
+    """Compile an ONNX file into an engine and its .json sidecar."""
+    from miaotui.engines import BuildOptions, build_engine, default_engine_name
+    from miaotui.export.inspect_onnx import summarize_onnx
+    from miaotui.models import resolve_config
+
+    config = None
+    if config_or_model:
+        config = resolve_config(config_or_model)
+    elif (onnx_path.parent / "config.toml").is_file():
+        config = resolve_config(onnx_path.parent / "config.toml")
+    options = BuildOptions(backend, precision, tuple(shapes), provider, _tensorrt_options(**tensorrt))
+    made_folder = None
+    if output is None:
+        graph_precision = precision or summarize_onnx(onnx_path).precision
+        name = config.name if config else onnx_path.name.split(".")[0]
+        output = onnx_path.parent / "engines" / default_engine_name(name, backend, graph_precision)
+        if not output.parent.exists():
+            output.parent.mkdir()
+            made_folder = output.parent
+    try:
+        with _console(stderr=True).status(f"build {onnx_path.name} with {backend}"):
+            result = build_engine(onnx_path, output, options, config)
+    except BaseException:
+        if made_folder is not None and not any(made_folder.iterdir()):
+            made_folder.rmdir()  # a failed build leaves nothing behind, not even the folder
+        raise
+    for warning in result.warnings:
+        _console(stderr=True).print(f"[yellow]warning:[/yellow] {escape(warning)}")
+    _engine_summary(result.metadata, result.engine)
+
+
+def _engine_check(metadata) -> str:
+    if metadata.backend == "onnxruntime":
+        checks = metadata.checks
+        return (f"onnxruntime {metadata.backend_version} on {metadata.device.get('provider')}; ran at min/opt/max shapes; "
+                f"vs ONNX Runtime on the .onnx max |diff| {checks.get('vs_onnx_max_abs_diff', float('nan')):.0e}")
+    targets = metadata.device.get("compute_capabilities") or [metadata.device.get("compute_capability", "?")]
+    tensorrt = metadata.network.get("tensorrt", {})
+    by_type = tensorrt.get("by_type", {})
+    return (f"{metadata.backend} {metadata.backend_version} plan for {', '.join(targets)}; {tensorrt.get('layers', '?')} "
+            f"network layers ({by_type.get('QUANTIZE', 0)} Q, {by_type.get('DEQUANTIZE', 0)} DQ); running it needs a GPU")
+
+
+def _engine_summary(metadata, engine: Path) -> None:
+    from rich.table import Table
+
+    from miaotui.engines import sidecar_path
+
+    table = Table(title=f"miaotui build: {escape(metadata.onnx_file)} -> {escape(str(engine))}", title_justify="left")
+    for column, justify in (("artifact", "left"), ("size", "right"), ("s", "right"), ("check", "left")):
+        table.add_column(column, justify=justify)
+    table.add_row(engine.name, _size(engine.stat().st_size), f"{metadata.build_seconds:.1f}", escape(_engine_check(metadata)))
+    sidecar = sidecar_path(engine)
+    table.add_row(sidecar.name, _size(sidecar.stat().st_size), "", f"{metadata.precision}; " + escape(_ranges_text(metadata)))
+    _console().print(table)
+
+
+def _ranges_text(metadata) -> str:
+    from miaotui.engines.shapes import shapes_text
+
+    return shapes_text(metadata.inputs)
+
+
 def _summary(command: str, config, work_dir: Path, results) -> None:
     from rich.table import Table
 
@@ -176,6 +316,10 @@ def _check(result) -> str:
         if agreement["reference_accuracy"] is not None:
             text += f"; accuracy {agreement['reference_accuracy']:.4f} -> {agreement['candidate_accuracy']:.4f}"
         return text
+    if result.stage == "build":
+        from miaotui.engines import read_metadata
+
+        return escape(_engine_check(read_metadata(result.path)))
     return ""
 
 
@@ -183,32 +327,87 @@ def _check(result) -> str:
 @click.argument("path", metavar="ENGINE_OR_ONNX", type=click.Path(path_type=Path))
 @reports_errors
 def inspect(path: Path) -> None:
-    """Show an ONNX file's inputs, outputs, opset and ops (engines: not built yet)."""
+    """Show an engine's sidecar (and a TensorRT plan's layers, where a GPU can list them), or an ONNX
+    file's inputs, outputs, opset, ops and how many nodes run in INT8."""
+    if path.suffix == ".onnx":
+        _inspect_onnx(path)
+    elif path.suffix in (".ort", ".plan") or path.name.endswith((".ort.json", ".plan.json")):
+        _inspect_engine(path)
+    else:
+        raise InputError(f"{path}: expected an .onnx file, an engine (.ort, .plan) or its .json sidecar")
+
+
+def _io_table(rows):
     from rich.table import Table
 
-    from miaotui.export.inspect_onnx import summarize_onnx
-
-    if path.suffix != ".onnx":
-        raise InputError(f"{path}: expected an .onnx file (inspecting engines is not built yet)")
-    summary = summarize_onnx(path)
-    plain = "plain ONNX" if not summary.foreign_domains else f"custom domains: {', '.join(summary.foreign_domains)}"
-    _console().print(f"{escape(str(path))}: opset {summary.opset}, {summary.size_bytes / 1e6:.1f} MB, {plain}")
     table = Table()
     for column in ("", "name", "dtype", "shape"):
         table.add_column(column)
-    for kind, tensors in (("input", summary.inputs), ("output", summary.outputs)):
-        for tensor in tensors:
-            table.add_row(kind, escape(tensor.name), tensor.dtype, escape("[" + ", ".join(map(str, tensor.shape)) + "]"))
-    _console().print(table)
+    for row in rows:
+        table.add_row(*(escape(str(cell)) for cell in row))
+    return table
+
+
+def _inspect_onnx(path: Path) -> None:
+    from miaotui.export.inspect_onnx import summarize_onnx
+
+    summary = summarize_onnx(path)
+    plain = "plain ONNX" if not summary.foreign_domains else f"custom domains: {', '.join(summary.foreign_domains)}"
+    _console().print(f"{escape(str(path))}: opset {summary.opset}, {summary.size_bytes / 1e6:.1f} MB, {plain}, "
+                     f"{summary.precision}")
+    rows = [(kind, t.name, t.dtype, "[" + ", ".join(map(str, t.shape)) + "]")
+            for kind, tensors in (("input", summary.inputs), ("output", summary.outputs)) for t in tensors]
+    _console().print(_io_table(rows))
     ops = ", ".join(f"{op} {n}" for op, n in summary.op_counts.items())
     _console().print(f"{sum(summary.op_counts.values())} nodes: {ops}")
+    _console().print(f"compute nodes: {summary.int8_nodes} in INT8, {summary.float_nodes} in float "
+                     "(Q/DQ and Constant not counted)")
+
+
+def _inspect_engine(path: Path) -> None:
+    from miaotui.engines.inspect_engine import inspect_engine
+
+    report = inspect_engine(path)
+    meta = report.metadata
+    _console().print(f"{escape(str(report.path))}: {meta.backend} {meta.backend_version} engine, {meta.precision}, "
+                     f"{_size(meta.engine_bytes)}, built {meta.built_at} in {meta.build_seconds:.1f} s")
+    if not report.file_matches:
+        _console().print("[red]the file's sha256 is not the sidecar's: the engine was replaced or damaged; rebuild it[/red]")
+    device = ", ".join(f"{k} {v if not isinstance(v, list) else ' '.join(map(str, v))}" for k, v in meta.device.items())
+    _console().print(f"built for: {escape(device)}")
+    _console().print(f"from: {escape(meta.onnx_file)} (sha256 {meta.onnx_sha256[:12]}...)")
+    rows = [("input", t.name, t.dtype, f"{'x'.join(map(str, t.min))} .. {'x'.join(map(str, t.opt))} .. "
+             f"{'x'.join(map(str, t.max))}") for t in meta.inputs]
+    rows += [("output", t.name, t.dtype, "[" + ", ".join(map(str, t.dims)) + "]") for t in meta.outputs]
+    _console().print(_io_table(rows))
+    network = meta.network
+    _console().print(f"ONNX compute nodes: {network.get('int8_nodes', '?')} in INT8, {network.get('float_nodes', '?')} in float")
+    if meta.session:
+        _console().print(f"session settings: {escape(str(meta.session))}")
+    tensorrt = network.get("tensorrt")
+    if report.layers:
+        from rich.table import Table
+
+        table = Table(title="engine layers (TensorRT engine inspector)", title_justify="left")
+        for column in ("name", "type", "precision"):
+            table.add_column(column)
+        for layer in report.layers:
+            table.add_row(escape(layer["name"]), escape(layer["type"]), escape(layer["precision"]))
+        _console().print(table)
+    elif tensorrt:
+        counts = ", ".join(f"{k} {v}" for k, v in tensorrt.get("by_type", {}).items())
+        types = ", ".join(f"{k} {v}" for k, v in tensorrt.get("by_output_type", {}).items())
+        _console().print(f"network the builder compiled: {tensorrt.get('layers')} layers: {counts}")
+        _console().print(f"layer output types: {types}")
+        if report.layers_unavailable:
+            _console().print(f"engine layers: not listed: {escape(report.layers_unavailable)}")
 
 
 def _planned_command(name: str, metavar: str, summary: str):
     @click.argument("args", nargs=-1, metavar=metavar)
     @reports_errors
     def command(args) -> None:
-        raise InputError(f"'miaotui {name}' is not built yet; today 'miaotui export', 'optimize' and 'quantize' run the first stages")
+        raise InputError(f"'miaotui {name}' is not built yet; today 'miaotui run' builds engines through every stage before it")
 
     command.__doc__ = f"{summary} (not built yet)"
     return main.command(name=name, context_settings={"ignore_unknown_options": True})(command)

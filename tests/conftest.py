@@ -3,6 +3,7 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 # A classifier the project has never seen: two inputs under its own names (int64 tokens, float32
@@ -69,3 +70,33 @@ def write_custom_config(folder: Path, extra: str = "", text: str | None = None) 
     path = folder / "config.toml"
     path.write_text(text if text is not None else CUSTOM_CONFIG.format(extra=extra))
     return path
+
+
+DATA = """
+[data]
+calibration = "calib.npz"
+validation = "val.npz"
+"""
+
+
+def write_data(folder: Path, samples: int = 200, words: int = 12, seed: int = 0, **edits) -> None:
+    """calib.npz and val.npz for the TicketRouter (tokens int64, features float32); `edits` replace
+    calibration arrays by name (None drops one)."""
+    rng = np.random.default_rng(seed)
+    calibration = {"tokens": rng.integers(0, 50, (samples, words), dtype=np.int64),
+                   "features": rng.uniform(-2, 2, (samples, 4)).astype(np.float32)}
+    for name, value in edits.items():
+        if value is None:
+            calibration.pop(name, None)
+        else:
+            calibration[name] = value
+    np.savez(folder / "calib.npz", **calibration)
+    np.savez(folder / "val.npz", tokens=rng.integers(0, 50, (96, 20), dtype=np.int64),
+             features=rng.uniform(-2, 2, (96, 4)).astype(np.float32), labels=rng.integers(0, 3, 96))
+
+
+@pytest.fixture
+def router(custom_model_dir: Path) -> Path:
+    write_custom_config(custom_model_dir, DATA)
+    write_data(custom_model_dir)
+    return custom_model_dir

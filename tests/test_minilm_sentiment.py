@@ -60,12 +60,18 @@ def test_graph_is_plain_onnx_that_tensorrt_parses(exported):
     assert [i.name for i in graph.graph.input] == ["input_ids", "attention_mask"]
 
 
-def test_tensorrt_builds_the_exported_graph(exported):
+def test_tensorrt_builds_the_exported_graph(exported, tmp_path: Path):
     from tensorrt_judge import build_with_tensorrt_rtx
+
+    from miaotui.engines import BuildOptions, build_engine
 
     config, model, onnx_path = exported
     assert build_with_tensorrt_rtx(onnx_path, config) > 10_000_000
-    assert build_with_tensorrt_rtx(onnx_path.with_name("model.opt.onnx"), config) > 10_000_000
+    # The fp32 engine through miaotui's own builder: a plan for every GPU from Ampere on.
+    built = build_engine(onnx_path.with_name("model.opt.onnx"), tmp_path / "minilm.fp32.plan",
+                         BuildOptions(backend="tensorrt-rtx", precision="fp32"), config)
+    assert built.metadata.engine_bytes > 50_000_000  # FP32 weights: 22.7M parameters
+    assert [t.name for t in built.metadata.inputs] == ["input_ids", "attention_mask"]
 
 
 def _padded(tokenizer, texts: list[str], seq: int) -> dict[str, np.ndarray]:
@@ -163,8 +169,8 @@ def test_int8_agrees_with_fp32_and_keeps_test_accuracy(exported, quantized):
     assert np.mean(fp32 == labels) - np.mean(int8 == labels) <= 0.01
 
 
-def test_int8_graph_follows_the_rules_and_tensorrt_builds_it(exported, quantized):
-    from tensorrt_judge import build_with_tensorrt_rtx
+def test_int8_graph_follows_the_rules_and_tensorrt_builds_it(exported, quantized, tmp_path: Path):
+    from miaotui.engines import BuildOptions, build_engine
 
     config, model, onnx_path = exported
     report = json.loads(onnx_path.with_name("quantization.json").read_text())
@@ -177,4 +183,6 @@ def test_int8_graph_follows_the_rules_and_tensorrt_builds_it(exported, quantized
     assert ("LayerNormalization", "rule-op-type") in reasons and ("Softmax", "int8") not in reasons
     assert quantized.details["qdq_check"]["weights"] == quantized.details["nodes"]["quantized"]
     assert quantized.path.stat().st_size < 0.5 * onnx_path.stat().st_size
-    assert build_with_tensorrt_rtx(quantized.path, config) > 10_000_000
+    built = build_engine(quantized.path, tmp_path / "minilm.int8.plan", BuildOptions(backend="tensorrt-rtx"), config)
+    assert built.metadata.precision == "int8" and built.metadata.network["int8_nodes"] == 33
+    assert built.metadata.network["tensorrt"]["by_output_type"]["INT8"] > 30  # the Q/DQ reached TensorRT

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import write_custom_config
+from conftest import DATA, write_custom_config, write_data
 from onnx import numpy_helper
 from tensorrt_judge import build_with_tensorrt_rtx
 
@@ -21,36 +21,6 @@ from miaotui.errors import CheckFailed, InputError
 from miaotui.export import quantize_options, run_quantize_stage
 from miaotui.export.calibration import Calibration, CalibrationKey
 from miaotui.export.quantize import check_qdq
-
-DATA = """
-[data]
-calibration = "calib.npz"
-validation = "val.npz"
-"""
-
-
-def write_data(folder: Path, samples: int = 200, words: int = 12, seed: int = 0, **edits) -> None:
-    """calib.npz and val.npz for the TicketRouter (tokens int64, features float32); `edits` replace
-    calibration arrays by name (None drops one)."""
-    rng = np.random.default_rng(seed)
-    calibration = {"tokens": rng.integers(0, 50, (samples, words), dtype=np.int64),
-                   "features": rng.uniform(-2, 2, (samples, 4)).astype(np.float32)}
-    for name, value in edits.items():
-        if value is None:
-            calibration.pop(name, None)
-        else:
-            calibration[name] = value
-    np.savez(folder / "calib.npz", **calibration)
-    np.savez(folder / "val.npz", tokens=rng.integers(0, 50, (96, 20), dtype=np.int64),
-             features=rng.uniform(-2, 2, (96, 4)).astype(np.float32), labels=rng.integers(0, 3, 96))
-
-
-@pytest.fixture
-def router(custom_model_dir: Path) -> Path:
-    write_custom_config(custom_model_dir, DATA)
-    write_data(custom_model_dir)
-    return custom_model_dir
-
 
 def quantize(folder: Path, work: Path, **options):
     config = load_config(folder / "config.toml")

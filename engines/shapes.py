@@ -1,0 +1,98 @@
+"""Shape ranges for an engine's inputs (TensorRT optimization profiles; the runtime's input checks).
+
+From --shapes NAME:MIN,OPT,MAX (each like 8x128) where given, else from the config's [dims], and
+checked against the ONNX graph before any builder runs: every name is a model input, ranks agree,
+fixed dims stay fixed, min <= opt <= max, a dim shared by several inputs has one range, and a range
+stays inside what the model was exported and checked for (the config's [dims]).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from miaotui.config import Config
+from miaotui.engines.metadata import TensorRange
+from miaotui.errors import InputError
+
+_SHAPE = re.compile(r"^\d+(x\d+)*$")
+
+
+def parse_shapes(specs: Sequence[str]) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+    """"input_ids:1x1,8x128,64x256" -> {"input_ids": ((1, 1), (8, 128), (64, 256))}."""
+    parsed = {}
+    for spec in specs:
+        name, sep, shapes = spec.rpartition(":")
+        parts = shapes.split(",")
+        if not sep or not name or len(parts) != 3 or not all(_SHAPE.match(p.strip()) for p in parts):
+            raise InputError(f"--shapes {spec!r}: expected NAME:MIN,OPT,MAX with shapes like 1x16,8x128,32x256")
+        if name in parsed:
+            raise InputError(f"--shapes {spec!r}: input '{name}' is given twice")
+        parsed[name] = tuple(tuple(int(n) for n in p.strip().split("x")) for p in parts)
+    return parsed
+
+
+def _text(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape))
+
+
+def resolve_shapes(onnx_inputs, config: Config | None, overrides: Sequence[str] = ()) -> list[TensorRange]:
+    """One TensorRange per ONNX input. `onnx_inputs` are export.inspect_onnx TensorInfos."""
+    given = parse_shapes(overrides)
+    names = [t.name for t in onnx_inputs]
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise InputError(f"--shapes names input '{unknown[0]}', which the model does not have (its inputs: {', '.join(names)})")
+    ranges = []
+    for tensor in onnx_inputs:
+        dims = tuple(tensor.shape)
+        spec = config.inputs.get(tensor.name) if config else None
+        if tensor.name in given:
+            low, mid, high = given[tensor.name]
+            source = "--shapes"
+        elif spec is not None:
+            low, mid, high = (config.shape_at(tensor.name, config.sizes(which)) for which in ("min", "opt", "max"))
+            source = f"{config.path} [dims]"
+        elif all(isinstance(d, int) and d > 0 for d in dims):
+            low = mid = high = tuple(dims)
+            source = "the model"
+        else:
+            raise InputError(f"input '{tensor.name}' has dynamic dims {list(dims)}: give --shapes {tensor.name}:MIN,OPT,MAX "
+                             "or --config CONFIG")
+        where = f"{source}: input '{tensor.name}'"
+        if not len(low) == len(mid) == len(high) == len(dims):
+            raise InputError(f"{where} has rank {len(low)}, the model's input has rank {len(dims)} {list(dims)}")
+        for axis, (lo, op, hi, dim) in enumerate(zip(low, mid, high, dims)):
+            if lo < 1:
+                raise InputError(f"{where} dim {axis}: min {lo}, expected at least 1 (engines take no empty tensors)")
+            if not lo <= op <= hi:
+                raise InputError(f"{where} dim {axis}: expected min <= opt <= max, got {lo}, {op}, {hi}")
+            if isinstance(dim, int) and dim > 0 and not lo == op == hi == dim:
+                raise InputError(f"{where} dim {axis} is fixed at {dim} in the model, got {lo}, {op}, {hi}")
+            if config is not None and spec is not None and isinstance(spec.shape[axis], str):
+                bounds = config.dims[spec.shape[axis]]
+                if lo < bounds.min or hi > bounds.max:
+                    raise InputError(f"{where} dim {axis} ('{spec.shape[axis]}'): {lo}..{hi} is outside what the model "
+                                     f"was exported and checked for, {bounds.min}..{bounds.max} ({config.path} [dims])")
+        ranges.append(TensorRange(tensor.name, tensor.dtype, dims, tuple(low), tuple(mid), tuple(high)))
+    _check_shared_dims(ranges)
+    return ranges
+
+
+def _check_shared_dims(ranges: list[TensorRange]) -> None:
+    """A symbolic dim (batch, seq) shared by several inputs must get one range everywhere."""
+    seen: dict[str, tuple[str, tuple[int, int, int]]] = {}
+    for tensor in ranges:
+        for axis, dim in enumerate(tensor.dims):
+            if not isinstance(dim, str) or not dim:
+                continue
+            values = (tensor.min[axis], tensor.opt[axis], tensor.max[axis])
+            if dim in seen and seen[dim][1] != values:
+                other, theirs = seen[dim]
+                raise InputError(f"dim '{dim}' is {'/'.join(map(str, values))} (min/opt/max) for input '{tensor.name}' "
+                                 f"but {'/'.join(map(str, theirs))} for input '{other}': the model needs one range")
+            seen.setdefault(dim, (tensor.name, values))
+
+
+def shapes_text(ranges: list[TensorRange]) -> str:
+    return "; ".join(f"{t.name} {_text(t.min)},{_text(t.opt)},{_text(t.max)}" for t in ranges)

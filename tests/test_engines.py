@@ -1,0 +1,346 @@
+"""Engine builds: the onnxruntime engine end to end, real TensorRT-RTX plans (no GPU needed), the
+sidecar that travels with each, bad input refused before any builder runs, and the TensorRT names
+the code uses checked against TensorRT 11's own bindings."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from conftest import DATA, write_custom_config, write_data
+
+from miaotui.artifacts import sha256_file
+from miaotui.config import load_config
+from miaotui.cuda import no_gpu_reason
+from miaotui.data.corpus import load_split
+from miaotui.data.tokenizers import encode, load_tokenizer
+from miaotui.engines import BuildOptions, TensorRTOptions, build_engine, read_metadata
+from miaotui.engines.stage import run_build_stage
+from miaotui.engines.tensorrt_engine import HARDWARE_COMPATIBILITY
+from miaotui.errors import InputError
+from miaotui.export import run_quantize_stage
+from miaotui.models import resolve_config
+from miaotui.models.lstm_sentiment import MAX_LENGTH
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, COLUMNS="200")
+    return subprocess.run([sys.executable, "-m", "miaotui.cli", *args], capture_output=True, text=True, env=env, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def lstm_work(tmp_path_factory) -> Path:
+    """The default model's work dir through quantize: model.opt.onnx, model.int8.onnx, config.toml."""
+    work = tmp_path_factory.mktemp("lstm") / "work"
+    run_quantize_stage(resolve_config("lstm-sentiment"), work, progress=False)
+    return work
+
+
+def _ort_engine_session(engine: Path):
+    metadata = read_metadata(engine)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, metadata.session["graph_optimization_level"])
+    options.add_session_config_entry("session.load_model_format", metadata.session["format"])
+    return ort.InferenceSession(str(engine), options, providers=metadata.session["providers"])
+
+
+def test_onnxruntime_engine_answers_like_onnxruntime_on_the_int8_file(lstm_work: Path, tmp_path: Path):
+    engine = tmp_path / "lstm.ort"
+    result = run_cli("build", str(lstm_work / "model.int8.onnx"), "--backend", "onnxruntime", "--precision", "int8",
+                     "-o", str(engine))
+    assert result.returncode == 0, result.stderr
+    assert "lstm.ort" in result.stdout and "ran at min/opt/max" in result.stdout
+
+    # Real text, a padded batch and a single line: the engine equals ONNX Runtime on model.int8.onnx.
+    tokenizer = load_tokenizer(resolve_config("lstm-sentiment").model.tokenizer, MAX_LENGTH)
+    reference = ort.InferenceSession(str(lstm_work / "model.int8.onnx"), providers=["CPUExecutionProvider"])
+    built = _ort_engine_session(engine)
+    for texts in ([e.text for e in load_split("validation")[:40]], ["这本书很一般"]):
+        feed = {"input_ids": encode(tokenizer, texts)["input_ids"]}
+        np.testing.assert_allclose(built.run(None, feed)[0], reference.run(None, feed)[0], atol=1e-5, rtol=0)
+
+    # The sidecar describes this engine truly.
+    metadata = read_metadata(engine)
+    assert metadata.backend == "onnxruntime" and metadata.backend_version == ort.__version__
+    assert metadata.precision == "int8" and metadata.engine_file == "lstm.ort"
+    assert metadata.engine_sha256 == sha256_file(engine) and metadata.engine_bytes == engine.stat().st_size
+    assert metadata.onnx_sha256 == sha256_file(lstm_work / "model.int8.onnx")
+    (tensor,) = metadata.inputs
+    assert (tensor.name, tensor.dtype, tensor.dims) == ("input_ids", "int64", ("batch", "seq"))
+    assert (tensor.min, tensor.opt, tensor.max) == ((1, 1), (8, 128), (64, 256))  # the config's [dims]
+    assert [(o.name, o.dtype) for o in metadata.outputs] == [("logits", "float32")]
+    assert metadata.device["provider"] == built.get_providers()[0] == "CPUExecutionProvider"
+    assert metadata.network["int8_nodes"] == 2  # embedding Gather and head Gemm
+    assert metadata.checks["vs_onnx_max_abs_diff"] <= 1e-5
+
+
+def test_build_stage_writes_engines_into_the_work_dir_and_skips_when_current(lstm_work: Path):
+    config = resolve_config("lstm-sentiment")
+    first = run_build_stage(config, lstm_work, BuildOptions(backend="tensorrt-rtx"), progress=False)
+    assert first.path == lstm_work / "engines" / "lstm-sentiment.tensorrt-rtx.int8.plan" and not first.skipped
+    assert first.sidecar.is_file() and read_metadata(first.path).engine_sha256 == sha256_file(first.path)
+    again = run_build_stage(config, lstm_work, BuildOptions(backend="tensorrt-rtx"), progress=False)
+    assert again.skipped and again.path == first.path
+    # TensorRT-RTX keeps no timing cache (its calls are no-ops that would need a GPU): none is written.
+    assert not list((lstm_work / "engines").glob("*timing-cache*"))
+    fp32 = run_build_stage(config, lstm_work, BuildOptions(backend="onnxruntime", precision="fp32"), progress=False)
+    assert read_metadata(fp32.path).precision == "fp32" and read_metadata(fp32.path).network["int8_nodes"] == 0
+    manifest = json.loads((lstm_work / "manifest.json").read_text())
+    assert {"build:tensorrt-rtx:int8", "build:onnxruntime:fp32"} <= set(manifest["stages"])
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_tensorrt_rtx_plans_for_the_default_model(lstm_work: Path, tmp_path: Path, precision: str):
+    onnx_path = lstm_work / ("model.int8.onnx" if precision == "int8" else "model.opt.onnx")
+    engine = tmp_path / f"lstm.{precision}.plan"
+    result = run_cli("build", str(onnx_path), "--backend", "tensorrt-rtx", "--precision", precision,
+                     "--compute-capability", "SM89", "--compute-capability", "12.0", "-o", str(engine))
+    assert result.returncode == 0, result.stderr
+    metadata = read_metadata(engine)
+    assert metadata.device["compute_capabilities"] == ["SM89", "SM120"]
+    assert metadata.engine_bytes > 1_000_000 and metadata.engine_sha256 == sha256_file(engine)
+    by_type = metadata.network["tensorrt"]["by_type"]
+    if precision == "int8":  # the Q/DQ of the graph reached TensorRT's network
+        assert by_type["DEQUANTIZE"] >= 2 and metadata.network["tensorrt"]["by_output_type"]["INT8"] >= 2
+    else:
+        assert "DEQUANTIZE" not in by_type
+
+
+def test_a_classifier_never_seen_builds_in_fp32_and_int8(custom_model_dir: Path, tmp_path: Path):
+    """TicketRouter: two inputs of its own (int64 tokens, float32 features), three classes."""
+    write_custom_config(custom_model_dir, DATA)
+    write_data(custom_model_dir)
+    config = load_config(custom_model_dir / "config.toml")
+    work = tmp_path / "work"
+    for backend in ("onnxruntime", "tensorrt-rtx"):
+        for precision in ("fp32", "int8"):
+            result = run_build_stage(config, work, BuildOptions(backend=backend, precision=precision), progress=False)
+            metadata = read_metadata(result.path)
+            assert metadata.precision == precision and [o.name for o in metadata.outputs] == ["scores"]
+            assert [(t.name, t.min, t.max) for t in metadata.inputs] == [
+                ("tokens", (1, 2), (16, 40)), ("features", (1, 4), (16, 4))]
+    assert sorted(p.name for p in (work / "engines").iterdir()) == sorted(
+        f"ticket-router.{b}.{p}.{e}{j}" for b, e in (("onnxruntime", "ort"), ("tensorrt-rtx", "plan"))
+        for p in ("fp32", "int8") for j in ("", ".json"))
+
+
+def test_shapes_from_the_command_line_replace_the_config(lstm_work: Path, tmp_path: Path):
+    engine = tmp_path / "narrow.ort"
+    result = run_cli("build", str(lstm_work / "model.int8.onnx"), "--shapes", "input_ids:1x8,4x32,16x64", "-o", str(engine))
+    assert result.returncode == 0, result.stderr
+    (tensor,) = read_metadata(engine).inputs
+    assert (tensor.min, tensor.opt, tensor.max) == ((1, 8), (4, 32), (16, 64))
+
+
+def _not_onnx(folder: Path, onnx: Path) -> list[str]:
+    path = folder / "notes.onnx"
+    path.write_text("these are notes, not a model\n")
+    return [str(path)]
+
+
+def _truncated(folder: Path, onnx: Path) -> list[str]:
+    path = folder / "cut.onnx"
+    path.write_bytes(onnx.read_bytes()[: onnx.stat().st_size // 2])
+    return [str(path)]
+
+
+BAD_BUILDS = {
+    "not onnx": (_not_onnx, [], "not an ONNX model"),
+    "truncated": (_truncated, [], "not an ONNX model"),
+    "outside the model's range": (None, ["--shapes", "input_ids:1x1,8x128,64x512"], "outside what the model was exported"),
+    "min > opt": (None, ["--shapes", "input_ids:8x1,4x128,64x256"], "expected min <= opt <= max"),
+    "unknown input": (None, ["--shapes", "token_ids:1x1,8x128,64x256"], "input 'token_ids', which the model does not have"),
+    "wrong rank": (None, ["--shapes", "input_ids:1,8,64"], "has rank 1, the model's input has rank 2"),
+    "missing folder": (None, ["-o", "{tmp}/no/such/dir/x.plan"], "does not exist"),
+    "unknown compute capability": (None, ["--compute-capability", "SM90"], "--compute-capability SM90: TensorRT-RTX"),
+    "wrong precision": (None, ["--precision", "fp32"], "holds a int8 graph"),
+    "rtx without version compatibility": (None, ["--version-compatible"], "cannot build version-compatible plans"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_BUILDS))
+def test_bad_input_is_one_line_exit_2_and_no_engine_left(lstm_work: Path, tmp_path: Path, case: str):
+    make_source, extra, message = BAD_BUILDS[case]
+    out = tmp_path / "out"
+    out.mkdir()
+    source = make_source(tmp_path, lstm_work / "model.int8.onnx") if make_source else [str(lstm_work / "model.int8.onnx")]
+    extra = [arg.replace("{tmp}", str(tmp_path)) for arg in extra]
+    target = [] if "-o" in extra else ["-o", str(out / "x.plan")]
+    result = run_cli("build", *source, "--backend", "tensorrt-rtx", *target, *extra)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
+    assert "Traceback" not in result.stderr
+    assert list(out.iterdir()) == []  # no engine, no sidecar, no temporary file
+    assert not (tmp_path / "no").exists()
+
+
+def test_default_output_goes_to_engines_beside_the_onnx_file_and_a_failure_leaves_no_folder(lstm_work: Path, tmp_path: Path):
+    work = tmp_path / "copy"
+    work.mkdir()
+    for name in ("model.int8.onnx", "config.toml"):  # a work dir: its config.toml gives the name and [dims]
+        (work / name).write_bytes((lstm_work / name).read_bytes())
+    failed = run_cli("build", str(work / "model.int8.onnx"), "--backend", "tensorrt-rtx", "--compute-capability", "SM90")
+    assert failed.returncode == 2 and not (work / "engines").exists()
+    built = run_cli("build", str(work / "model.int8.onnx"))
+    assert built.returncode == 0, built.stderr
+    assert sorted(p.name for p in (work / "engines").iterdir()) == [
+        "lstm-sentiment.onnxruntime.int8.ort", "lstm-sentiment.onnxruntime.int8.ort.json"]
+
+
+def test_a_fixed_dim_of_a_bare_onnx_file_is_kept(custom_model_dir: Path, tmp_path: Path):
+    """Without a config, the ONNX graph is the only judge: fixed dims must stay fixed, dynamic ones given."""
+    write_custom_config(custom_model_dir, DATA)
+    write_data(custom_model_dir)
+    from miaotui.export import run_optimize_stage
+
+    config = load_config(custom_model_dir / "config.toml")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    optimized = run_optimize_stage(config, tmp_path / "work")
+    (bare / "router.onnx").write_bytes(optimized.path.read_bytes())
+    with pytest.raises(InputError, match="input 'tokens' has dynamic dims"):
+        build_engine(bare / "router.onnx", bare / "router.ort")
+    with pytest.raises(InputError, match="dim 1 is fixed at 4 in the model, got 3, 3, 3"):
+        build_engine(bare / "router.onnx", bare / "router.ort",
+                     BuildOptions(shapes=("tokens:1x2,4x8,8x16", "features:1x3,4x3,8x3")))
+    with pytest.raises(InputError, match="dim 'batch' is 1/2/8 .* for input 'features' but 1/4/8 for input 'tokens'"):
+        build_engine(bare / "router.onnx", bare / "router.ort",
+                     BuildOptions(shapes=("tokens:1x2,4x8,8x16", "features:1x4,2x4,8x4")))
+    built = build_engine(bare / "router.onnx", bare / "router.ort",
+                         BuildOptions(shapes=("tokens:1x2,4x8,8x16", "features:1x4,4x4,8x4")))
+    assert built.metadata.input("features").max == (8, 4)
+    assert sorted(p.name for p in bare.iterdir()) == ["router.onnx", "router.ort", "router.ort.json"]
+
+
+def test_missing_backends_and_providers_say_how_to_get_them(lstm_work: Path, tmp_path: Path):
+    if importlib.util.find_spec("tensorrt") is None:
+        result = run_cli("build", str(lstm_work / "model.int8.onnx"), "--backend", "tensorrt", "-o", str(tmp_path / "x.plan"))
+        assert result.returncode == 2 and "pip install 'miaotui[tensorrt]'" in result.stderr
+    elif no_gpu_reason():
+        result = run_cli("build", str(lstm_work / "model.int8.onnx"), "--backend", "tensorrt", "-o", str(tmp_path / "x.plan"))
+        assert result.returncode == 2 and "needs a CUDA GPU" in result.stderr
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        result = run_cli("build", str(lstm_work / "model.int8.onnx"), "--provider", "cuda", "-o", str(tmp_path / "x.ort"))
+        assert result.returncode == 2 and "pip install onnxruntime-gpu" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_inspect_prints_the_sidecar_and_notices_a_replaced_engine(lstm_work: Path, tmp_path: Path):
+    engine = tmp_path / "lstm.plan"
+    build_engine(lstm_work / "model.int8.onnx", engine, BuildOptions(backend="tensorrt-rtx"), resolve_config("lstm-sentiment"))
+    result = run_cli("inspect", str(engine))
+    assert result.returncode == 0, result.stderr
+    assert "tensorrt-rtx" in result.stdout and "1x1 .. 8x128 .. 64x256" in result.stdout
+    assert "SM80 SM86 SM89 SM120 SM121" in result.stdout  # every one offered from Ampere on
+    assert "DEQUANTIZE" in result.stdout
+    if no_gpu_reason():
+        assert "needs a GPU to deserialize" in result.stdout
+    onnx_report = run_cli("inspect", str(lstm_work / "model.int8.onnx"))
+    assert "2 in INT8" in onnx_report.stdout
+
+    engine.write_bytes(engine.read_bytes()[:1000])
+    damaged = run_cli("inspect", str(engine))
+    assert damaged.returncode == 0 and "not the sidecar's" in damaged.stdout
+    (tmp_path / "lstm.plan.json").unlink()
+    missing = run_cli("inspect", str(engine))
+    assert missing.returncode == 2 and "sidecar is missing" in missing.stderr
+
+
+# --- TensorRT 11 names: what the code calls must exist in the real bindings -----------------------
+
+# Variables that hold TensorRT objects in engines/: attributes read from them are TensorRT's API.
+TENSORRT_OBJECTS = {"trt", "builder", "network", "parser", "builder_config", "profile", "plan", "runtime",
+                    "inspector", "error", "layer", "timing_cache"}
+RTX_ONLY = {"ComputeCapability", "set_compute_capability", "num_compute_capabilities"}
+
+
+def _tensorrt_names(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Attribute) and not node.attr.startswith("__"):
+            root = node.value
+            while isinstance(root, (ast.Attribute, ast.Call, ast.Subscript)):
+                root = root.func if isinstance(root, ast.Call) else root.value
+            if isinstance(root, ast.Name) and root.id in TENSORRT_OBJECTS:
+                names.add(node.attr)
+    return names
+
+
+def test_every_tensorrt_name_the_code_uses_exists_in_tensorrt_11_bindings():
+    spec = importlib.util.find_spec("tensorrt_bindings")  # found without importing: its libraries are not here
+    if spec is None:
+        pytest.skip("tensorrt-cu13-bindings is not installed; pip install -e '.[dev]'")
+    extension = Path(next(iter(spec.submodule_search_locations))) / "tensorrt.so"
+    identifiers = {line for line in subprocess.run(["strings", "-n", "3", str(extension)], capture_output=True,
+                                                    text=True, check=True).stdout.splitlines()
+                   if line.isidentifier()}
+
+    def in_extension(name: str) -> bool:
+        # The linker merges a string that is the tail of another ("Runtime" lives inside "IPluginV3OneRuntime").
+        return any(identifier.endswith(name) for identifier in identifiers)
+
+    used = set()
+    for module in ("tensorrt_engine.py", "inspect_engine.py"):
+        used |= _tensorrt_names(REPO / "engines" / module)
+    assert {"build_serialized_network", "set_shape", "create_timing_cache", "STRONGLY_TYPED"} <= used  # the walk works
+    used |= {f"{member}" for member in HARDWARE_COMPATIBILITY.values()}  # reached through getattr
+    missing = sorted(name for name in used - RTX_ONLY if not in_extension(name))
+    assert not missing, f"not in TensorRT 11's bindings: {missing}"
+    assert not any(in_extension(name) for name in RTX_ONLY), "the check must tell TensorRT-RTX-only names apart"
+    # ... and code written against TensorRT 8's API, removed in 10, would fail it.
+    assert not any(in_extension(name) for name in ("build_engine", "execute_async_v2", "max_workspace_size"))
+
+    import tensorrt_rtx_bindings as rtx
+
+    objects = [rtx, rtx.Builder, rtx.INetworkDefinition, rtx.OnnxParser, rtx.IBuilderConfig, rtx.IOptimizationProfile,
+               rtx.ICudaEngine, rtx.Runtime, rtx.EngineInspector, rtx.ParserError, rtx.ILayer, rtx.ITimingCache,
+               rtx.ILogger, rtx.ILogger.Severity, rtx.NetworkDefinitionCreationFlag, rtx.ProfilingVerbosity,
+               rtx.MemoryPoolType, rtx.BuilderFlag, rtx.HardwareCompatibilityLevel, rtx.LayerInformationFormat,
+               rtx.ComputeCapability]
+    absent = sorted(name for name in used if not any(hasattr(o, name) for o in objects))
+    assert not absent, f"not in TensorRT-RTX's bindings: {absent}"
+
+
+# --- data-centre TensorRT: only where TensorRT and a CUDA GPU exist ------------------------------
+
+@pytest.mark.gpu
+def test_tensorrt_builds_runs_and_reuses_its_timing_cache(lstm_work: Path, tmp_path: Path):
+    if importlib.util.find_spec("tensorrt") is None:
+        pytest.skip("TensorRT is not installed (pip install 'miaotui[tensorrt]')")
+    if reason := no_gpu_reason():
+        pytest.skip(f"building a TensorRT plan needs a CUDA GPU: {reason}")
+    import tensorrt as trt
+    import torch
+
+    config = resolve_config("lstm-sentiment")
+    first = build_engine(lstm_work / "model.int8.onnx", tmp_path / "a.plan", BuildOptions(backend="tensorrt"), config)
+    cache = first.metadata.settings["timing_cache"]
+    assert cache["loaded_bytes"] == 0 and cache["saved_bytes"] > 0
+    (tmp_path / "b.plan.timing-cache").write_bytes((tmp_path / "a.plan.timing-cache").read_bytes())
+    second = build_engine(lstm_work / "model.int8.onnx", tmp_path / "b.plan",
+                          BuildOptions(backend="tensorrt", tensorrt=TensorRTOptions(optimization_level=3)), config)
+    assert second.metadata.settings["timing_cache"]["loaded_bytes"] == cache["saved_bytes"]
+
+    engine = trt.Runtime(trt.Logger(trt.Logger.ERROR)).deserialize_cuda_engine((tmp_path / "a.plan").read_bytes())
+    context = engine.create_execution_context()
+    ids = torch.ones((4, 32), dtype=torch.int64, device="cuda")
+    logits = torch.empty((4, 2), dtype=torch.float32, device="cuda")
+    context.set_input_shape("input_ids", tuple(ids.shape))
+    context.set_tensor_address("input_ids", ids.data_ptr())
+    context.set_tensor_address("logits", logits.data_ptr())
+    stream = torch.cuda.current_stream()
+    assert context.execute_async_v3(stream.cuda_stream)
+    stream.synchronize()
+    expected = ort.InferenceSession(str(lstm_work / "model.int8.onnx")).run(None, {"input_ids": ids.cpu().numpy()})[0]
+    assert (logits.cpu().numpy().argmax(1) == expected.argmax(1)).all()
