@@ -29,7 +29,7 @@ def _layer_precision(entry: dict[str, Any]) -> str:
     return ", ".join(dict.fromkeys(f.rsplit(" ", 1)[-1] for f in formats if f)) or "?"
 
 
-def plan_layers(metadata: EngineMetadata, engine: Path) -> tuple[list[dict[str, Any]], str | None]:
+def plan_layers(metadata: EngineMetadata, engine_path: Path) -> tuple[list[dict[str, Any]], str | None]:
     """(layers, None) from TensorRT's engine inspector, or ([], why not)."""
     from miaotui.cuda import no_gpu_reason
     from miaotui.engines.tensorrt_engine import import_tensorrt
@@ -44,7 +44,7 @@ def plan_layers(metadata: EngineMetadata, engine: Path) -> tuple[list[dict[str, 
         return [], str(error)
     logger = trt.Logger(trt.Logger.ERROR)
     runtime = trt.Runtime(logger)
-    plan = runtime.deserialize_cuda_engine(engine.read_bytes())
+    plan = runtime.deserialize_cuda_engine(engine_path.read_bytes())
     if plan is None:
         return [], f"{metadata.backend} {trt.__version__} could not deserialize the plan (built with {metadata.backend_version})"
     inspector = plan.create_engine_inspector()
@@ -59,16 +59,16 @@ def plan_layers(metadata: EngineMetadata, engine: Path) -> tuple[list[dict[str, 
     return layers, None
 
 
-def inspect_engine(engine: str | Path) -> EngineReport:
+def inspect_engine(path: str | Path) -> EngineReport:
     from miaotui.errors import InputError
 
-    engine = Path(engine)
-    if engine.name.endswith(".json"):  # the sidecar named instead of the engine
-        engine = engine.with_name(engine.name.removesuffix(".json"))
-    if not engine.is_file():
-        raise InputError(f"{engine}: file does not exist")
-    metadata = read_metadata(engine)
-    report = EngineReport(engine, metadata, sha256_file(engine) == metadata.engine_sha256)
+    engine_path = Path(path)
+    if engine_path.name.endswith(".json"):  # the sidecar named instead of the engine
+        engine_path = engine_path.with_name(engine_path.name.removesuffix(".json"))
+    if not engine_path.is_file():
+        raise InputError(f"{engine_path}: file does not exist")
+    metadata = read_metadata(engine_path)
+    report = EngineReport(engine_path, metadata, sha256_file(engine_path) == metadata.engine_sha256)
     if metadata.backend in ("tensorrt", "tensorrt-rtx") and report.file_matches:
-        report.layers, report.layers_unavailable = plan_layers(metadata, engine)
+        report.layers, report.layers_unavailable = plan_layers(metadata, engine_path)
     return report

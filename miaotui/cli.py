@@ -19,7 +19,6 @@ from miaotui.errors import InputError, MiaotuiError
 PLANNED = {
     "validate": ("ENGINE", "Accuracy parity of an engine against the PyTorch reference."),
     "bench": ("ENGINE...", "Latency and throughput of engines."),
-    "predict": ("ENGINE_OR_DIR TEXT...", "Classify texts with an engine."),
 }
 
 
@@ -264,7 +263,7 @@ def _engine_summary(metadata, engine: Path) -> None:
 
     table = Table(title=f"miaotui build: {escape(metadata.onnx_file)} -> {escape(str(engine))}", title_justify="left")
     for column, justify in (("artifact", "left"), ("size", "right"), ("s", "right"), ("check", "left")):
-        table.add_column(column, justify=justify)
+        table.add_column(column, justify=justify, overflow="fold")  # full file names, folded
     table.add_row(engine.name, _size(engine.stat().st_size), f"{metadata.build_seconds:.1f}", escape(_engine_check(metadata)))
     sidecar = sidecar_path(engine)
     table.add_row(sidecar.name, _size(sidecar.stat().st_size), "", f"{metadata.precision}; " + escape(_ranges_text(metadata)))
@@ -282,7 +281,7 @@ def _summary(command: str, config, work_dir: Path, results) -> None:
 
     table = Table(title=f"miaotui {command}: {config.name} -> {work_dir}", title_justify="left")
     for column, justify in (("stage", "left"), ("artifact", "left"), ("size", "right"), ("s", "right"), ("check", "left")):
-        table.add_column(column, justify=justify)
+        table.add_column(column, justify=justify, overflow="fold")  # full file names, folded
     for result in results:
         seconds = "cached" if result.skipped else f"{result.seconds:.1f}"
         for index, path in enumerate(result.files):
@@ -401,6 +400,32 @@ def _inspect_engine(path: Path) -> None:
         _console().print(f"layer output types: {types}")
         if report.layers_unavailable:
             _console().print(f"engine layers: not listed: {escape(report.layers_unavailable)}")
+
+
+@main.command()
+@click.argument("engine_or_dir", metavar="ENGINE_OR_DIR", type=click.Path(path_type=Path))
+@click.argument("texts", nargs=-1, required=True, metavar="TEXT...")
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt", "tensorrt-rtx"]), default=None,
+              help="Which of the work dir's engines (default: one that runs here, INT8 first).")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None, help="Which of the work dir's engines.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime threads (default: its choice).")
+@reports_errors
+def predict(engine_or_dir: Path, texts, backend, precision, threads) -> None:
+    """Classify texts with an engine (a work dir, or an engine file inside one)."""
+    from rich.table import Table
+
+    from miaotui.runtime import Classifier
+
+    classifier = Classifier.load(engine_or_dir, backend=backend, precision=precision, threads=threads)
+    predictions = classifier.predict(list(texts))
+    engine = classifier.engine
+    table = Table(title=f"miaotui predict: {escape(str(engine.path))} ({engine.backend}, {engine.metadata.precision}, "
+                  f"{engine.provider})", title_justify="left")
+    for column, justify in (("text", "left"), ("label", "left"), ("score", "right")):
+        table.add_column(column, justify=justify, overflow="fold")
+    for text, prediction in zip(texts, predictions):
+        table.add_row(escape(text), escape(prediction.label), f"{prediction.score:.3f}")
+    _console().print(table)
 
 
 def _planned_command(name: str, metavar: str, summary: str):

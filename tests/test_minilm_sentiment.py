@@ -186,3 +186,22 @@ def test_int8_graph_follows_the_rules_and_tensorrt_builds_it(exported, quantized
     built = build_engine(quantized.path, tmp_path / "minilm.int8.plan", BuildOptions(backend="tensorrt-rtx"), config)
     assert built.metadata.precision == "int8" and built.metadata.network["int8_nodes"] == 33
     assert built.metadata.network["tensorrt"]["by_output_type"]["INT8"] > 30  # the Q/DQ reached TensorRT
+
+
+def test_classifier_serves_the_int8_engine_with_the_attention_mask(exported, quantized):
+    """`miaotui run minilm-sentiment`'s engine through the runtime: texts in, the INT8 model's labels out."""
+    from miaotui.engines import BuildOptions
+    from miaotui.engines.stage import run_build_stage
+    from miaotui.runtime import Classifier
+
+    config, model, onnx_path = exported
+    run_build_stage(config, onnx_path.parent, BuildOptions(backend="onnxruntime"), progress=False)
+    classifier = Classifier.load(onnx_path.parent, threads=2)
+    assert [t.name for t in classifier.engine.inputs] == ["input_ids", "attention_mask"]
+    texts = [e.text for e in load_split("test")[:96]]
+    predictions = classifier.predict(texts)
+    tokenizer = load_tokenizer(config.model.tokenizer, MAX_LENGTH)
+    session = ort.InferenceSession(str(quantized.path), providers=["CPUExecutionProvider"])
+    expected = np.concatenate([session.run(None, encode(tokenizer, [text]))[0] for text in texts])  # unpadded, one by one
+    assert [p.index for p in predictions] == expected.argmax(1).tolist()
+    assert {p.label for p in predictions} <= set(config.model.labels)

@@ -1,0 +1,140 @@
+"""Classifier.load(work_dir_or_engine): an engine, its tokenizer and label names; predict(texts).
+
+    clf = Classifier.load("build/lstm-sentiment")
+    clf.predict(["这本书写得很好", "太差了"])   # [Prediction(label='positive', score=0.97, index=1), ...]
+
+The tokenizer and labels come from the work dir's config.toml (written by the export stage), read
+with the standard library: a service needs neither torch nor onnx, nor the model's training files.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from miaotui.errors import InputError
+from miaotui.runtime.engine import Engine
+
+TEXT_INPUTS = ("input_ids", "attention_mask")
+PRECISION_PREFERENCE = ("int8", "int8-fp16", "fp16", "fp32")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    score: float  # softmax probability of the label
+    index: int  # class index
+
+
+def _engines_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("*") if p.suffix in (".ort", ".plan") and p.with_name(p.name + ".json").is_file())
+
+
+def choose_engine(work_dir: Path, backend: str | None = None, precision: str | None = None) -> Path:
+    """The work dir's engine to serve: the one asked for, else one that runs here (a TensorRT plan
+    where a GPU is, the onnxruntime engine otherwise), INT8 first."""
+    from miaotui.cuda import no_gpu_reason
+    from miaotui.engines.metadata import read_metadata
+
+    candidates = [(path, read_metadata(path)) for path in _engines_in(work_dir / "engines")]
+    if backend:
+        candidates = [(p, m) for p, m in candidates if m.backend == backend]
+    if precision:
+        candidates = [(p, m) for p, m in candidates if m.precision == precision]
+    if not candidates:
+        wanted = " ".join(filter(None, (backend, precision)))
+        raise InputError(f"{work_dir / 'engines'}: no {wanted + ' ' if wanted else ''}engine there; build one with "
+                         f"'miaotui run' or 'miaotui build'")
+    backends = ("tensorrt", "tensorrt-rtx", "onnxruntime") if no_gpu_reason() is None else ("onnxruntime",)
+    runnable = [(p, m) for p, m in candidates if m.backend in backends] or candidates
+    runnable.sort(key=lambda pm: (backends.index(pm[1].backend) if pm[1].backend in backends else 9,
+                                  PRECISION_PREFERENCE.index(pm[1].precision) if pm[1].precision in PRECISION_PREFERENCE else 9))
+    return runnable[0][0]
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+class Classifier:
+    def __init__(self, engine: Engine, tokenizer, labels: Sequence[str] | None, output: str):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.labels = list(labels) if labels else None
+        self.output = output
+        names = [t.name for t in engine.inputs]
+        if not set(names) <= set(TEXT_INPUTS) or "input_ids" not in names:
+            raise InputError(f"{engine.path}: the engine takes {', '.join(names)}; a Classifier feeds "
+                             f"{' and '.join(TEXT_INPUTS)} from its tokenizer: call Engine directly")
+        ids = engine.metadata.input("input_ids")
+        self._seq_min, self._seq_max = ids.min[1], ids.max[1]
+
+    @classmethod
+    def load(cls, path: str | Path, backend: str | None = None, precision: str | None = None,
+             threads: int | None = None) -> "Classifier":
+        """`path`: a work dir (its best engine for this machine is chosen) or an engine file inside one."""
+        from miaotui.data.tokenizers import configure, load_tokenizer
+
+        path = Path(path)
+        if path.is_dir():
+            work_dir, engine_path = path, choose_engine(path, backend, precision)
+        elif path.is_file():
+            engine_path = path
+            work_dir = path.parent.parent if path.parent.name == "engines" else path.parent
+        else:
+            raise InputError(f"{path}: no such work dir or engine file")
+        config_path = work_dir / "config.toml"
+        if not config_path.is_file():
+            raise InputError(f"{config_path}: missing; a Classifier reads the tokenizer and labels from the work dir's "
+                             "config.toml (written by 'miaotui export')")
+        try:
+            model = tomllib.loads(config_path.read_text(encoding="utf-8")).get("model", {})
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+            raise InputError(f"{config_path}: not valid TOML: {error}") from None
+        if not model.get("tokenizer"):
+            raise InputError(f"{config_path}: key 'model.tokenizer' is missing; a Classifier needs a tokenizer.json "
+                             "(call Engine directly to feed tensors)")
+        engine = Engine.load(engine_path, threads)
+        tokenizer_path = (work_dir / model["tokenizer"]).resolve()
+        tokenizer = load_tokenizer(tokenizer_path)
+        ids = engine.metadata.input("input_ids")
+        configure(tokenizer, ids.max[1])  # truncate to the longest sequence the engine takes
+        outputs = model.get("outputs") or [engine.outputs[0].name]
+        return cls(engine, tokenizer, model.get("labels"), outputs[0])
+
+    def predict(self, texts: str | Sequence[str], batch_size: int | None = None) -> list[Prediction]:
+        """Label and score per text, in the order given. Texts of similar length are batched together
+        (less padding), each batch padded to its longest text."""
+        from miaotui.data.tokenizers import encode
+
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = list(texts)
+        if not texts:
+            return []
+        if not all(isinstance(t, str) for t in texts):
+            raise InputError("predict() takes texts (str)")
+        size = min(batch_size or self.engine.max_batch or 32, self.engine.max_batch or 32)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        names = [t.name for t in self.engine.inputs]
+        dtypes = {t.name: np.dtype(t.dtype) for t in self.engine.inputs}
+        predictions: list[Prediction | None] = [None] * len(texts)
+        for start in range(0, len(order), size):
+            chunk = order[start:start + size]
+            encoded = encode(self.tokenizer, [texts[i] for i in chunk])
+            short = self._seq_min - encoded["input_ids"].shape[1]
+            if short > 0:  # an empty text tokenizes to nothing; the engine takes at least seq_min tokens
+                encoded = {k: np.pad(v, ((0, 0), (0, short))) for k, v in encoded.items()}
+            feed = {name: encoded[name].astype(dtypes[name], copy=False) for name in names}
+            probabilities = _softmax(self.engine.run(feed)[self.output].astype(np.float64))
+            for row, index in enumerate(chunk):
+                best = int(probabilities[row].argmax())
+                label = self.labels[best] if self.labels and best < len(self.labels) else str(best)
+                predictions[index] = Prediction(label, float(probabilities[row, best]), best)
+        return predictions  # type: ignore[return-value]

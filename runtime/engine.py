@@ -1,0 +1,110 @@
+"""Engine.load(path): an engine checked against its sidecar and this machine, safe to call from many threads.
+
+    engine = Engine.load("build/lstm-sentiment/engines/lstm-sentiment.onnxruntime.int8.ort")
+    outputs = engine(input_ids=ids)              # numpy in, numpy out; torch in, torch out
+    outputs = engine.run({"input_ids": ids}, batch_size=16)
+
+Imports nothing from export/, and neither torch nor onnx to serve an onnxruntime engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from miaotui.artifacts import sha256_file
+from miaotui.engines.metadata import EngineMetadata, TensorInfo, TensorRange, read_metadata
+from miaotui.errors import InputError
+from miaotui.runtime.inputs import batch_axis_shared, batch_slices, is_torch, to_feed
+
+
+class Engine:
+    """A loaded engine. Build one with Engine.load(); `inputs` and `outputs` say what it takes and gives."""
+
+    def __init__(self, path: Path, metadata: EngineMetadata, backend):
+        self.path = path
+        self.metadata = metadata
+        self._backend = backend
+        self._splittable = batch_axis_shared(metadata.inputs)
+        self.max_batch = min(t.max[0] for t in metadata.inputs) if self._splittable else None
+
+    @classmethod
+    def load(cls, path: str | Path, threads: int | None = None) -> "Engine":
+        """Read the sidecar, check the file and this machine against it, and open the backend.
+        `threads`: ONNX Runtime's intra-op threads (default: ONNX Runtime's choice)."""
+        path = Path(path)
+        if path.is_dir():
+            raise InputError(f"{path}: a folder; Engine.load takes an engine file (.ort, .plan); Classifier.load takes a work dir")
+        if not path.is_file():
+            raise InputError(f"{path}: engine file does not exist")
+        metadata = read_metadata(path)
+        if path.stat().st_size != metadata.engine_bytes or sha256_file(path) != metadata.engine_sha256:
+            raise InputError(f"{path}: the file is not the engine its sidecar describes (sha256 differs: truncated, "
+                             "damaged or replaced): rebuild it with 'miaotui build'")
+        if threads is not None and threads < 1:
+            raise InputError(f"threads={threads}: expected a positive number of threads")
+        if metadata.backend == "onnxruntime":
+            from miaotui.runtime.onnxruntime_backend import OnnxRuntimeBackend, check_machine
+
+            check_machine(path, metadata)
+            backend = OnnxRuntimeBackend(path, metadata, threads)
+        else:
+            from miaotui.runtime.tensorrt_backend import TensorRTBackend, check_machine
+
+            backend = TensorRTBackend(path, metadata, check_machine(path, metadata))
+        return cls(path, metadata, backend)
+
+    @property
+    def inputs(self) -> list[TensorRange]:
+        return list(self.metadata.inputs)
+
+    @property
+    def outputs(self) -> list[TensorInfo]:
+        return list(self.metadata.outputs)
+
+    @property
+    def backend(self) -> str:
+        return self.metadata.backend
+
+    @property
+    def provider(self) -> str:
+        """What really runs the engine (e.g. CPUExecutionProvider)."""
+        return self._backend.provider
+
+    def __call__(self, **inputs) -> dict:
+        return self.run(inputs)
+
+    def run(self, inputs: Mapping[str, object], batch_size: int | None = None) -> dict:
+        """Outputs by name. Batches larger than `batch_size` (default and at most: the engine's max)
+        are run in slices and joined."""
+        feed = to_feed(self.metadata.inputs, inputs)
+        if batch_size is not None and batch_size < 1:
+            raise InputError(f"batch_size={batch_size}: expected a positive number of rows")
+        limit = self.max_batch if self._splittable else feed.batch
+        size = min(batch_size or limit, limit)
+        if feed.batch <= size:
+            results = [self._backend.run(feed.arrays)]
+        else:
+            results = [self._backend.run(chunk) for chunk in batch_slices(feed, size)]
+        outputs = {}
+        for index, info in enumerate(self.metadata.outputs):
+            parts = [result[index] for result in results]
+            outputs[info.name] = _deliver(parts, feed.torch_device)
+        return outputs
+
+
+def _deliver(parts: list, device: str | None):
+    """Join the slices' outputs and hand them back in the caller's kind: numpy, or torch on its device."""
+    if is_torch(parts[0]):
+        import torch
+
+        joined = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return joined.cpu().numpy() if device is None else joined.to(device)
+    joined = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    if device is None:
+        return joined
+    import torch
+
+    return torch.from_numpy(joined).to(device)

@@ -1,0 +1,96 @@
+"""Runs a TensorRT or TensorRT-RTX plan on a CUDA GPU, with torch CUDA tensors as buffers.
+
+TensorRT 10/11's name-based API: deserialize_cuda_engine, one execution context and CUDA stream per
+calling thread (a context holds shapes and addresses: sharing one between threads mixes their
+calls), set_input_shape, set_tensor_address, outputs sized from the context, execute_async_v3.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from miaotui.engines.metadata import EngineMetadata
+from miaotui.errors import InputError
+
+
+def check_machine(path: Path, metadata: EngineMetadata):
+    """The library, its version and a GPU the plan was built for; returns the TensorRT module."""
+    from miaotui.cuda import cuda_devices, no_gpu_reason
+    from miaotui.engines.tensorrt_engine import import_tensorrt
+
+    reason = no_gpu_reason()
+    if reason:
+        raise InputError(f"{path}: a {metadata.backend} plan runs on an NVIDIA GPU, and {reason}; "
+                         "on this machine use the onnxruntime engine (miaotui build --backend onnxruntime)")
+    trt = import_tensorrt(metadata.backend)
+    built, here = metadata.backend_version, trt.__version__
+    same = built.split(".")[:3] == here.split(".")[:3] if metadata.backend == "tensorrt" else \
+        built.split(".")[:2] == here.split(".")[:2]
+    if not same and not metadata.settings.get("version_compatible"):
+        raise InputError(f"{path}: built with {metadata.backend} {built}, this machine has {here}; plans are tied to "
+                         "the version that built them: rebuild the engine here (miaotui build)")
+    gpu = cuda_devices()[0]
+    targets = metadata.device.get("compute_capabilities")
+    if targets is not None and gpu.compute_capability not in targets:
+        raise InputError(f"{path}: built for {', '.join(targets)}, this GPU ({gpu.name}) is {gpu.compute_capability}: "
+                         f"rebuild with --compute-capability {gpu.compute_capability}")
+    built_for = metadata.device.get("compute_capability")
+    compatible = metadata.device.get("hardware_compatibility") == "ampere+" and int(gpu.compute_capability[2:]) >= 80
+    if built_for and built_for != gpu.compute_capability and not compatible:
+        raise InputError(f"{path}: built on a {built_for} GPU, this one ({gpu.name}) is {gpu.compute_capability}: rebuild "
+                         "the engine here, or build with --hardware-compatibility ampere+")
+    return trt
+
+
+class TensorRTBackend:
+    def __init__(self, path: Path, metadata: EngineMetadata, trt):
+        try:
+            import torch
+        except ImportError:
+            raise InputError(f"{path}: running a TensorRT plan needs torch with CUDA for its buffers (pip install torch)") from None
+        if not torch.cuda.is_available():
+            raise InputError(f"{path}: this torch ({torch.__version__}) has no CUDA; a TensorRT plan needs CUDA buffers")
+        self.torch, self.trt = torch, trt
+        self.provider = f"{metadata.backend} on {torch.cuda.get_device_name()}"
+        runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
+        self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
+        if self.engine is None:
+            raise InputError(f"{path}: {metadata.backend} {trt.__version__} could not deserialize this plan "
+                             "(damaged, or built by another version): rebuild it")
+        self.runtime = runtime  # the engine needs its runtime alive
+        self.output_names = [o.name for o in metadata.outputs]
+        self._local = threading.local()
+
+    def _context(self):
+        if getattr(self._local, "context", None) is None:
+            self._local.context = self.engine.create_execution_context()
+            self._local.stream = self.torch.cuda.Stream()
+        return self._local.context, self._local.stream
+
+    def run(self, arrays: dict[str, object]) -> list:
+        torch = self.torch
+        context, stream = self._context()
+        with torch.cuda.stream(stream):
+            inputs = {name: (value if type(value).__module__.startswith("torch") else torch.from_numpy(value))
+                      .to("cuda", non_blocking=True).contiguous() for name, value in arrays.items()}
+            for name, tensor in inputs.items():
+                context.set_input_shape(name, tuple(tensor.shape))
+                context.set_tensor_address(name, tensor.data_ptr())
+            outputs = []
+            for name in self.output_names:
+                shape = tuple(context.get_tensor_shape(name))
+                dtype = torch.from_numpy(self._empty(name)).dtype
+                output = torch.empty(shape, dtype=dtype, device="cuda")
+                context.set_tensor_address(name, output.data_ptr())
+                outputs.append(output)
+            ok = context.execute_async_v3(stream.cuda_stream)
+        stream.synchronize()
+        if not ok:
+            raise RuntimeError("TensorRT's execute_async_v3 failed; see TensorRT's log above")
+        return outputs
+
+    def _empty(self, name: str):
+        import numpy as np
+
+        return np.empty(0, dtype=self.trt.nptype(self.engine.get_tensor_dtype(name)))
