@@ -20,7 +20,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # The main job: export -> optimize -> quantize -> build (the onnxruntime engine, and the TensorRT-RTX
-# plan where that library is installed, as it is by [dev]); each stage skipped when up to date.
+# plan where that library is installed, as it is by [dev]) -> the parity gate on the engine that runs
+# here; each stage skipped when up to date. Exit 1 when the gate fails.
 export: setup
 	$(BIN)/miaotui run $(MODEL)
 

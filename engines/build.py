@@ -77,8 +77,15 @@ def synthetic_feed(ranges: list[TensorRange], which: str, config: Config | None,
     return feed
 
 
-def _check_onnxruntime_engine(onnx_path: Path, engine: Path, session_settings: dict, ranges: list[TensorRange],
-                              config: Config | None) -> dict:
+def _max_diff(expected: np.ndarray, actual: np.ndarray) -> float:
+    """Largest |difference|; NaN where both are NaN is the same answer (the parity gate judges NaNs)."""
+    diff = np.abs(expected.astype(np.float64) - actual.astype(np.float64))
+    diff[np.isnan(expected) & np.isnan(actual)] = 0.0
+    return float(np.max(diff, initial=0.0)) if not np.isnan(diff).any() else float("nan")
+
+
+def _check_onnxruntime_engine(onnx_path: Path, engine: Path, name: str, session_settings: dict,
+                              ranges: list[TensorRange], config: Config | None) -> dict:
     """The engine runs at the min and max shapes, and at opt answers like ONNX Runtime on the source."""
     import onnxruntime
 
@@ -104,10 +111,9 @@ def _check_onnxruntime_engine(onnx_path: Path, engine: Path, session_settings: d
     feed = synthetic_feed(ranges, "opt", config)
     expected = session(onnx_path, False).run(None, feed)
     actual = built.run(None, feed)
-    worst = max(float(np.max(np.abs(e.astype(np.float64) - a.astype(np.float64)), initial=0.0))
-                for e, a in zip(expected, actual))
+    worst = max(_max_diff(e, a) for e, a in zip(expected, actual))
     if not worst <= ENGINE_ATOL:
-        raise CheckFailed(f"{engine.name}: the built engine differs from ONNX Runtime on {onnx_path.name} by {worst:.2e} "
+        raise CheckFailed(f"{name}: the built engine differs from ONNX Runtime on {onnx_path.name} by {worst:.2e} "
                           f"(bar {ENGINE_ATOL:g}) at the opt shapes")
     return {"vs_onnx_max_abs_diff": worst, "atol": ENGINE_ATOL, "ran_at": ["min", "opt", "max"]}
 
@@ -162,7 +168,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, options: BuildO
             version, device, session = onnxruntime.__version__, built.device, built.session
             settings = {"graph_optimization_level": "ORT_ENABLE_ALL", "provider": built.provider,
                         "requested_provider": built.requested_provider}
-            checks = _check_onnxruntime_engine(onnx_path, staged_engine, session, ranges, config)
+            checks = _check_onnxruntime_engine(onnx_path, staged_engine, engine_path.name, session, ranges, config)
         else:
             from miaotui.engines.tensorrt_engine import build_tensorrt
 

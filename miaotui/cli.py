@@ -13,11 +13,10 @@ from pathlib import Path
 import click
 
 from miaotui.config import PRECISIONS, QUANTIZE_METHODS
-from miaotui.errors import InputError, MiaotuiError
+from miaotui.errors import CheckFailed, InputError, MiaotuiError
 
 # Commands of later issues: listed in --help so the whole flow is visible, refusing with exit 2.
 PLANNED = {
-    "validate": ("ENGINE", "Accuracy parity of an engine against the PyTorch reference."),
     "bench": ("ENGINE...", "Latency and throughput of engines."),
 }
 
@@ -58,9 +57,10 @@ def main() -> None:
     """
 
 
-def _stage_command(name: str, summary: str, options=(), spinner: bool = True):
+def _stage_command(name: str, summary: str, options=(), spinner: bool = True, after=None):
     """A command that runs one stage of a config's flow (and the stages before it, when stale).
-    `options` are extra click options, passed to the stage function as keyword arguments."""
+    `options` are extra click options, passed to the stage function as keyword arguments;
+    `after(config, work_dir, results)` runs once the summary is printed (the run command's gate)."""
 
     def decorate(run):
         @reports_errors
@@ -78,6 +78,8 @@ def _stage_command(name: str, summary: str, options=(), spinner: bool = True):
                 for warning in getattr(result, "warnings", []):
                     _console(stderr=True).print(f"[yellow]warning:[/yellow] {escape(warning)}")
             _summary(name, config, work_dir, results)
+            if after is not None:
+                after(config, work_dir, results)
 
         for option in reversed(options):
             command = option(command)
@@ -166,10 +168,31 @@ def _tensorrt_options(workspace_mib, optimization_level, compute_capabilities, v
                            hardware_compatibility)
 
 
+def _gate_built_engines(config, work_dir: Path, results) -> None:
+    """`run` ends with the parity gate on every engine it built that can run here."""
+    from miaotui.cuda import no_gpu_reason
+    from miaotui.validation.report import verdict_line
+
+    failed = []
+    for result in results:
+        if result.stage != "build":
+            continue
+        backend = result.details.get("backend")
+        if backend != "onnxruntime" and (reason := no_gpu_reason()):
+            _console(stderr=True).print(f"validate {escape(result.path.name)}: skipped, running a plan needs a GPU ({reason})")
+            continue
+        report = run_gate(result.path, config, work_dir, None, None)
+        if not report.passed:
+            failed.append(f"{result.path.name}: {verdict_line(report)}")
+    if failed:
+        raise CheckFailed("parity gate " + " | ".join(failed))
+
+
 @_stage_command(
     "run",
-    "Run every stage: export, optimize, quantize (int8), then build an engine for each --backend "
-    "(default: onnxruntime, and tensorrt-rtx where it is installed) into engines/.",
+    "Run every stage: export, optimize, quantize (int8), build an engine for each --backend "
+    "(default: onnxruntime, and tensorrt-rtx where it is installed) into engines/, then the parity gate "
+    "on each engine that runs here (exit 1 when a bar is missed).",
     options=(
         click.option("--backend", "backends", multiple=True, type=click.Choice(["onnxruntime", "tensorrt", "tensorrt-rtx"]),
                      help="Engine backend (repeatable; default: onnxruntime, plus tensorrt-rtx where installed)."),
@@ -178,6 +201,7 @@ def _tensorrt_options(workspace_mib, optimization_level, compute_capabilities, v
         *_TENSORRT_OPTIONS,
     ),
     spinner=False,
+    after=lambda config, work_dir, results: _gate_built_engines(config, work_dir, results),
 )
 def run(config, work_dir: Path, force: bool, backends, precision, **tensorrt):
     from miaotui.engines import BuildOptions
@@ -426,6 +450,88 @@ def predict(engine_or_dir: Path, texts, backend, precision, threads) -> None:
     for text, prediction in zip(texts, predictions):
         table.add_row(escape(text), escape(prediction.label), f"{prediction.score:.3f}")
     _console().print(table)
+
+
+def _config_for_engine(engine: Path, config_or_model: str | None):
+    """--config, else the config.toml of the work dir the engine sits in (engines/ inside it)."""
+    from miaotui.models import resolve_config
+
+    if config_or_model:
+        return resolve_config(config_or_model)
+    work_dir = engine.parent.parent if engine.parent.name == "engines" else engine.parent
+    if (work_dir / "config.toml").is_file():
+        return resolve_config(work_dir / "config.toml")
+    raise InputError(f"{engine}: no config.toml in its work dir; give --config CONFIG|MODEL")
+
+
+def run_gate(engine: Path, config, work_dir: Path, report_dir: Path | None, junit: Path | None, threads=None):
+    """Validate, print the verdict table, write the reports; the report (caller decides the exit)."""
+    from miaotui.validation import validate_engine, write_reports
+
+    report = validate_engine(engine, config, work_dir, threads=threads)
+    folder = report_dir or work_dir / "reports" / engine.name.rsplit(".", 1)[0]
+    written = write_reports(report, folder, junit)
+    for warning in report.warnings:
+        _console(stderr=True).print(f"[yellow]warning:[/yellow] {escape(warning)}")
+    _parity_table(report, written)
+    return report
+
+
+def _parity_table(report, written) -> None:
+    from rich.table import Table
+
+    from miaotui.validation.report import METRIC_ROWS, metric_text, verdict_line
+
+    colour = "green" if report.passed else "red"
+    table = Table(title=f"miaotui validate: {escape(report.engine)} ({report.backend}, {report.precision}) vs PyTorch "
+                  f"on {report.samples} samples", title_justify="left")
+    table.add_column("metric")
+    for metrics in report.outputs:
+        table.add_column(escape(metrics.output), justify="right")
+    for label, attribute, fmt in METRIC_ROWS:
+        table.add_row(label, *(metric_text(m, attribute, fmt) for m in report.outputs))
+    _console().print(table)
+    checks = Table(show_header=True)
+    for column in ("check", "value", "bar", ""):
+        checks.add_column(column)
+    for check in report.checks:
+        sign = "<=" if check.kind == "max" else ">="
+        value = "n/a" if check.value is None else f"{check.value:.6g}"
+        mark = "[green]ok[/green]" if check.passed else "[red]FAILED[/red]"
+        checks.add_row(escape(f"{check.output} {check.metric}"), value, f"{sign} {check.limit:g}", mark)
+    _console().print(checks)
+    _console().print(f"[{colour}]{escape(verdict_line(report))}[/{colour}]; reports: "
+                     + ", ".join(escape(str(p)) for p in written))
+
+
+@main.command()
+@click.argument("engine", metavar="ENGINE", type=click.Path(path_type=Path))
+@click.option("--config", "config_or_model", default=None, metavar="CONFIG|MODEL",
+              help="The model's config (default: config.toml of the work dir the engine is in).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Work dir holding reference.npz (default: the engine's work dir, else build/<name>).")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for parity.json, parity.md, parity.xml (default: <work dir>/reports/<engine name>).")
+@click.option("--junit", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the JUnit XML here instead of the report folder.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime threads.")
+@reports_errors
+def validate(engine: Path, config_or_model, out_dir, report_dir, junit, threads) -> None:
+    """The parity gate: ENGINE against the PyTorch reference on the validation set.
+
+    Exit 0 when every bar is cleared, 1 when one is missed (each named with its value and bar),
+    2 on bad usage or input."""
+    config = _config_for_engine(engine, config_or_model)
+    if out_dir is None:
+        parent = engine.parent.parent if engine.parent.name == "engines" else None
+        out_dir = parent if parent is not None and (parent / "config.toml").is_file() else Path("build") / config.name
+    if junit is not None and not junit.parent.is_dir():
+        raise InputError(f"--junit {junit}: folder {junit.parent} does not exist")
+    report = run_gate(engine, config, out_dir, report_dir, junit, threads)
+    if not report.passed:
+        from miaotui.validation.report import verdict_line
+
+        raise CheckFailed(f"parity gate {verdict_line(report)}")
 
 
 def _planned_command(name: str, metavar: str, summary: str):

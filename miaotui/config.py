@@ -71,6 +71,9 @@ class ExportSpec:
 
 
 QUANTIZE_METHODS = ("minmax", "entropy", "percentile")
+# The parity gate's bars, keys of a [validate.PRECISION] table (what each reads: validation/thresholds.py).
+VALIDATE_BARS = ("max_abs_error", "max_mean_abs_error", "max_rel_error", "min_cosine", "min_top1_agreement",
+                 "min_topk_agreement", "max_kl_divergence", "max_accuracy_drop")
 
 
 @dataclass(frozen=True)
@@ -402,6 +405,7 @@ def _parse_validate(r: _Reader, table: dict) -> dict[str, dict[str, float]]:
         where = f"validate.{precision}"
         if not isinstance(bars, dict):
             raise r.fail(where, f"expected a table of thresholds, got {_show(bars)}")
+        r.only(bars, VALIDATE_BARS, where)
         for key, value in bars.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise r.fail(f"{where}.{key}", f"expected a number, got {_show(value)}")

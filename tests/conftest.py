@@ -100,3 +100,17 @@ def router(custom_model_dir: Path) -> Path:
     write_custom_config(custom_model_dir, DATA)
     write_data(custom_model_dir)
     return custom_model_dir
+
+
+@pytest.fixture(scope="session")
+def lstm_work(tmp_path_factory) -> Path:
+    """The default model's work dir as `make export` leaves it: model.onnx, model.opt.onnx,
+    model.int8.onnx, config.toml and engines/lstm-sentiment.onnxruntime.int8.ort. Shared: tests may
+    add engines and reports to it, never change what is there."""
+    from miaotui.engines import BuildOptions
+    from miaotui.engines.stage import run_build_stage
+    from miaotui.models import resolve_config
+
+    work = tmp_path_factory.mktemp("lstm") / "work"
+    run_build_stage(resolve_config("lstm-sentiment"), work, BuildOptions(backend="onnxruntime"), progress=False)
+    return work

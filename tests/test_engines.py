@@ -26,7 +26,6 @@ from miaotui.engines import BuildOptions, TensorRTOptions, build_engine, read_me
 from miaotui.engines.stage import run_build_stage
 from miaotui.engines.tensorrt_engine import HARDWARE_COMPATIBILITY
 from miaotui.errors import InputError
-from miaotui.export import run_quantize_stage
 from miaotui.models import resolve_config
 from miaotui.models.lstm_sentiment import MAX_LENGTH
 
@@ -36,14 +35,6 @@ REPO = Path(__file__).resolve().parents[1]
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, COLUMNS="200")
     return subprocess.run([sys.executable, "-m", "miaotui.cli", *args], capture_output=True, text=True, env=env, cwd=cwd)
-
-
-@pytest.fixture(scope="module")
-def lstm_work(tmp_path_factory) -> Path:
-    """The default model's work dir through quantize: model.opt.onnx, model.int8.onnx, config.toml."""
-    work = tmp_path_factory.mktemp("lstm") / "work"
-    run_quantize_stage(resolve_config("lstm-sentiment"), work, progress=False)
-    return work
 
 
 def _ort_engine_session(engine: Path):

@@ -205,3 +205,18 @@ def test_classifier_serves_the_int8_engine_with_the_attention_mask(exported, qua
     expected = np.concatenate([session.run(None, encode(tokenizer, [text]))[0] for text in texts])  # unpadded, one by one
     assert [p.index for p in predictions] == expected.argmax(1).tolist()
     assert {p.label for p in predictions} <= set(config.model.labels)
+
+
+def test_the_parity_gate_passes_on_the_int8_engine(exported, quantized):
+    """What CI gates on: the INT8 onnxruntime engine against PyTorch on the validation split."""
+    from miaotui.engines import BuildOptions
+    from miaotui.engines.stage import run_build_stage
+
+    config, model, onnx_path = exported
+    built = run_build_stage(config, onnx_path.parent, BuildOptions(backend="onnxruntime"), progress=False)
+    result = CliRunner().invoke(main, ["validate", str(built.path)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    report = json.loads((onnx_path.parent / "reports" / built.path.name.removesuffix(".ort") / "parity.json").read_text())
+    (logits,) = report["outputs"]
+    assert report["passed"] and report["samples"] == 886 and report["from_work_dir"]
+    assert logits["top1_agreement"] >= 0.99 and logits["accuracy_drop"] <= 0.01 and logits["cosine"] >= 0.99

@@ -28,14 +28,6 @@ from miaotui.runtime import Classifier, Engine
 
 
 @pytest.fixture(scope="module")
-def lstm_work(tmp_path_factory) -> Path:
-    """The default model's work dir with its onnxruntime INT8 engine (what `make export` builds)."""
-    work = tmp_path_factory.mktemp("lstm") / "work"
-    run_build_stage(resolve_config("lstm-sentiment"), work, BuildOptions(backend="onnxruntime"), progress=False)
-    return work
-
-
-@pytest.fixture(scope="module")
 def lstm_engine(lstm_work: Path) -> Path:
     return lstm_work / "engines" / "lstm-sentiment.onnxruntime.int8.ort"
 

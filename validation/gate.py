@@ -1,0 +1,129 @@
+"""The parity gate: an engine, run through the runtime on the validation split, against PyTorch.
+
+    report = validate_engine("build/m/engines/m.onnxruntime.int8.ort", config, "build/m")
+    report.passed, report.failures()
+
+Bad usage (an engine and a config that do not belong together, data the engine cannot take, no
+labels where the config asks for accuracy) raises InputError before any metric is computed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from miaotui.config import Config
+from miaotui.errors import InputError
+from miaotui.validation.metrics import OutputMetrics, output_metrics
+from miaotui.validation.thresholds import Check, bars_for, judge
+
+
+@dataclass
+class ParityReport:
+    engine: str
+    backend: str
+    precision: str
+    provider: str
+    config: str
+    validation_set: str
+    samples: int
+    from_work_dir: bool  # the engine was built from this work dir's model.int8.onnx / model.opt.onnx
+    bars: dict[str, float]
+    outputs: list[OutputMetrics]
+    checks: list[Check]
+    reference_cached: bool
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(check.passed for check in self.checks)
+
+    def failures(self) -> list[Check]:
+        return [check for check in self.checks if not check.passed]
+
+
+def check_engine_matches_config(engine, config: Config) -> None:
+    """Same input names and dtypes, same output names: else they do not belong together."""
+    engine_inputs = {t.name: t.dtype for t in engine.inputs}
+    config_inputs = {name: spec.dtype for name, spec in config.inputs.items()}
+    engine_outputs = [o.name for o in engine.outputs]
+
+    def text(items) -> str:
+        return ", ".join(f"{k} {v}" for k, v in items.items()) if isinstance(items, dict) else ", ".join(items)
+
+    if engine_inputs != config_inputs:
+        raise InputError(f"{engine.path} takes inputs ({text(engine_inputs)}) but {config.path} describes "
+                         f"({text(config_inputs)}): the engine and the config do not belong together")
+    if engine_outputs != list(config.model.outputs):
+        raise InputError(f"{engine.path} gives outputs ({text(engine_outputs)}) but {config.path} names "
+                         f"({text(config.model.outputs)}): the engine and the config do not belong together")
+
+
+def _built_from_work_dir(engine, work_dir: Path) -> bool:
+    from miaotui.artifacts import WorkDir
+
+    work = WorkDir(work_dir)
+    digests = {digest for stage in ("optimize", "quantize") if (record := work.record(stage))
+               for digest in record.outputs.values()}
+    return engine.metadata.onnx_sha256 in digests
+
+
+def validate_engine(engine_path: str | Path, config: Config, work_dir: str | Path, progress: bool = True,
+                    threads: int | None = None) -> ParityReport:
+    from miaotui.data.datasets import data_set, summarize
+    from miaotui.runtime import Engine
+    from miaotui.validation.reference import collect_outputs, load_reference, run_reference_stage
+
+    started = time.perf_counter()
+    engine = Engine.load(engine_path, threads)
+    check_engine_matches_config(engine, config)
+    if not config.data.validation:
+        raise InputError(f"{config.path}: key 'data.validation' is missing; the parity gate compares the engine with "
+                         "PyTorch on the validation set")
+    validation = data_set(config, "validation")
+    precision = engine.metadata.precision
+    bars, own = bars_for(config, precision)
+    has_labels = summarize(validation).has_labels
+    if not has_labels:
+        if "max_accuracy_drop" in own:
+            raise InputError(f"{validation.where}: no 'labels', but {config.path} [validate.{precision}] sets "
+                             "max_accuracy_drop: the accuracy bar needs labelled validation data")
+        bars.pop("max_accuracy_drop", None)
+
+    reference_stage = run_reference_stage(config, work_dir, progress=progress)
+    reference = load_reference(reference_stage.path)
+    names = [o.name for o in engine.outputs]
+
+    def run_engine(feed):
+        try:
+            return engine.run(feed)
+        except InputError as error:  # name the data set too: the data does not fit this engine
+            raise InputError(f"{validation.where}: {error}") from None
+
+    outputs, labels = collect_outputs(run_engine, validation.batches(), names, validation.where, progress,
+                                      f"{engine.backend} {precision}")
+    samples = len(outputs[names[0]])
+    if samples != reference.samples:
+        raise InputError(f"{validation.where}: {samples} samples now, {reference.samples} in {reference_stage.path}; "
+                         "rerun with the reference recomputed")
+    metrics = [output_metrics(name, reference.outputs[name], outputs[name], reference.labels if has_labels else None,
+                              classifier=index == 0) for index, name in enumerate(names)]
+    checks = [check for m in metrics for check in judge(m, bars if m is metrics[0] else _elementwise(bars))]
+    warnings = []
+    from_work_dir = _built_from_work_dir(engine, Path(work_dir))
+    if not from_work_dir:
+        warnings.append(f"{engine.path} was not built from {work_dir}'s model.opt.onnx or model.int8.onnx "
+                        f"(ONNX sha256 {engine.metadata.onnx_sha256[:12]}...): the verdict is on that engine, "
+                        "against this config's PyTorch model")
+    return ParityReport(
+        engine=str(engine.path), backend=engine.backend, precision=precision, provider=engine.provider,
+        config=str(config.path), validation_set=validation.where, samples=samples, from_work_dir=from_work_dir,
+        bars=bars, outputs=metrics, checks=checks, reference_cached=reference_stage.skipped,
+        seconds=round(time.perf_counter() - started, 3), warnings=warnings)
+
+
+def _elementwise(bars: dict[str, float]) -> dict[str, float]:
+    """Outputs after the first are compared element-wise only (the task metrics read the first)."""
+    return {k: v for k, v in bars.items() if k in ("max_abs_error", "max_mean_abs_error", "max_rel_error", "min_cosine")}
