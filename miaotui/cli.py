@@ -15,10 +15,8 @@ import click
 from miaotui.config import PRECISIONS, QUANTIZE_METHODS
 from miaotui.errors import CheckFailed, InputError, MiaotuiError
 
-# Commands of later issues: listed in --help so the whole flow is visible, refusing with exit 2.
-PLANNED = {
-    "bench": ("ENGINE...", "Latency and throughput of engines."),
-}
+# The design's commands, in the order of the flow (the tests check --help lists each).
+COMMANDS = ("run", "export", "optimize", "quantize", "build", "validate", "bench", "predict", "inspect")
 
 
 def escape(text: str) -> str:
@@ -232,11 +230,15 @@ def run(config, work_dir: Path, force: bool, backends, precision, **tensorrt):
               help="The model's config, for its [dims] (default: config.toml beside the ONNX file, as in a work dir).")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="onnxruntime: the execution provider to optimize for.")
+@click.option("--cpu-activations", type=click.Choice(["int8", "uint8"]), default="int8", show_default=True,
+              help="onnxruntime on the CPU, INT8 graphs: activations as the graph has them (exact), or as uint8 with "
+                   "zero point 128 (ONNX Runtime's fastest CPU kernels; check the parity gate, it can lose agreement).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="ENGINE",
               help="Engine file (.ort or .plan; default: engines/<name>.<backend>.<precision>.<ext> beside the ONNX file).")
 @_apply(_TENSORRT_OPTIONS)
 @reports_errors
-def build(onnx_path: Path, backend, precision, shapes, config_or_model, provider, output, **tensorrt) -> None:
+def build(onnx_path: Path, backend, precision, shapes, config_or_model, provider, cpu_activations, output,
+          **tensorrt) -> None:
     """Compile an ONNX file into an engine and its .json sidecar."""
     from miaotui.engines import BuildOptions, build_engine, default_engine_name
     from miaotui.export.inspect_onnx import summarize_onnx
@@ -247,7 +249,8 @@ def build(onnx_path: Path, backend, precision, shapes, config_or_model, provider
         config = resolve_config(config_or_model)
     elif (onnx_path.parent / "config.toml").is_file():
         config = resolve_config(onnx_path.parent / "config.toml")
-    options = BuildOptions(backend, precision, tuple(shapes), provider, _tensorrt_options(**tensorrt))
+    options = BuildOptions(backend=backend, precision=precision, shapes=tuple(shapes), provider=provider,
+                           tensorrt=_tensorrt_options(**tensorrt), cpu_activations=cpu_activations)
     made_folder = None
     if output is None:
         graph_precision = precision or summarize_onnx(onnx_path).precision
@@ -271,8 +274,15 @@ def build(onnx_path: Path, backend, precision, shapes, config_or_model, provider
 def _engine_check(metadata) -> str:
     if metadata.backend == "onnxruntime":
         checks = metadata.checks
-        return (f"onnxruntime {metadata.backend_version} on {metadata.device.get('provider')}; ran at min/opt/max shapes; "
+        text = (f"onnxruntime {metadata.backend_version} on {metadata.device.get('provider')}; ran at min/opt/max shapes; "
                 f"vs ONNX Runtime on the .onnx max |diff| {checks.get('vs_onnx_max_abs_diff', float('nan')):.0e}")
+        rewrites = {k: v for k, v in metadata.settings.get("cpu_rewrites", {}).items() if v}
+        if rewrites:
+            text += f" (CPU form: {', '.join(f'{k.replace(chr(95), chr(32))} {v}' for k, v in rewrites.items())}"
+            if "vs_source_onnx_max_abs_diff" in checks:
+                text += f"; vs the source graph {checks['vs_source_onnx_max_abs_diff']:.0e}"
+            text += ")"
+        return text
     targets = metadata.device.get("compute_capabilities") or [metadata.device.get("compute_capability", "?")]
     tensorrt = metadata.network.get("tensorrt", {})
     by_type = tensorrt.get("by_type", {})
@@ -534,18 +544,73 @@ def validate(engine: Path, config_or_model, out_dir, report_dir, junit, threads)
         raise CheckFailed(f"parity gate {verdict_line(report)}")
 
 
-def _planned_command(name: str, metavar: str, summary: str):
-    @click.argument("args", nargs=-1, metavar=metavar)
-    @reports_errors
-    def command(args) -> None:
-        raise InputError(f"'miaotui {name}' is not built yet; today 'miaotui run' builds engines through every stage before it")
+def _sizes(option: str, text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise InputError(f"{option} {text}: expected positive sizes separated by commas, e.g. 1,8,32")
+    return sizes
 
-    command.__doc__ = f"{summary} (not built yet)"
-    return main.command(name=name, context_settings={"ignore_unknown_options": True})(command)
 
+@main.command()
+@click.argument("engines", nargs=-1, metavar="ENGINE...", type=click.Path(path_type=Path))
+@click.option("--torch", "torch_config", default=None, metavar="CONFIG|MODEL",
+              help="Also time the PyTorch FP32 eager model of this config (the reference).")
+@click.option("--batch", "batch_text", default="1,8,32", show_default=True, help="Batch sizes.")
+@click.option("--seq", "seq_text", default="128", show_default=True, help="Sequence lengths (every dynamic non-batch dim).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Threads per subject (default: every core).")
+@click.option("--seconds", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
+              help="Minimum timed seconds per shape (after a warm-up).")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for bench.json, bench.md, bench.png (default: <work dir of the first engine>/reports).")
+@reports_errors
+def bench(engines, torch_config, batch_text, seq_text, threads, seconds, report_dir) -> None:
+    """Latency (p50/p90/p99) and throughput of engines and, with --torch, of the PyTorch model, each in
+    its own process with the thread count set."""
+    import os
 
-for _planned, (_metavar, _text) in PLANNED.items():
-    _planned_command(_planned, _metavar, _text)
+    from rich.table import Table
+
+    from miaotui.bench import Subject, run_bench, write_bench_reports
+    from miaotui.models import resolve_config
+
+    if not engines and not torch_config:
+        raise InputError("nothing to time: give ENGINE files and/or --torch CONFIG|MODEL")
+    subjects = []
+    for engine in engines:
+        from miaotui.engines import read_metadata
+
+        if not engine.is_file():
+            raise InputError(f"{engine}: engine file does not exist")
+        metadata = read_metadata(engine)
+        work_dir = engine.parent.parent if engine.parent.name == "engines" else engine.parent
+        config = work_dir / "config.toml"
+        subjects.append(Subject(f"{metadata.backend} {metadata.precision} ({engine.name})", "engine",
+                                str(engine.resolve()), str(config.resolve()) if config.is_file() else None))
+    if torch_config:
+        config = resolve_config(torch_config)
+        subjects.insert(0, Subject("pytorch fp32 eager", "torch", None, str(config.path)))
+    threads = threads or os.cpu_count() or 1
+    rows = run_bench(subjects, _sizes("--batch", batch_text), _sizes("--seq", seq_text), threads, min_seconds=seconds)
+    if report_dir is None:
+        first = engines[0] if engines else None
+        report_dir = (first.parent.parent / "reports" if first is not None and first.parent.name == "engines"
+                      else Path("build") / resolve_config(torch_config).name / "reports" if not engines else Path("reports"))
+    written = write_bench_reports(rows, report_dir, threads)
+    table = Table(title=f"miaotui bench: {threads} thread(s), each subject in its own process", title_justify="left")
+    for column, justify in (("subject", "left"), ("batch", "right"), ("seq", "right"), ("p50 ms", "right"),
+                            ("p90 ms", "right"), ("p99 ms", "right"), ("samples/s", "right")):
+        table.add_column(column, justify=justify, overflow="fold")
+    for row in rows:
+        if "skipped" in row:
+            table.add_row(escape(row["name"]), str(row["batch"]), str(row["seq"]), escape(row["skipped"]), "", "", "")
+        else:
+            table.add_row(escape(row["name"]), str(row["batch"]), str(row["seq"]), f"{row['p50_ms']:.2f}",
+                          f"{row['p90_ms']:.2f}", f"{row['p99_ms']:.2f}", f"{row['samples_per_s']:.1f}")
+    _console().print(table)
+    _console().print("reports: " + ", ".join(escape(str(p)) for p in written))
 
 
 if __name__ == "__main__":

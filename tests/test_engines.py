@@ -347,3 +347,27 @@ def test_tensorrt_builds_runs_and_reuses_its_timing_cache(lstm_work: Path, tmp_p
     stream.synchronize()
     expected = ort.InferenceSession(str(lstm_work / "model.int8.onnx")).run(None, {"input_ids": ids.cpu().numpy()})[0]
     assert (logits.cpu().numpy().argmax(1) == expected.argmax(1)).all()
+
+
+def test_cpu_form_looks_up_int8_rows_before_dequantizing_them(lstm_work: Path, tmp_path: Path):
+    """The embedding table is dequantized row by row as looked up, not whole on every call: same floats."""
+    import onnx
+
+    from miaotui.engines.cpu_int8 import activations_to_uint8, gather_before_dequantize
+
+    model = onnx.load(str(lstm_work / "model.int8.onnx"))
+    initializers = {t.name for t in model.graph.initializer}
+    assert gather_before_dequantize(model) == 1
+    gather = next(node for node in model.graph.node if node.op_type == "Gather")
+    assert gather.input[0] in initializers  # int8 rows looked up straight from the table
+    assert not any(n.op_type == "DequantizeLinear" and n.input[0] in initializers and
+                   any(gather.input[0] == out for out in n.output) for n in model.graph.node)
+    assert activations_to_uint8(model) == 4  # the Gemm's input Q/DQ and the embedding's output Q/DQ
+
+    config = resolve_config("lstm-sentiment")
+    default = build_engine(lstm_work / "model.int8.onnx", tmp_path / "int8.ort", BuildOptions(), config)
+    assert default.metadata.settings["cpu_rewrites"] == {"gather_before_dequantize": 1}
+    assert default.metadata.checks["vs_source_onnx_max_abs_diff"] == 0.0
+    uint8 = build_engine(lstm_work / "model.int8.onnx", tmp_path / "uint8.ort", BuildOptions(cpu_activations="uint8"), config)
+    assert uint8.metadata.settings["cpu_rewrites"] == {"gather_before_dequantize": 1, "uint8_activations": 4}
+    assert uint8.metadata.checks["vs_source_onnx_max_abs_diff"] < 1e-3

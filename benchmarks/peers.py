@@ -1,0 +1,215 @@
+"""miaotui's INT8 engine against the tools a user would otherwise reach for, on one model, in one run.
+
+    python benchmarks/peers.py [--model minilm-sentiment] [--batch 1,32] [--seq 128] [--threads 2]
+
+Peers, each timed in its own process (miaotui.bench) on the same shapes, and scored on the same
+validation split (top-1 agreement with PyTorch FP32, accuracy):
+- PyTorch FP32 eager: the reference.
+- PyTorch dynamic INT8: torch.ao.quantization.quantize_dynamic on Linear (and LSTM) layers.
+- ONNX Runtime FP32: model.opt.onnx in a plain session.
+- ONNX Runtime quantize_static, default settings: what Optimum's ORTQuantizer or a first try with
+  onnxruntime.quantization gives (QDQ, uint8 activations, int8 weights, per-tensor, MinMax), on the
+  same 512 calibration samples.
+- miaotui INT8: the onnxruntime engine `miaotui run` builds.
+The floor column: the model's multiply-accumulates at that shape over this machine's measured INT8
+GEMM rate (ONNX Runtime MatMulInteger, same threads): no INT8 engine can beat it.
+Writes benchmarks/results/<model>/peers.{json,md} and bench.png. Needs nothing but the work dir it builds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def ort_static_default(config, work: Path) -> Path:
+    """onnxruntime.quantization.quantize_static with its defaults on the config's calibration data."""
+    target = work / "peers" / "model.ort-static-default.onnx"
+    if target.is_file():
+        return target
+    from onnxruntime.quantization import CalibrationDataReader, quantize_static
+
+    from miaotui.data.datasets import data_set, without_labels
+
+    batches = data_set(config, "calibration").batches(512)
+
+    class Reader(CalibrationDataReader):
+        def get_next(self):
+            feed = next(batches, None)
+            return None if feed is None else without_labels(feed)
+
+    target.parent.mkdir(exist_ok=True)
+    quantize_static(str(work / "model.opt.onnx"), str(target), Reader())
+    return target
+
+
+def validation_outputs(config, work: Path, peers: dict[str, tuple[str, str | None]]) -> dict[str, dict]:
+    """Top-1 agreement with PyTorch FP32 and accuracy of every peer on the validation split."""
+    import numpy as np
+    import onnxruntime
+    import torch
+
+    from miaotui.data.datasets import LABELS, data_set, without_labels
+    from miaotui.models.loading import load_model
+    from miaotui.runtime import Engine
+
+    fp32 = load_model(config).eval()
+    dynamic = torch.ao.quantization.quantize_dynamic(load_model(config).eval(), {torch.nn.Linear, torch.nn.LSTM},
+                                                     dtype=torch.qint8)
+
+    def torch_call(model):
+        def call(feed):
+            with torch.inference_mode():
+                return model(**{k: torch.from_numpy(v) for k, v in feed.items()}).numpy()
+        return call
+
+    def session_call(path):
+        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+        return lambda feed: session.run(None, feed)[0]
+
+    calls = {"pytorch fp32 eager": torch_call(fp32), "pytorch dynamic int8": torch_call(dynamic)}
+    for name, (kind, path) in peers.items():
+        if kind == "onnx":
+            calls[name] = session_call(path)
+        elif kind == "engine":
+            engine = Engine.load(path)
+            calls[name] = lambda feed, engine=engine: engine.run(feed)[config.model.outputs[0]]
+    tops = {name: [] for name in calls}
+    labels = []
+    for feed in data_set(config, "validation").batches():
+        inputs = without_labels(feed)
+        for name, call in calls.items():
+            tops[name].append(np.asarray(call(inputs)).argmax(1))
+        labels.append(feed[LABELS])
+    labels = np.concatenate(labels)
+    reference = np.concatenate(tops["pytorch fp32 eager"])
+    return {name: {"top1_agreement": float(np.mean(np.concatenate(t) == reference)),
+                   "accuracy": float(np.mean(np.concatenate(t) == labels))} for name, t in tops.items()}
+
+
+def int8_gemm_rate(threads: int) -> float:
+    """MAC/s of ONNX Runtime's MatMulInteger (uint8 x int8) on 1024^3, in its own process."""
+    code = f"""
+import os, time, numpy as np, onnx, onnxruntime
+from onnx import helper, TensorProto
+n = 1024
+graph = helper.make_graph([helper.make_node("MatMulInteger", ["a", "b"], ["c"])], "g",
+    [helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n]), helper.make_tensor_value_info("b", TensorProto.INT8, [n, n])],
+    [helper.make_tensor_value_info("c", TensorProto.INT32, [n, n])])
+model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+options = onnxruntime.SessionOptions(); options.intra_op_num_threads = {threads}
+session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+feed = {{"a": np.random.randint(0, 255, (n, n)).astype(np.uint8), "b": np.random.randint(-127, 127, (n, n)).astype(np.int8)}}
+for _ in range(5): session.run(None, feed)
+times = []
+for _ in range(30):
+    t = time.perf_counter(); session.run(None, feed); times.append(time.perf_counter() - t)
+print(n ** 3 / sorted(times)[len(times) // 2])
+"""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout)
+
+
+def model_macs(onnx_path: Path, config, batch: int, seq: int) -> int:
+    """Multiply-accumulates of the MatMul/Gemm nodes at one shape (the rest is small next to them)."""
+    import onnx
+    from onnx import shape_inference
+
+    model = onnx.load(str(onnx_path))
+    for value in model.graph.input:
+        spec = config.inputs.get(value.name)
+        if spec is None:
+            continue
+        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+            size = batch if axis == 0 else (spec.shape[axis] if isinstance(spec.shape[axis], int) else seq)
+            dim.Clear()
+            dim.dim_value = size
+    inferred = shape_inference.infer_shapes(model, data_prop=True)
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in
+              list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
+    shapes.update({t.name: list(t.dims) for t in inferred.graph.initializer})
+    macs = 0
+    for node in inferred.graph.node:
+        if node.op_type in ("MatMul", "Gemm"):
+            a, b = shapes.get(node.input[0]), shapes.get(node.input[1])
+            out = shapes.get(node.output[0])
+            if not a or not b or not out or 0 in a + b + out:
+                continue
+            k = a[-1] if not (node.op_type == "Gemm" and any(x.name == "transA" and x.i for x in node.attribute)) else a[0]
+            count = 1
+            for size in out:
+                count *= size
+            macs += count * k
+        elif node.op_type == "LSTM":
+            hidden = next(x.i for x in node.attribute if x.name == "hidden_size")
+            x = shapes.get(node.input[0])
+            if x and 0 not in x:
+                macs += x[0] * x[1] * 4 * hidden * (x[2] + hidden)
+    return macs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="minilm-sentiment")
+    parser.add_argument("--batch", default="1,32")
+    parser.add_argument("--seq", default="128")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    args = parser.parse_args()
+
+    from miaotui.bench import Subject, run_bench, write_bench_reports
+    from miaotui.engines import BuildOptions
+    from miaotui.engines.stage import run_build_stage
+    from miaotui.models import resolve_config
+
+    config = resolve_config(args.model)
+    work = REPO / "build" / config.name
+    engine = run_build_stage(config, work, BuildOptions(backend="onnxruntime")).path
+    peers = {"onnxruntime fp32": ("onnx", str(work / "model.opt.onnx")),
+             "onnxruntime quantize_static default": ("onnx", str(ort_static_default(config, work))),
+             "miaotui int8": ("engine", str(engine))}
+    batches = [int(b) for b in args.batch.split(",")]
+    seqs = [int(s) for s in args.seq.split(",")]
+    subjects = [Subject("pytorch fp32 eager", "torch", None, str(config.path)),
+                Subject("pytorch dynamic int8", "torch-dynamic-int8", None, str(config.path))]
+    subjects += [Subject(name, kind, path, str(work / "config.toml")) for name, (kind, path) in peers.items()]
+    started = time.time()
+    rows = run_bench(subjects, batches, seqs, args.threads, min_seconds=args.seconds)
+    scores = validation_outputs(config, work, peers)
+    rate = int8_gemm_rate(args.threads)
+    floors = {(b, s): model_macs(work / "model.opt.onnx", config, b, s) / rate * 1000 for b in batches for s in seqs}
+    out = REPO / "benchmarks" / "results" / config.name
+    write_bench_reports(rows, out, args.threads)
+    reference = {(r["batch"], r["seq"]): r for r in rows if r["name"] == "pytorch fp32 eager"}
+    lines = [f"{config.name}, {args.threads} threads, `python benchmarks/peers.py --model {config.name} --batch {args.batch} "
+             f"--seq {args.seq} --threads {args.threads}` ({time.time() - started:.0f} s). INT8 GEMM rate here: "
+             f"{rate / 1e9:.0f} GMAC/s.", "",
+             "| peer | top-1 agreement | accuracy | " + " | ".join(
+                 f"b{b} s{s} p50 ms (speed-up)" for s in seqs for b in batches) + " |",
+             "|---|---|---|" + "---|" * (len(batches) * len(seqs))]
+    for name in dict.fromkeys(r["name"] for r in rows):
+        cells = []
+        for s in seqs:
+            for b in batches:
+                row = next(r for r in rows if r["name"] == name and r["batch"] == b and r["seq"] == s)
+                speedup = reference[(b, s)]["p50_ms"] / row["p50_ms"]
+                cells.append(f"{row['p50_ms']:.1f} ({speedup:.2f}x)")
+        score = scores[name]
+        lines.append(f"| {name} | {score['top1_agreement']:.4f} | {score['accuracy']:.4f} | " + " | ".join(cells) + " |")
+    lines.append("| floor: MACs / INT8 GEMM rate | | | " + " | ".join(
+        f"{floors[(b, s)]:.1f}" for s in seqs for b in batches) + " |")
+    (out / "peers.md").write_text("\n".join(lines) + "\n")
+    (out / "peers.json").write_text(json.dumps({"rows": rows, "scores": scores, "int8_gemm_mac_per_s": rate,
+                                                "floor_ms": {f"b{b}s{s}": v for (b, s), v in floors.items()}}, indent=2))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

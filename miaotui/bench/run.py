@@ -1,0 +1,48 @@
+"""Runs each benchmark subject in its own process (miaotui.bench.worker) and gathers the rows."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+
+from miaotui.errors import InputError
+
+
+@dataclass(frozen=True)
+class Subject:
+    name: str  # how the tables and the plot call it
+    kind: str  # engine | onnx | torch | torch-dynamic-int8
+    path: str | None = None  # the engine or .onnx file
+    config: str | None = None  # the model's config (torch subjects; value ranges for the others)
+
+
+def run_bench(subjects: list[Subject], batches: list[int], seqs: list[int], threads: int, progress: bool = True,
+              min_seconds: float = 2.0, warmup_seconds: float = 0.5) -> list[dict]:
+    from tqdm import tqdm
+
+    if threads < 1:
+        raise InputError(f"--threads {threads}: expected at least 1")
+    if not batches or not seqs or min(batches) < 1 or min(seqs) < 1:
+        raise InputError("--batch and --seq take positive sizes, e.g. --batch 1,8,32 --seq 128")
+    rows = []
+    with tqdm(total=len(subjects) * len(batches) * len(seqs), desc="bench", unit="shape", disable=not progress) as bar:
+        for subject in subjects:
+            spec = {"name": subject.name, "kind": subject.kind, "path": subject.path, "config": subject.config,
+                    "batches": batches, "seqs": seqs, "threads": threads, "min_seconds": min_seconds,
+                    "warmup_seconds": warmup_seconds}
+            process = subprocess.Popen([sys.executable, "-m", "miaotui.bench.worker", json.dumps(spec)],
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for line in process.stdout:
+                row = json.loads(line)
+                if "error" in row:
+                    process.wait()
+                    raise InputError(row["error"])
+                rows.append(row)
+                bar.set_postfix_str(f"{subject.name} b{row['batch']} s{row['seq']}")
+                bar.update(1)
+            if process.wait() != 0:
+                last = (process.stderr.read().strip().splitlines() or ["no message"])[-1]
+                raise InputError(f"benchmarking {subject.name} failed: {last}")
+    return rows
