@@ -230,9 +230,9 @@ def run(config, work_dir: Path, force: bool, backends, precision, **tensorrt):
               help="The model's config, for its [dims] (default: config.toml beside the ONNX file, as in a work dir).")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="onnxruntime: the execution provider to optimize for.")
-@click.option("--cpu-activations", type=click.Choice(["int8", "uint8"]), default="int8", show_default=True,
-              help="onnxruntime on the CPU, INT8 graphs: activations as the graph has them (exact), or as uint8 with "
-                   "zero point 128 (ONNX Runtime's fastest CPU kernels; check the parity gate, it can lose agreement).")
+@click.option("--cpu-activations", type=click.Choice(["uint8", "int8"]), default="uint8", show_default=True,
+              help="onnxruntime on the CPU, INT8 graphs: activations as uint8 with zero point 128 (the same grid as "
+                   "the graph's int8; ONNX Runtime's fast CPU kernels), or exactly as the graph has them.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="ENGINE",
               help="Engine file (.ort or .plan; default: engines/<name>.<backend>.<precision>.<ext> beside the ONNX file).")
 @_apply(_TENSORRT_OPTIONS)

