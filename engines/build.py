@@ -146,13 +146,10 @@ def _cpu_int8_form(onnx_path: Path, folder: Path, activations: str) -> tuple[Pat
 
 def _compare_sources(original: Path, rewritten: Path, ranges: list[TensorRange], config: Config | None) -> float:
     """Max |difference| of ONNX Runtime on the original graph and on its CPU form, at the opt shapes."""
-    import onnxruntime
+    from miaotui.export.parity import onnxruntime_session
 
     feed = synthetic_feed(ranges, "opt", config)
-    options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3
-    outputs = [onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(None, feed)
-               for path in (original, rewritten)]
+    outputs = [onnxruntime_session(path).run(None, feed) for path in (original, rewritten)]
     return max(_max_diff(a, b) for a, b in zip(*outputs))
 
 

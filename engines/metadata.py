@@ -14,6 +14,7 @@ from typing import Any
 from miaotui.errors import InputError
 
 SIDECAR_FORMAT = 1
+ENGINES_DIR = "engines"  # build/<name>/engines/<engine>: where the build stage puts engines
 BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-rtx")
 ENGINE_SUFFIX = {"onnxruntime": ".ort", "tensorrt": ".plan", "tensorrt-rtx": ".plan"}
 
@@ -70,6 +71,12 @@ class EngineMetadata:
 
     def input(self, name: str) -> TensorRange:
         return next(t for t in self.inputs if t.name == name)
+
+
+def work_dir_of(engine: str | Path) -> Path | None:
+    """The work dir holding `engine` when it sits in one's engines/ folder, else None."""
+    engine = Path(engine)
+    return engine.parent.parent if engine.parent.name == ENGINES_DIR else None
 
 
 def sidecar_path(engine: str | Path) -> Path:

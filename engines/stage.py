@@ -10,11 +10,9 @@ from typing import Any
 from miaotui.artifacts import StageResult, WorkDir, run_stage, sha256_json
 from miaotui.config import Config
 from miaotui.engines.build import BuildOptions, build_engine, default_engine_name
+from miaotui.engines.metadata import ENGINES_DIR, sidecar_path
 from miaotui.engines.tensorrt_engine import FLAVOURS, timing_cache_path
 from miaotui.errors import InputError
-
-ENGINES_DIR = "engines"
-
 
 @dataclass
 class BuildStageResult(StageResult):
@@ -23,7 +21,7 @@ class BuildStageResult(StageResult):
 
     @property
     def sidecar(self) -> Path:
-        return self.path.with_name(self.path.name + ".json")
+        return sidecar_path(self.path)
 
 
 def available_backends() -> list[str]:

@@ -466,9 +466,11 @@ def _config_for_engine(engine: Path, config_or_model: str | None):
     """--config, else the config.toml of the work dir the engine sits in (engines/ inside it)."""
     from miaotui.models import resolve_config
 
+    from miaotui.engines.metadata import work_dir_of
+
     if config_or_model:
         return resolve_config(config_or_model)
-    work_dir = engine.parent.parent if engine.parent.name == "engines" else engine.parent
+    work_dir = work_dir_of(engine) or engine.parent
     if (work_dir / "config.toml").is_file():
         return resolve_config(work_dir / "config.toml")
     raise InputError(f"{engine}: no config.toml in its work dir; give --config CONFIG|MODEL")
@@ -531,9 +533,11 @@ def validate(engine: Path, config_or_model, out_dir, report_dir, junit, threads)
 
     Exit 0 when every bar is cleared, 1 when one is missed (each named with its value and bar),
     2 on bad usage or input."""
+    from miaotui.engines.metadata import work_dir_of
+
     config = _config_for_engine(engine, config_or_model)
     if out_dir is None:
-        parent = engine.parent.parent if engine.parent.name == "engines" else None
+        parent = work_dir_of(engine)
         out_dir = parent if parent is not None and (parent / "config.toml").is_file() else Path("build") / config.name
     if junit is not None and not junit.parent.is_dir():
         raise InputError(f"--junit {junit}: folder {junit.parent} does not exist")
@@ -578,15 +582,14 @@ def bench(engines, torch_config, batch_text, seq_text, threads, seconds, report_
 
     if not engines and not torch_config:
         raise InputError("nothing to time: give ENGINE files and/or --torch CONFIG|MODEL")
+    from miaotui.engines.metadata import read_metadata, work_dir_of
+
     subjects = []
     for engine in engines:
-        from miaotui.engines import read_metadata
-
         if not engine.is_file():
             raise InputError(f"{engine}: engine file does not exist")
         metadata = read_metadata(engine)
-        work_dir = engine.parent.parent if engine.parent.name == "engines" else engine.parent
-        config = work_dir / "config.toml"
+        config = (work_dir_of(engine) or engine.parent) / "config.toml"
         subjects.append(Subject(f"{metadata.backend} {metadata.precision} ({engine.name})", "engine",
                                 str(engine.resolve()), str(config.resolve()) if config.is_file() else None))
     if torch_config:
@@ -595,8 +598,8 @@ def bench(engines, torch_config, batch_text, seq_text, threads, seconds, report_
     threads = threads or os.cpu_count() or 1
     rows = run_bench(subjects, _sizes("--batch", batch_text), _sizes("--seq", seq_text), threads, min_seconds=seconds)
     if report_dir is None:
-        first = engines[0] if engines else None
-        report_dir = (first.parent.parent / "reports" if first is not None and first.parent.name == "engines"
+        first_work_dir = work_dir_of(engines[0]) if engines else None
+        report_dir = (first_work_dir / "reports" if first_work_dir is not None
                       else Path("build") / resolve_config(torch_config).name / "reports" if not engines else Path("reports"))
     written = write_bench_reports(rows, report_dir, threads)
     table = Table(title=f"miaotui bench: {threads} thread(s), each subject in its own process", title_justify="left")

@@ -56,10 +56,11 @@ def choose_engine(work_dir: Path, backend: str | None = None, precision: str | N
     return runnable[0][0]
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Probabilities over the last axis (shifted by the max: no overflow)."""
+    shifted = logits - logits.max(axis=-1, keepdims=True)
     exp = np.exp(shifted)
-    return exp / exp.sum(axis=1, keepdims=True)
+    return exp / exp.sum(axis=-1, keepdims=True)
 
 
 class Classifier:
@@ -80,13 +81,14 @@ class Classifier:
              threads: int | None = None) -> "Classifier":
         """`path`: a work dir (its best engine for this machine is chosen) or an engine file inside one."""
         from miaotui.data.tokenizers import configure, load_tokenizer
+        from miaotui.engines.metadata import work_dir_of
 
         path = Path(path)
         if path.is_dir():
             work_dir, engine_path = path, choose_engine(path, backend, precision)
         elif path.is_file():
             engine_path = path
-            work_dir = path.parent.parent if path.parent.name == "engines" else path.parent
+            work_dir = work_dir_of(path) or path.parent
         else:
             raise InputError(f"{path}: no such work dir or engine file")
         config_path = work_dir / "config.toml"
@@ -132,7 +134,7 @@ class Classifier:
             if short > 0:  # an empty text tokenizes to nothing; the engine takes at least seq_min tokens
                 encoded = {k: np.pad(v, ((0, 0), (0, short))) for k, v in encoded.items()}
             feed = {name: encoded[name].astype(dtypes[name], copy=False) for name in names}
-            probabilities = _softmax(self.engine.run(feed)[self.output].astype(np.float64))
+            probabilities = softmax(self.engine.run(feed)[self.output].astype(np.float64))
             for row, index in enumerate(chunk):
                 best = int(probabilities[row].argmax())
                 label = self.labels[best] if self.labels and best < len(self.labels) else str(best)

@@ -79,20 +79,18 @@ def validate_engine(engine_path: str | Path, config: Config, work_dir: str | Pat
     started = time.perf_counter()
     engine = Engine.load(engine_path, threads)
     check_engine_matches_config(engine, config)
-    if not config.data.validation:
-        raise InputError(f"{config.path}: key 'data.validation' is missing; the parity gate compares the engine with "
-                         "PyTorch on the validation set")
-    validation = data_set(config, "validation")
+    validation = data_set(config, "validation")  # refuses a config without data.validation
     precision = engine.metadata.precision
     bars, own = bars_for(config, precision)
-    has_labels = summarize(validation).has_labels
+    summary = summarize(validation)
+    has_labels = summary.has_labels
     if not has_labels:
         if "max_accuracy_drop" in own:
             raise InputError(f"{validation.where}: no 'labels', but {config.path} [validate.{precision}] sets "
                              "max_accuracy_drop: the accuracy bar needs labelled validation data")
         bars.pop("max_accuracy_drop", None)
 
-    reference_stage = run_reference_stage(config, work_dir, progress=progress)
+    reference_stage = run_reference_stage(config, work_dir, progress=progress, summary=summary)
     reference = load_reference(reference_stage.path)
     names = [o.name for o in engine.outputs]
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from miaotui.runtime.classifier import softmax
+
 
 @dataclass
 class OutputMetrics:
@@ -31,12 +33,6 @@ class OutputMetrics:
     reference_accuracy: float | None = None  # with labels
     engine_accuracy: float | None = None
     accuracy_drop: float | None = None  # reference - engine
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=-1, keepdims=True)
 
 
 def kl_divergence(reference_logits: np.ndarray, engine_logits: np.ndarray) -> float:

@@ -69,8 +69,9 @@ def collect_outputs(run_batch, batches, output_names, where: str, progress: bool
 
 
 def run_reference_stage(config: Config, work_dir: str | Path, force: bool = False, progress: bool = True,
-                        model=None) -> StageResult:
-    """PyTorch's outputs on the config's validation split, in `work_dir`/reference.npz."""
+                        model=None, summary=None) -> StageResult:
+    """PyTorch's outputs on the config's validation split, in `work_dir`/reference.npz. `summary`: the
+    set's DataSummary when the caller has already read it (it is a full pass over the data)."""
     import torch
 
     from miaotui.data.datasets import data_set, summarize
@@ -78,11 +79,8 @@ def run_reference_stage(config: Config, work_dir: str | Path, force: bool = Fals
     from miaotui.export.stage import export_inputs
     from miaotui.models.loading import load_model
 
-    if not config.data.validation:
-        raise InputError(f"{config.path}: key 'data.validation' is missing; the parity gate compares the engine with "
-                         "PyTorch on the validation set")
-    validation = data_set(config, "validation")
-    summary = summarize(validation)
+    validation = data_set(config, "validation")  # refuses a config without data.validation
+    summary = summary or summarize(validation)
     inputs = export_inputs(config) | {"validation data": summary.fingerprint}
     names = tuple(config.model.outputs)
 

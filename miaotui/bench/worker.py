@@ -49,34 +49,26 @@ def _shape(dims, batch: int, seq: int):
     return tuple(batch if axis == 0 else (d if isinstance(d, int) else seq) for axis, d in enumerate(dims))
 
 
-def _feed(specs, batch: int, seq: int, ranges: dict, seed: int = 0):
-    """Inputs of shape (batch, seq, fixed dims): ids from the config's [inputs] range, masks all ones."""
-    import numpy as np
+def _feed(specs, batch: int, seq: int, config):
+    """Inputs of shape (batch, seq, fixed dims), drawn like the build's checks draw them."""
+    from miaotui.engines.build import synthetic_feed
+    from miaotui.engines.metadata import TensorRange
 
-    rng = np.random.default_rng(seed)
-    feed = {}
+    ranges = []
     for name, dtype, dims in specs:
         shape = _shape(dims, batch, seq)
-        low_high = ranges.get(name)
-        if "mask" in name or np.dtype(dtype).kind == "b":
-            feed[name] = np.ones(shape, dtype)
-        elif np.dtype(dtype).kind in "iu":
-            low, high = low_high or (1, 2)
-            feed[name] = rng.integers(int(low), int(high), shape).astype(dtype)
-        else:
-            feed[name] = rng.standard_normal(shape).astype(dtype)
-    return feed
+        ranges.append(TensorRange(name, dtype, tuple(dims), shape, shape, shape))
+    return synthetic_feed(ranges, "opt", config)
 
 
 def _runner(spec: dict):
-    """(call(feed), input specs, value ranges) for the subject."""
+    """(call(feed), input specs, the config or None, fits(feed)) for the subject."""
     kind, threads = spec["kind"], spec["threads"]
-    ranges = {}
+    config = None  # the model's config: the inputs' value ranges (and the model, for torch)
     if spec.get("config"):
         from miaotui.config import load_config
 
         config = load_config(spec["config"])
-        ranges = {name: s.range for name, s in config.inputs.items() if s.range is not None}
     if kind == "engine":
         from miaotui.runtime import Engine
 
@@ -87,7 +79,7 @@ def _runner(spec: dict):
         def fits(feed):
             return all(limits[name].accepts(value.shape) for name, value in feed.items())
 
-        return engine.run, specs, ranges, fits
+        return engine.run, specs, config, fits
     if kind == "onnx":
         import onnxruntime
 
@@ -96,16 +88,14 @@ def _runner(spec: dict):
         options.inter_op_num_threads = 1
         session = onnxruntime.InferenceSession(spec["path"], options, providers=["CPUExecutionProvider"])
         specs = [(i.name, _onnx_dtype(i.type), tuple(i.shape)) for i in session.get_inputs()]
-        return (lambda feed: session.run(None, feed)), specs, ranges, (lambda feed: True)
+        return (lambda feed: session.run(None, feed)), specs, config, (lambda feed: True)
     if kind in ("torch", "torch-dynamic-int8"):
         import torch
 
-        from miaotui.config import load_config
         from miaotui.models.loading import load_model
 
         torch.set_num_threads(threads)
         torch.set_num_interop_threads(1)
-        config = load_config(spec["config"])
         model = load_model(config).eval()
         if kind == "torch-dynamic-int8":
             model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear, torch.nn.LSTM}, dtype=torch.qint8)
@@ -123,7 +113,7 @@ def _runner(spec: dict):
                         sizes[dim] = value.shape[axis]
             return all(config.dims[d].min <= n <= config.dims[d].max for d, n in sizes.items())
 
-        return call, specs, ranges, fits
+        return call, specs, config, fits
     raise ValueError(f"unknown subject kind {kind!r}")
 
 
@@ -138,13 +128,13 @@ def main(argv: list[str] | None = None) -> None:
     from miaotui.errors import MiaotuiError
 
     try:
-        call, specs, ranges, fits = _runner(spec)
+        call, specs, config, fits = _runner(spec)
     except MiaotuiError as error:  # the parent reports it as one line
         print(json.dumps({"error": str(error)}), flush=True)
         sys.exit(error.exit_code)
     for seq in spec["seqs"]:
         for batch in spec["batches"]:
-            feed = _feed(specs, batch, seq, ranges)
+            feed = _feed(specs, batch, seq, config)
             row = {"name": spec["name"], "kind": spec["kind"], "batch": batch, "seq": seq, "threads": spec["threads"]}
             if not fits(feed):
                 print(json.dumps(row | {"skipped": "outside the engine's shape range"}), flush=True)
