@@ -89,7 +89,7 @@ def _max_diff(expected: np.ndarray, actual: np.ndarray) -> float:
     return float(np.max(diff, initial=0.0)) if not np.isnan(diff).any() else float("nan")
 
 
-def _check_onnxruntime_engine(onnx_path: Path, engine: Path, name: str, session_settings: dict,
+def check_onnxruntime_engine(onnx_path: Path, engine: Path, name: str, session_settings: dict,
                               ranges: list[TensorRange], config: Config | None) -> dict:
     """The engine runs at the min and max shapes, and at opt answers like ONNX Runtime on the source."""
     import onnxruntime
@@ -123,7 +123,7 @@ def _check_onnxruntime_engine(onnx_path: Path, engine: Path, name: str, session_
     return {"vs_onnx_max_abs_diff": worst, "atol": ENGINE_ATOL, "ran_at": ["min", "opt", "max"]}
 
 
-def _cpu_int8_form(onnx_path: Path, folder: Path, activations: str) -> tuple[Path, dict]:
+def cpu_int8_form(onnx_path: Path, folder: Path, activations: str) -> tuple[Path, dict]:
     """The INT8 graph in the form ONNX Runtime's CPU kernels run fastest (engines/cpu_int8.py)."""
     import onnx
 
@@ -201,13 +201,15 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, options: BuildO
             with tempfile.TemporaryDirectory(prefix="miaotui-cpu-") as folder:
                 source, rewrites = onnx_path, {}
                 if options.provider == "cpu" and summary.precision.startswith("int8"):
-                    source, rewrites = _cpu_int8_form(onnx_path, Path(folder), options.cpu_activations)
+                    source, rewrites = cpu_int8_form(onnx_path, Path(folder), options.cpu_activations)
                 built = build_onnxruntime(source, staged_engine, options.provider)
                 warnings += built.warnings
                 version, device, session = onnxruntime.__version__, built.device, built.session
                 settings = {"graph_optimization_level": "ORT_ENABLE_ALL", "provider": built.provider,
                             "requested_provider": built.requested_provider, "cpu_rewrites": rewrites}
-                checks = _check_onnxruntime_engine(source, staged_engine, engine_path.name, session, ranges, config)
+                if rewrites:  # what re-deriving the engine's graph from the source takes (miaotui package)
+                    settings["cpu_activations"] = options.cpu_activations
+                checks = check_onnxruntime_engine(source, staged_engine, engine_path.name, session, ranges, config)
                 if source != onnx_path:  # the rewritten graph is checked above; how far it is from the source:
                     checks["vs_source_onnx_max_abs_diff"] = _compare_sources(onnx_path, source, ranges, config)
         else:

@@ -13,6 +13,12 @@ from miaotui.engines.build import BuildOptions, build_engine, default_engine_nam
 from miaotui.engines.metadata import ENGINES_DIR, sidecar_path
 from miaotui.engines.tensorrt_engine import FLAVOURS, timing_cache_path
 from miaotui.errors import InputError
+from miaotui.export.stage import FP16_NAME, INT8_FP16_NAME, INT8_NAME, OPT_NAME
+
+# precision -> (the stage that writes its ONNX graph, that graph's name in the work dir)
+SOURCES = {"fp32": ("optimize", OPT_NAME), "int8": ("quantize", INT8_NAME), "fp16": ("fp16", FP16_NAME),
+           "int8-fp16": ("int8-fp16", INT8_FP16_NAME)}
+
 
 @dataclass
 class BuildStageResult(StageResult):
@@ -47,29 +53,29 @@ def _backend_version(backend: str) -> str:
 def run_build_stage(config: Config, work_dir: str | Path, options: BuildOptions | None = None, force: bool = False,
                     progress: bool = True, earlier: list[StageResult] | None = None) -> BuildStageResult:
     """Build the engine for `options.backend` and `options.precision` (default int8) from the work
-    dir's model.int8.onnx (int8) or model.opt.onnx (fp32), running the stages before it when stale
+    dir's graph of that precision (SOURCES), running the stages before it when stale
     (unless `earlier` holds the results of those runs, made just before for another backend)."""
-    from miaotui.export import run_export_stage, run_optimize_stage, run_quantize_stage
-    from miaotui.export.stage import INT8_NAME, OPT_NAME
+    from miaotui.export import run_export_stage, run_fp16_stage, run_optimize_stage, run_quantize_stage
 
     options = options or BuildOptions()
     precision = options.precision or "int8"
-    if precision not in ("int8", "fp32"):
-        raise InputError(f"--precision {precision}: the fp16 and int8-fp16 graphs are not built yet; "
-                         "this version builds int8 (model.int8.onnx) and fp32 (model.opt.onnx) engines")
+    if precision not in SOURCES:
+        raise InputError(f"--precision {precision}: expected one of {', '.join(SOURCES)}")
     options = replace(options, precision=precision)
+    stage_of_source, source_name = SOURCES[precision]
     if earlier is None:
         exported = run_export_stage(config, work_dir)
-        optimized = run_optimize_stage(config, work_dir, export=exported)
-        earlier = [exported, optimized]
-        if precision == "int8":
-            earlier.append(run_quantize_stage(config, work_dir, optimize=optimized, progress=progress))
-    stage_of_source = "quantize" if precision == "int8" else "optimize"
+        earlier = [exported, run_optimize_stage(config, work_dir, export=exported)]
+    if "int8" in precision and not any(r.stage == "quantize" for r in earlier):
+        earlier = earlier + [run_quantize_stage(config, work_dir, optimize=next(r for r in earlier if r.stage == "optimize"),
+                                                      progress=progress)]
+    if precision in ("fp16", "int8-fp16") and not any(r.stage == precision for r in earlier):
+        half = run_fp16_stage(config, work_dir, precision, progress=progress, earlier=earlier)
+        earlier = earlier + [half]
     source = next(r.path for r in earlier if r.stage == stage_of_source)
 
     work = WorkDir(work_dir)
     name = f"{ENGINES_DIR}/{default_engine_name(config.name, options.backend, precision)}"
-    source_name = INT8_NAME if precision == "int8" else OPT_NAME
     dims_view = {"inputs": config.to_dict()["inputs"], "dims": config.to_dict()["dims"]}
     inputs = {source_name: work.record(stage_of_source).outputs[source_name], "shapes": sha256_json(dims_view)}
     tools = {options.backend: _backend_version(options.backend)}

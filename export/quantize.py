@@ -214,21 +214,41 @@ class Agreement:
         return self.reference_accuracy - self.candidate_accuracy
 
 
+# FP32 top-1 answers on an agreement set, by (reference file sha256, data fingerprint, output): the
+# quantize and FP16 stages of one process (`miaotui run`, a test module) compare against the same
+# FP32 graph on the same set, and its pass is as long as the candidate's.
+_REFERENCE_TOP1: dict[tuple[str, str, str], list[np.ndarray]] = {}
+
+
 def compare_top1(reference: Path, candidate: Path, batches: Iterable[dict[str, np.ndarray]], output: str,
-                 progress: bool = True, threads: int = 0) -> Agreement:
-    """Top-1 agreement (and accuracy, with labels) of two ONNX files run by ONNX Runtime on the CPU."""
+                 progress: bool = True, threads: int = 0, label: str = "INT8 vs FP32",
+                 reference_key: tuple[str, str] | None = None) -> Agreement:
+    """Top-1 agreement (and accuracy, with labels) of two ONNX files run by ONNX Runtime on the CPU.
+    `reference_key` (the reference's sha256, the data's fingerprint) lets a later call reuse the
+    reference's answers instead of running it again."""
     from tqdm import tqdm
 
     from miaotui.data.datasets import LABELS, without_labels
     from miaotui.export.parity import onnxruntime_session, run_session
 
-    sessions = onnxruntime_session(reference, threads), onnxruntime_session(candidate, threads)
+    key = (*reference_key, output) if reference_key else None
+    known = _REFERENCE_TOP1.get(key) if key else None
+    answers: list[np.ndarray] = []
+    reference_session = None if known is not None else onnxruntime_session(reference, threads)
+    candidate_session = onnxruntime_session(candidate, threads)
     total = agree = right_reference = right_candidate = 0
     labelled = True
-    with tqdm(desc="INT8 vs FP32", unit="sample", disable=not progress, leave=False) as bar:
-        for feed in batches:
+    with tqdm(desc=label, unit="sample", disable=not progress, leave=False) as bar:
+        for index, feed in enumerate(batches):
             inputs = without_labels(feed)
-            top = [run_session(session, inputs)[output].argmax(axis=-1) for session in sessions]
+            if known is not None:
+                if index >= len(known) or len(known[index]) != len(next(iter(inputs.values()))):
+                    raise InputError("the agreement set changed under the same fingerprint")
+                expected = known[index]
+            else:
+                expected = run_session(reference_session, inputs)[output].argmax(axis=-1)
+            answers.append(expected)
+            top = [expected, run_session(candidate_session, inputs)[output].argmax(axis=-1)]
             agree += int((top[0] == top[1]).sum())
             total += len(top[0])
             if LABELS in feed and labelled:
@@ -239,5 +259,7 @@ def compare_top1(reference: Path, candidate: Path, batches: Iterable[dict[str, n
             bar.update(len(top[0]))
     if total == 0:
         raise InputError("the agreement set is empty")
+    if key and known is None:
+        _REFERENCE_TOP1[key] = answers
     return Agreement(total, agree / total, right_reference / total if labelled else None,
                      right_candidate / total if labelled else None)

@@ -12,7 +12,7 @@ import numpy as np
 
 from miaotui.artifacts import StageResult, WorkDir, atomic_write_json, run_stage, sha256_file, sha256_json
 from miaotui.config import Config, QuantizeSpec
-from miaotui.errors import InputError
+from miaotui.errors import CheckFailed, InputError
 from miaotui.export.optimize import OPTIMIZE_ATOL, compare_onnx, optimize_onnx
 from miaotui.export.parity import FLOAT32_ATOL, ParityResult, check_parity, parity_sizes
 from miaotui.export.torch_to_onnx import PROTOBUF_LIMIT, ExportOptions, export_to_onnx
@@ -231,7 +231,7 @@ def run_quantize_stage(config: Config, work_dir: str | Path, options: QuantizeOp
         final = confirm_decisions(scratch / INT8_NAME, decisions)
         check = check_qdq(scratch / INT8_NAME, model, calibration)
         agreement = compare_top1(optimize.path, scratch / INT8_NAME, agreement_set.batches(), config.model.outputs[0],
-                                 progress)
+                                 progress, reference_key=(opt_record.outputs[OPT_NAME], agreement_data.fingerprint))
         bar = config.validate.get("int8", {}).get("min_top1_agreement")
         if bar is not None and agreement.top1_agreement < bar:
             warnings.append(f"top-1 agreement {agreement.top1_agreement:.4f} is below [validate.int8] "
@@ -261,6 +261,80 @@ def run_quantize_stage(config: Config, work_dir: str | Path, options: QuantizeOp
         return details
 
     result = run_stage(work, tool_versions(), "quantize", INT8_NAME, inputs, asdict(options), produce, force, QuantizeResult)
+    result.warnings = list(result.details.get("warnings", []))
+    result.earlier = earlier
+    return result
+
+
+FP16_NAME = "model.fp16.onnx"
+INT8_FP16_NAME = "model.int8-fp16.onnx"
+HALF_NAMES = {"fp16": FP16_NAME, "int8-fp16": INT8_FP16_NAME}
+
+
+@dataclass
+class Fp16Result(StageResult):
+    warnings: list[str] = field(default_factory=list)
+    earlier: list[StageResult] = field(default_factory=list)  # the export, optimize (and quantize) runs made first
+
+
+def run_fp16_stage(config: Config, work_dir: str | Path, precision: str = "fp16", force: bool = False,
+                   progress: bool = True, earlier: list[StageResult] | None = None) -> Fp16Result:
+    """model.opt.onnx -> model.fp16.onnx, or model.int8.onnx -> model.int8-fp16.onnx: the float part in
+    FP16 (export/fp16.py), checked by top-1 agreement with model.opt.onnx on the validation set.
+
+    `earlier` are the results of the stages before it, when the caller just ran them."""
+    import onnx
+
+    from miaotui.data.datasets import data_set, summarize
+    from miaotui.export.fp16 import FP32_OPS, convert_to_fp16
+    from miaotui.export.quantize import compare_top1
+    from miaotui.validation.thresholds import DEFAULT_BARS
+
+    if precision not in HALF_NAMES:
+        raise InputError(f"--precision {precision}: expected one of {', '.join(HALF_NAMES)}")
+    warnings: list[str] = []
+    if config.data.validation:
+        agreement_set = data_set(config, "validation")
+    else:
+        agreement_set = data_set(config, "calibration")
+        warnings.append(f"{config.path}: no data.validation: FP16 top-1 agreement measured on the calibration set")
+    agreement_data = summarize(agreement_set)
+    if earlier is None:
+        exported = run_export_stage(config, work_dir)
+        earlier = [exported, run_optimize_stage(config, work_dir, export=exported)]
+    if precision == "int8-fp16" and not any(r.stage == "quantize" for r in earlier):
+        optimized = next(r for r in earlier if r.stage == "optimize")
+        earlier = earlier + [run_quantize_stage(config, work_dir, optimize=optimized, progress=progress)]
+    source_stage, source_name = ("quantize", INT8_NAME) if precision == "int8-fp16" else ("optimize", OPT_NAME)
+    source = next(r.path for r in earlier if r.stage == source_stage)
+    reference = next(r.path for r in earlier if r.stage == "optimize")
+    work = WorkDir(work_dir)
+    name = HALF_NAMES[precision]
+    inputs = {source_name: work.record(source_stage).outputs[source_name],
+              OPT_NAME: work.record("optimize").outputs[OPT_NAME], "agreement data": agreement_data.fingerprint}
+    external = any(n.endswith(".data") for n in work.record(source_stage).outputs)
+
+    def produce(scratch: Path) -> dict[str, Any]:
+        converted, report = convert_to_fp16(onnx.load(str(source)))
+        onnx.save(converted, str(scratch / name), save_as_external_data=external, location=name + ".data")
+        try:
+            onnx.checker.check_model(str(scratch / name))
+        except onnx.checker.ValidationError as error:
+            raise CheckFailed(f"{name}: the FP16 graph fails onnx.checker: {str(error).splitlines()[0]}") from None
+        agreement = compare_top1(reference, scratch / name, agreement_set.batches(), config.model.outputs[0], progress,
+                                 label=f"{precision.upper()} vs FP32", reference_key=(inputs[OPT_NAME], agreement_data.fingerprint))
+        bar = config.validate.get(precision, {}).get("min_top1_agreement", DEFAULT_BARS[precision]["min_top1_agreement"])
+        if agreement.top1_agreement < bar:
+            warnings.append(f"{name}: top-1 agreement with FP32 {agreement.top1_agreement:.4f} is below the "
+                            f"[validate.{precision}] bar {bar:g}: the parity gate will fail")
+        if report.values_clamped:
+            warnings.append(f"{source.name}: {report.values_clamped} weight values are beyond FP16's range "
+                            "(+-65504) and were clamped")
+        return asdict(report) | {"fp32_ops": list(FP32_OPS), "agreement": asdict(agreement) | {"set": agreement_set.where},
+                                 "warnings": warnings}
+
+    result = run_stage(work, tool_versions(), precision, name, inputs, {"fp32_ops": list(FP32_OPS)}, produce, force,
+                       Fp16Result)
     result.warnings = list(result.details.get("warnings", []))
     result.earlier = earlier
     return result

@@ -16,7 +16,7 @@ from miaotui.config import PRECISIONS, QUANTIZE_METHODS
 from miaotui.errors import CheckFailed, InputError, MiaotuiError
 
 # The design's commands, in the order of the flow (the tests check --help lists each).
-COMMANDS = ("run", "export", "optimize", "quantize", "build", "validate", "bench", "predict", "inspect")
+COMMANDS = ("run", "export", "optimize", "quantize", "build", "validate", "bench", "predict", "inspect", "package")
 
 
 def escape(text: str) -> str:
@@ -109,8 +109,13 @@ def optimize(config, work_dir: Path, force: bool):
 @_stage_command(
     "quantize",
     "INT8 QDQ quantization with calibration data (model.int8.onnx, calibration.json, quantization.json), "
-    "after export and optimize; reports top-1 agreement with FP32 on the validation set.",
+    "after export and optimize; with --precision fp16 or int8-fp16 the float arithmetic of model.opt.onnx "
+    "or model.int8.onnx in FP16 (model.fp16.onnx, model.int8-fp16.onnx). Reports top-1 agreement with FP32 "
+    "on the validation set.",
     options=(
+        click.option("--precision", type=click.Choice(["int8", "fp16", "int8-fp16"]), default="int8", show_default=True,
+                     help="The graph to write: int8 (QDQ), fp16 (FP32 graph in half precision, normalizations, "
+                          "softmax and reductions kept in FP32) or int8-fp16 (both)."),
         click.option("--method", type=click.Choice(QUANTIZE_METHODS), default=None,
                      help="Calibration method (default: the config's [quantize] method, else minmax)."),
         click.option("--samples", type=int, default=None, help="Calibration samples to use (default: 512)."),
@@ -125,13 +130,24 @@ def optimize(config, work_dir: Path, force: bool):
     ),
     spinner=False,
 )
-def quantize(config, work_dir: Path, force: bool, method, samples, smooth_alpha, calibration_data, include, exclude):
-    from miaotui.export import quantize_options, run_quantize_stage
+def quantize(config, work_dir: Path, force: bool, precision, method, samples, smooth_alpha, calibration_data, include,
+             exclude):
+    from miaotui.export import quantize_options, run_fp16_stage, run_quantize_stage
 
-    # The data is checked before anything runs; export and optimize run inside, when stale.
-    options = quantize_options(config, method, samples, include, exclude, calibration_data, smooth_alpha)
-    result = run_quantize_stage(config, work_dir, options, force=force)
-    return [*result.earlier, result]
+    int8_options = (method, samples, smooth_alpha, calibration_data, include, exclude)
+    if precision == "fp16" and any(o not in (None, ()) for o in int8_options):
+        raise InputError("--precision fp16: --method, --samples, --smooth-alpha, --calibration, --include and "
+                         "--exclude are INT8 options; fp16 has no calibration")
+    results = []
+    if precision != "fp16":
+        # The data is checked before anything runs; export and optimize run inside, when stale.
+        options = quantize_options(config, method, samples, include, exclude, calibration_data, smooth_alpha)
+        quantized = run_quantize_stage(config, work_dir, options, force=force and precision == "int8")
+        results = [*quantized.earlier, quantized]
+    if precision == "int8":
+        return results
+    half = run_fp16_stage(config, work_dir, precision, force=force, earlier=results or None)
+    return [*half.earlier, half]
 
 
 def _apply(options):
@@ -188,14 +204,15 @@ def _gate_built_engines(config, work_dir: Path, results) -> None:
 
 @_stage_command(
     "run",
-    "Run every stage: export, optimize, quantize (int8), build an engine for each --backend "
+    "Run every stage: export, optimize, quantize (or FP16, per --precision), build an engine for each --backend "
     "(default: onnxruntime, and tensorrt-rtx where it is installed) into engines/, then the parity gate "
     "on each engine that runs here (exit 1 when a bar is missed).",
     options=(
         click.option("--backend", "backends", multiple=True, type=click.Choice(["onnxruntime", "tensorrt", "tensorrt-rtx"]),
                      help="Engine backend (repeatable; default: onnxruntime, plus tensorrt-rtx where installed)."),
-        click.option("--precision", type=click.Choice(["int8", "fp32"]), default="int8", show_default=True,
-                     help="int8 builds model.int8.onnx, fp32 model.opt.onnx."),
+        click.option("--precision", type=click.Choice(PRECISIONS), default="int8", show_default=True,
+                     help="The graph the engines are built from: int8 model.int8.onnx, fp32 model.opt.onnx, fp16 "
+                          "model.fp16.onnx, int8-fp16 model.int8-fp16.onnx (the last two for TensorRT GPUs)."),
         *_TENSORRT_OPTIONS,
     ),
     spinner=False,
@@ -346,6 +363,15 @@ def _check(result) -> str:
         text = (f"{d['nodes']['quantized']} nodes INT8, {d['nodes']['float']} float; {smoothing}{d['method']} on "
                 f"{calibration['samples']} samples ({seconds}); top-1 agreement with FP32 "
                 f"{agreement['top1_agreement']:.4f} on {agreement['samples']}")
+        if agreement["reference_accuracy"] is not None:
+            text += f"; accuracy {agreement['reference_accuracy']:.4f} -> {agreement['candidate_accuracy']:.4f}"
+        return text
+    if result.stage in ("fp16", "int8-fp16"):
+        d = result.details
+        agreement = d["agreement"]
+        kept = ", ".join(f"{op} {n}" for op, n in d["fp32_nodes"].items()) or "none"
+        text = (f"{d['fp16_nodes']} nodes FP16; kept in FP32: {kept}; {d['casts_added']} casts added; top-1 agreement "
+                f"with FP32 {agreement['top1_agreement']:.4f} on {agreement['samples']}")
         if agreement["reference_accuracy"] is not None:
             text += f"; accuracy {agreement['reference_accuracy']:.4f} -> {agreement['candidate_accuracy']:.4f}"
         return text
@@ -614,6 +640,44 @@ def bench(engines, torch_config, batch_text, seq_text, threads, seconds, report_
                           f"{row['p90_ms']:.2f}", f"{row['p99_ms']:.2f}", f"{row['samples_per_s']:.1f}")
     _console().print(table)
     _console().print("reports: " + ", ".join(escape(str(p)) for p in written))
+
+
+@main.command()
+@click.argument("engine_or_dir", metavar="WORK_DIR|ENGINE", type=click.Path(path_type=Path))
+@click.option("--triton", "repository", required=True, type=click.Path(path_type=Path), metavar="REPO_DIR",
+              help="Triton model repository to put the model in (created when missing).")
+@click.option("--backend", type=click.Choice(["tensorrt", "onnxruntime"]), default=None,
+              help="Which of the work dir's engines (default: a TensorRT plan, else the onnxruntime engine).")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None, help="Which of the work dir's engines "
+              "(default: int8 first).")
+@click.option("--name", default=None, help="The model's name in the repository (default: the config's name).")
+@click.option("--version", "model_version", type=click.IntRange(min=1), default=1, show_default=True,
+              help="The model version folder.")
+@click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Model instances per GPU (or on the CPU).")
+@click.option("--preferred-batch", "preferred_text", default=None, metavar="8,32",
+              help="Dynamic batching's preferred batch sizes (default: the engine's opt and max batch).")
+@click.option("--max-queue-delay-us", type=click.IntRange(min=0), default=100, show_default=True,
+              help="How long the dynamic batcher may hold a request to fill a preferred batch.")
+@click.option("--force", is_flag=True, help="Replace a model of the same name in the repository.")
+@reports_errors
+def package(engine_or_dir: Path, repository: Path, backend, precision, name, model_version, instances, preferred_text,
+            max_queue_delay_us, force) -> None:
+    """A Triton Inference Server model repository entry for a built engine: config.pbtxt (checked with
+    Triton's own schema), the model file in a version folder, labels.txt and the engine's sidecar."""
+    from miaotui.serving.triton import TritonOptions, package_triton
+
+    preferred = tuple(_sizes("--preferred-batch", preferred_text)) if preferred_text else ()
+    options = TritonOptions(name=name, version=model_version, instances=instances,
+                            max_queue_delay_us=max_queue_delay_us, preferred_batch_sizes=preferred, force=force)
+    with _console(stderr=True).status(f"package {engine_or_dir} for Triton"):
+        result = package_triton(engine_or_dir, repository, options, backend, precision)
+    _console().print(f"miaotui package: {escape(str(result.engine))} -> {escape(str(result.model_dir))} "
+                     f"({result.platform}, max_batch_size {result.max_batch_size}; config.pbtxt parsed with Triton's "
+                     "model configuration schema)")
+    for path in sorted(p for p in result.model_dir.rglob("*") if p.is_file()):
+        _console().print(f"  {escape(str(path.relative_to(result.model_dir.parent)))}  {_size(path.stat().st_size)}")
+    _console().print(escape(result.config_text.rstrip()))
 
 
 if __name__ == "__main__":

@@ -223,3 +223,25 @@ def test_the_parity_gate_passes_on_the_int8_engine(exported, quantized):
     (logits,) = report["outputs"]
     assert report["passed"] and report["samples"] == 886 and report["from_work_dir"]
     assert logits["top1_agreement"] >= 0.99 and logits["accuracy_drop"] <= 0.01 and logits["cosine"] >= 0.99
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8-fp16"])
+def test_half_precision_graphs_pass_the_gate_and_build_with_tensorrt_rtx(exported, quantized, precision: str):
+    """The GPU precisions, checked on the CPU: FP16 top-1 agreement with FP32 >= 0.999 (int8-fp16: the
+    INT8 bar), the parity gate on the onnxruntime engine, and a strongly typed TensorRT-RTX plan."""
+    from miaotui.engines import BuildOptions
+    from miaotui.engines.stage import run_build_stage
+    from miaotui.validation import validate_engine
+
+    config, model, onnx_path = exported
+    work = onnx_path.parent
+    built = run_build_stage(config, work, BuildOptions(backend="onnxruntime", precision=precision), progress=False)
+    half = next(r for r in built.earlier if r.stage == precision)
+    assert half.details["agreement"]["top1_agreement"] >= (0.999 if precision == "fp16" else 0.99)
+    assert half.details["fp32_nodes"] == {"LayerNormalization": 13, "Softmax": 6, "ReduceSum": 2, "Clip": 1}
+    report = validate_engine(built.path, config, work, progress=False)
+    assert report.passed and report.from_work_dir, [c.sentence() for c in report.checks if not c.passed]
+    plan = run_build_stage(config, work, BuildOptions(backend="tensorrt-rtx", precision=precision), progress=False,
+                           earlier=built.earlier)
+    types = plan.details["network"]["tensorrt"]["by_output_type"]
+    assert types["HALF"] > 300 and ("INT8" in types) == (precision == "int8-fp16")

@@ -28,7 +28,7 @@ class ParityReport:
     config: str
     validation_set: str
     samples: int
-    from_work_dir: bool  # the engine was built from this work dir's model.int8.onnx / model.opt.onnx
+    from_work_dir: bool  # the engine was built from one of this work dir's graphs (model.opt/int8/fp16/int8-fp16.onnx)
     bars: dict[str, float]
     outputs: list[OutputMetrics]
     checks: list[Check]
@@ -65,7 +65,7 @@ def _built_from_work_dir(engine, work_dir: Path) -> bool:
     from miaotui.artifacts import WorkDir
 
     work = WorkDir(work_dir)
-    digests = {digest for stage in ("optimize", "quantize") if (record := work.record(stage))
+    digests = {digest for stage in ("optimize", "quantize", "fp16", "int8-fp16") if (record := work.record(stage))
                for digest in record.outputs.values()}
     return engine.metadata.onnx_sha256 in digests
 
@@ -112,7 +112,7 @@ def validate_engine(engine_path: str | Path, config: Config, work_dir: str | Pat
     warnings = []
     from_work_dir = _built_from_work_dir(engine, Path(work_dir))
     if not from_work_dir:
-        warnings.append(f"{engine.path} was not built from {work_dir}'s model.opt.onnx or model.int8.onnx "
+        warnings.append(f"{engine.path} was not built from one of {work_dir}'s ONNX graphs "
                         f"(ONNX sha256 {engine.metadata.onnx_sha256[:12]}...): the verdict is on that engine, "
                         "against this config's PyTorch model")
     return ParityReport(

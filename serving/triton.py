@@ -1,0 +1,233 @@
+"""A work dir's engine -> a Triton Inference Server model repository entry:
+
+    REPO/<name>/config.pbtxt        platform, inputs/outputs (-1 for dynamic dims), max_batch_size from
+                                    the engine's shape ranges, dynamic batching, instance groups
+    REPO/<name>/labels.txt          class names (the first output's label_filename), when the config has them
+    REPO/<name>/engine.json         the engine's sidecar: what it was built with and for
+    REPO/<name>/1/model.plan        a TensorRT plan (platform tensorrt_plan), or
+    REPO/<name>/1/model.onnx        the graph the onnxruntime engine was built from (onnxruntime_onnx)
+
+config.pbtxt is written from Triton's own schema (serving/model_config.py) and parsed back before the
+entry is moved into place; the whole entry is staged beside it and renamed, so a failure leaves the
+repository as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from miaotui.engines.metadata import ENGINES_DIR, EngineMetadata, read_metadata, sidecar_path, work_dir_of
+from miaotui.errors import CheckFailed, InputError
+
+PLATFORMS = {"tensorrt": "tensorrt_plan", "onnxruntime": "onnxruntime_onnx"}
+MODEL_FILES = {"tensorrt": "model.plan", "onnxruntime": "model.onnx"}
+PREFERENCE = (("tensorrt", "int8"), ("tensorrt", "int8-fp16"), ("tensorrt", "fp16"), ("tensorrt", "fp32"),
+              ("onnxruntime", "int8"), ("onnxruntime", "int8-fp16"), ("onnxruntime", "fp16"), ("onnxruntime", "fp32"))
+
+
+@dataclass(frozen=True)
+class TritonOptions:
+    name: str | None = None  # the model's name in the repository (default: the config's name)
+    version: int = 1
+    instances: int = 1  # model instances per device (instance_group count)
+    max_queue_delay_us: int = 100  # how long the dynamic batcher waits to fill a preferred batch
+    preferred_batch_sizes: tuple[int, ...] = ()  # default: the engine's opt and max batch
+    force: bool = False  # replace an entry of the same name
+
+
+@dataclass
+class TritonPackage:
+    model_dir: Path
+    config_file: Path
+    model_file: Path
+    platform: str
+    max_batch_size: int
+    engine: Path
+    labels: Path | None
+    config_text: str
+
+
+def choose_engine(work_dir: Path, backend: str | None = None, precision: str | None = None) -> Path:
+    """The work dir's engine Triton serves best: a TensorRT plan before an onnxruntime engine, INT8 first."""
+    folder = work_dir / ENGINES_DIR
+    engines = sorted(p for p in folder.glob("*") if p.suffix in (".ort", ".plan")) if folder.is_dir() else []
+    if not engines:
+        raise InputError(f"{folder}: no engine there; build one first ('miaotui run' or 'miaotui build')")
+    found = {(m.backend, m.precision): p for p, m in ((p, read_metadata(p)) for p in engines)}
+    for key in PREFERENCE:
+        if key in found and backend in (None, key[0]) and precision in (None, key[1]):
+            return found[key]
+    have = ", ".join(f"{b} {p}" for b, p in sorted(found))
+    wanted = " ".join(filter(None, (backend, precision))) or "tensorrt or onnxruntime"
+    raise InputError(f"{folder}: no {wanted} engine Triton can serve (it has: {have}); Triton's TensorRT backend "
+                     "runs data-centre TensorRT plans (--backend tensorrt), not TensorRT-RTX ones")
+
+
+def _batch_dim(metadata: EngineMetadata) -> tuple[int, str | None]:
+    """(max_batch_size, the batch dim's name): Triton batching needs every input and output to start
+    with one shared dynamic dim whose range starts at 1; else 0 (no batching, full shapes)."""
+    firsts = {t.dims[0] if t.dims else None for t in metadata.inputs} | {
+        t.dims[0] if t.dims else None for t in metadata.outputs}
+    if len(firsts) != 1:
+        return 0, None
+    name = firsts.pop()
+    if not isinstance(name, str) or any(t.min[0] != 1 for t in metadata.inputs):
+        return 0, None
+    return min(t.max[0] for t in metadata.inputs), name
+
+
+def _dims(dims, ranges=None) -> list[int]:
+    """-1 for a dim that varies, its size for one that does not."""
+    if ranges is not None:
+        low, high = ranges
+        return [lo if lo == hi else -1 for lo, hi in zip(low, high)]
+    return [d if isinstance(d, int) else -1 for d in dims]
+
+
+def _labels(work_dir: Path) -> list[str] | None:
+    path = work_dir / "config.toml"
+    if not path.is_file():
+        return None
+    try:
+        labels = tomllib.loads(path.read_text(encoding="utf-8")).get("model", {}).get("labels")
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise InputError(f"{path}: not valid TOML: {error}") from None
+    return [str(label) for label in labels] if labels else None
+
+
+def model_config(metadata: EngineMetadata, name: str, options: TritonOptions, labels: list[str] | None):
+    """The engine's inference.ModelConfig message."""
+    from miaotui.serving.model_config import TRITON_TYPES, schema
+
+    pb = schema()
+    if metadata.backend not in PLATFORMS:
+        raise InputError(f"{metadata.engine_file}: a {metadata.backend} engine; Triton serves "
+                         f"{' and '.join(PLATFORMS)} engines (TensorRT-RTX plans need TensorRT-RTX, which Triton's "
+                         "TensorRT backend does not link)")
+    max_batch, _ = _batch_dim(metadata)
+    skip = 1 if max_batch else 0
+    config = pb.ModelConfig(name=name, platform=PLATFORMS[metadata.backend], max_batch_size=max_batch)
+    for tensor in metadata.inputs:
+        if tensor.dtype not in TRITON_TYPES:
+            raise InputError(f"{metadata.engine_file}: input {tensor.name} is {tensor.dtype}, which Triton has no type for")
+        config.input.add(name=tensor.name, data_type=pb.DataType.Value(TRITON_TYPES[tensor.dtype]),
+                         dims=_dims(None, (tensor.min[skip:], tensor.max[skip:])))
+    for index, tensor in enumerate(metadata.outputs):
+        if tensor.dtype not in TRITON_TYPES:
+            raise InputError(f"{metadata.engine_file}: output {tensor.name} is {tensor.dtype}, which Triton has no type for")
+        output = config.output.add(name=tensor.name, data_type=pb.DataType.Value(TRITON_TYPES[tensor.dtype]),
+                                   dims=_dims(tensor.dims[skip:]))
+        if index == 0 and labels and list(output.dims) == [len(labels)]:
+            output.label_filename = "labels.txt"  # Triton's classification extension answers with names
+    if max_batch:
+        sizes = options.preferred_batch_sizes or tuple(sorted({metadata.inputs[0].opt[0], max_batch} - {1}))
+        for size in sizes:
+            if not 1 <= size <= max_batch:
+                raise InputError(f"--preferred-batch {size}: the engine takes batches of 1 to {max_batch}")
+        config.dynamic_batching.preferred_batch_size.extend(sizes)
+        config.dynamic_batching.max_queue_delay_microseconds = options.max_queue_delay_us
+    on_gpu = metadata.backend == "tensorrt" or metadata.device.get("provider") == "cuda"
+    kind = pb.ModelInstanceGroup.Kind.Value("KIND_GPU" if on_gpu else "KIND_CPU")
+    config.instance_group.add(count=options.instances, kind=kind)
+    return config
+
+
+def _onnx_for_triton(metadata: EngineMetadata, engine: Path, target: Path) -> None:
+    """The graph the onnxruntime engine was built from, re-derived from its source and checked to
+    answer like the engine (the engine file itself is ORT format, which Triton does not load)."""
+    from miaotui.artifacts import sha256_file
+    from miaotui.engines.build import check_onnxruntime_engine, cpu_int8_form
+
+    source = Path(metadata.onnx_file)
+    if not source.is_file():
+        raise InputError(f"{source}: the engine's source ONNX file (sidecar key 'onnx_file') is missing; "
+                         "Triton runs the ONNX graph, so package where it was built")
+    if sha256_file(source) != metadata.onnx_sha256:
+        raise InputError(f"{source}: changed since {engine.name} was built from it (sha256 differs); rebuild the engine")
+    rewrites = {k: v for k, v in metadata.settings.get("cpu_rewrites", {}).items() if v}
+    with tempfile.TemporaryDirectory(prefix="miaotui-triton-") as folder:
+        graph = source
+        if rewrites:
+            activations = metadata.settings.get("cpu_activations", "uint8" if "uint8_activations" in rewrites else "int8")
+            graph, _ = cpu_int8_form(source, Path(folder), activations)
+        config = None
+        work_dir = work_dir_of(engine)
+        if work_dir is not None and (work_dir / "config.toml").is_file():
+            from miaotui.models import resolve_config
+
+            config = resolve_config(work_dir / "config.toml")
+        try:
+            check_onnxruntime_engine(graph, engine, engine.name, metadata.session, metadata.inputs, config)
+        except CheckFailed as error:
+            raise CheckFailed(f"the ONNX graph for Triton does not answer like {engine.name}: {error}") from None
+        shutil.copyfile(graph, target)
+        data = graph.with_name(graph.name + ".data")
+        if data.is_file():  # external weights keep the name the graph points at
+            shutil.copyfile(data, target.parent / data.name)
+
+
+def package_triton(path: str | Path, repository: str | Path, options: TritonOptions | None = None,
+                   backend: str | None = None, precision: str | None = None) -> TritonPackage:
+    """Put the engine at `path` (or the work dir `path`'s best one for Triton) into `repository`."""
+    from miaotui.artifacts import sha256_file
+    from miaotui.serving.model_config import parse, to_text
+
+    options = options or TritonOptions()
+    path, repository = Path(path), Path(repository)
+    if path.is_dir():
+        engine = choose_engine(path, backend, precision)
+    elif path.is_file():
+        engine = path
+    else:
+        raise InputError(f"{path}: no such work dir or engine file")
+    metadata = read_metadata(engine)
+    if sha256_file(engine) != metadata.engine_sha256:
+        raise InputError(f"{engine}: its sha256 is not the sidecar's: the engine was replaced or damaged; rebuild it")
+    work_dir = work_dir_of(engine) or engine.parent
+    name = options.name or engine.name.split(".")[0]
+    if not name or "/" in name or name.startswith("."):
+        raise InputError(f"--name {name!r}: expected a folder name for the model")
+    if options.instances < 1 or options.version < 1:
+        raise InputError("--instances and --version: expected positive numbers")
+    labels = _labels(work_dir)
+    config = model_config(metadata, name, options, labels)
+    text = to_text(config)
+    if parse(text, f"{name}/config.pbtxt") != config:
+        raise CheckFailed(f"{name}/config.pbtxt: Triton's schema reads back a different configuration")
+    if repository.exists() and not repository.is_dir():
+        raise InputError(f"--triton {repository}: exists and is not a folder")
+    entry = repository / name
+    if entry.exists() and not options.force:
+        raise InputError(f"{entry}: already in the repository; --force replaces it")
+    created = not repository.exists()
+    repository.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=repository))
+    try:
+        version_dir = staging / str(options.version)
+        version_dir.mkdir()
+        model_file = version_dir / MODEL_FILES[metadata.backend]
+        if metadata.backend == "tensorrt":
+            shutil.copyfile(engine, model_file)
+        else:
+            _onnx_for_triton(metadata, engine, model_file)
+        (staging / "config.pbtxt").write_text(text, encoding="utf-8")
+        if labels and any(o.label_filename for o in config.output):
+            (staging / "labels.txt").write_text("\n".join(labels) + "\n", encoding="utf-8")
+        (staging / "engine.json").write_text(json.dumps(json.loads(sidecar_path(engine).read_text(encoding="utf-8")),
+                                                        indent=2), encoding="utf-8")
+        if entry.exists():
+            shutil.rmtree(entry)
+        staging.rename(entry)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and not any(repository.iterdir()):
+            repository.rmdir()
+        raise
+    return TritonPackage(entry, entry / "config.pbtxt", entry / str(options.version) / model_file.name,
+                         config.platform, config.max_batch_size, engine,
+                         entry / "labels.txt" if (entry / "labels.txt").exists() else None, text)
