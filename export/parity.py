@@ -67,6 +67,22 @@ def onnxruntime_session(onnx_path: Path, threads: int = 0):
     return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
 
 
+def exposing_session(model, tensors: list[str]):
+    """An unoptimized CPU session of `model` (left as it was) that also returns `tensors`, intermediate
+    ones included: optimizations off, so every tensor is computed as the graph says."""
+    import onnx
+    import onnxruntime as ort
+
+    augmented = onnx.ModelProto()
+    augmented.CopyFrom(model)
+    present = {o.name for o in augmented.graph.output}
+    augmented.graph.output.extend(onnx.ValueInfoProto(name=name) for name in tensors if name not in present)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(augmented.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
 def run_session(session, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """An ONNX Runtime session's outputs by name."""
     return dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))

@@ -45,6 +45,9 @@ REASONS = {
     "rule-post-gelu": "rule: input comes from Gelu (FFN down-projection): heavy-tailed activations that one "
                       "per-tensor scale cannot hold",
     "rule-gather-not-weights": "rule: gathers from a computed tensor, not from a weight table",
+    "search-int8": "quantized: the accuracy-budgeted search (--target-agreement) met the target with it in INT8",
+    "search-float": "kept in float by the accuracy-budgeted search: among the nodes with the most quantization "
+                    "noise per unit of float cost, and the target was not met with it in INT8",
 }
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -132,6 +133,8 @@ class QuantizeOptions:
     include: tuple[str, ...] = ()  # node-name or op-type globs forced to INT8
     exclude: tuple[str, ...] = ()  # ... kept in float; wins over include
     calibration: str | None = None  # another calibration set than the config's [data] calibration
+    # search for the fewest float nodes meeting this top-1 agreement on held-out calibration samples
+    target_agreement: float | None = QuantizeSpec.target_top1_agreement
 
 
 @dataclass
@@ -142,7 +145,8 @@ class QuantizeResult(StageResult):
 
 def quantize_options(config: Config, method: str | None = None, samples: int | None = None,
                      include: tuple[str, ...] = (), exclude: tuple[str, ...] = (),
-                     calibration: str | None = None, smooth_alpha: float | None = None) -> QuantizeOptions:
+                     calibration: str | None = None, smooth_alpha: float | None = None,
+                     target_agreement: float | None = None) -> QuantizeOptions:
     """The config's [quantize] table with the command line's choices on top."""
     base = config.quantize
     return QuantizeOptions(
@@ -152,6 +156,7 @@ def quantize_options(config: Config, method: str | None = None, samples: int | N
         include=tuple(base.include) + tuple(include),
         exclude=tuple(base.exclude) + tuple(exclude),
         calibration=calibration,
+        target_agreement=target_agreement if target_agreement is not None else base.target_top1_agreement,
     )
 
 
@@ -175,6 +180,8 @@ def run_quantize_stage(config: Config, work_dir: str | Path, options: QuantizeOp
     options = options or quantize_options(config)
     if options.samples is not None and options.samples < 1:
         raise InputError(f"--samples {options.samples}: expected a positive number of calibration samples")
+    if options.target_agreement is not None and not 0 < options.target_agreement <= 1:
+        raise InputError(f"--target-agreement {options.target_agreement}: expected a share above 0 up to 1")
     calibration_set = data_set(config, "calibration", options.calibration)
     calibration_data = summarize(calibration_set, options.samples)
     warnings = check_sample_count(options.method, calibration_data.samples, calibration_set.where)
@@ -197,7 +204,12 @@ def run_quantize_stage(config: Config, work_dir: str | Path, options: QuantizeOp
     model = onnx.load(str(optimize.path))
     name_unnamed_nodes(model)
     decisions = plan_quantization(model, options.include, options.exclude)
-    op_types = tuple(sorted({d.op_type for d in decisions if d.quantized}))
+    held_out = None
+    if options.target_agreement is not None:
+        from miaotui.export.search import all_int8
+
+        decisions = all_int8(decisions)  # the search starts from every weight op in INT8
+        held_out = _held_out(calibration_set, calibration_data.samples, summarize(calibration_set).samples, warnings)
     opt_record = work.record("optimize")
     key = CalibrationKey(opt_record.outputs[OPT_NAME], calibration_data.fingerprint, calibration_data.samples,
                          options.method, sha256_json(METHOD_SETTINGS[options.method]), options.smooth_alpha,
@@ -227,8 +239,18 @@ def run_quantize_stage(config: Config, work_dir: str | Path, options: QuantizeOp
                 calibration = calibrate(calibrated, calibration_set.batches(options.samples), request, progress)
                 calibration.peaks = {name: [float(v) for v in values] for name, values in peaks.items()}
                 save(calibration, scratch / CALIBRATION_NAME)
-        quantize_onnx(model, scratch / INT8_NAME, calibration, decisions, external)
-        final = confirm_decisions(scratch / INT8_NAME, decisions)
+            chosen, search = decisions, None
+            if held_out is not None:  # inside: the search compares with the smoothed FP32 file
+                from miaotui.export.search import search_float_nodes
+
+                chosen, search = search_float_nodes(model, calibrated, calibration, decisions, held_out,
+                                                    options.target_agreement, config.model.outputs[0], external,
+                                                    progress)
+                if not search.met:
+                    warnings.append(f"--target-agreement {options.target_agreement:g}: not met on {search.held_out} "
+                                    f"even with every searchable node in float (best {search.agreement:.4f})")
+        quantize_onnx(model, scratch / INT8_NAME, calibration, chosen, external)
+        final = confirm_decisions(scratch / INT8_NAME, chosen)
         check = check_qdq(scratch / INT8_NAME, model, calibration)
         agreement = compare_top1(optimize.path, scratch / INT8_NAME, agreement_set.batches(), config.model.outputs[0],
                                  progress, reference_key=(opt_record.outputs[OPT_NAME], agreement_data.fingerprint))
@@ -248,11 +270,16 @@ def run_quantize_stage(config: Config, work_dir: str | Path, options: QuantizeOp
             "agreement": asdict(agreement) | {"set": agreement_set.where},
             "warnings": warnings,
         }
+        if search is not None:
+            details["search"] = {"target": search.target, "met": search.met, "agreement": search.agreement,
+                                 "held_out": search.held_out, "samples": search.samples, "kept_float": search.kept_float,
+                                 "steps": len(search.steps), "seconds": search.seconds}
         report = details | {
-            "op_types_quantized": list(op_types),
+            "op_types_quantized": sorted({d.op_type for d in final if d.quantized}),
             "include": list(options.include),
             "exclude": list(options.exclude),
             "smoothed_inputs": [asdict(i) for i in smoothed],
+            "search": asdict(search) if search is not None else None,
             "decisions": [{"node": d.name, "op_type": d.op_type, "quantized": d.quantized, "reason": d.reason,
                            "why": d.explain()} for d in final],
             "reasons": REASONS,
@@ -260,10 +287,52 @@ def run_quantize_stage(config: Config, work_dir: str | Path, options: QuantizeOp
         atomic_write_json(scratch / QUANTIZATION_NAME, report)
         return details
 
+    if held_out is not None:
+        inputs["held-out data"] = held_out.fingerprint
     result = run_stage(work, tool_versions(), "quantize", INT8_NAME, inputs, asdict(options), produce, force, QuantizeResult)
     result.warnings = list(result.details.get("warnings", []))
     result.earlier = earlier
     return result
+
+
+SEARCH_SAMPLES = 384  # held-out calibration samples the search measures agreement on (time-bounded)
+
+
+@dataclass
+class HeldOut:
+    """Calibration samples the ranges were not computed from: the search's agreement set."""
+
+    data: Any  # the DataSet
+    start: int
+    count: int
+    where: str
+    fingerprint: str
+
+    def batches(self):
+        """Feed dicts over rows [start, start + count) of the set."""
+        offset = 0
+        for feed in self.data.batches(self.start + self.count):
+            rows = len(next(iter(feed.values())))
+            begin, end = max(self.start - offset, 0), min(self.start + self.count - offset, rows)
+            offset += rows
+            if begin < end:
+                yield {name: value[begin:end] for name, value in feed.items()}
+
+
+def _held_out(calibration_set, used: int, total: int, warnings: list[str]) -> HeldOut:
+    start = used if total - used >= 32 else 0
+    if start == 0:
+        warnings.append(f"{calibration_set.where}: only {total} samples, all used for the ranges: the search measures "
+                        "agreement on them, which is not held out (give more calibration data)")
+    count = min(SEARCH_SAMPLES, total - start)
+    held = HeldOut(calibration_set, start, count, f"{calibration_set.where} samples {start}..{start + count - 1}", "")
+    digest = hashlib.sha256()
+    for feed in held.batches():
+        for name in sorted(feed):
+            digest.update(name.encode())
+            digest.update(np.ascontiguousarray(feed[name]).tobytes())
+    held.fingerprint = digest.hexdigest()
+    return held
 
 
 FP16_NAME = "model.fp16.onnx"

@@ -127,21 +127,26 @@ def optimize(config, work_dir: Path, force: bool):
                      help="Quantize nodes whose name or op type matches this glob, whatever the rules say (repeatable)."),
         click.option("--exclude", multiple=True, metavar="NODE_OR_PATTERN",
                      help="Keep nodes whose name or op type matches this glob in float (repeatable; wins over --include)."),
+        click.option("--target-agreement", type=click.FloatRange(0, 1, min_open=True), default=None, metavar="SHARE",
+                     help="Search for the fewest weight ops kept in float that meet this top-1 agreement with FP32 on "
+                          "held-out calibration samples, starting from all of them in INT8 (default: the config's "
+                          "[quantize] target_top1_agreement, else the rules)."),
     ),
     spinner=False,
 )
 def quantize(config, work_dir: Path, force: bool, precision, method, samples, smooth_alpha, calibration_data, include,
-             exclude):
+             exclude, target_agreement):
     from miaotui.export import quantize_options, run_fp16_stage, run_quantize_stage
 
-    int8_options = (method, samples, smooth_alpha, calibration_data, include, exclude)
+    int8_options = (method, samples, smooth_alpha, calibration_data, include, exclude, target_agreement)
     if precision == "fp16" and any(o not in (None, ()) for o in int8_options):
-        raise InputError("--precision fp16: --method, --samples, --smooth-alpha, --calibration, --include and "
-                         "--exclude are INT8 options; fp16 has no calibration")
+        raise InputError("--precision fp16: --method, --samples, --smooth-alpha, --calibration, --include, --exclude "
+                         "and --target-agreement are INT8 options; fp16 has no calibration")
     results = []
     if precision != "fp16":
         # The data is checked before anything runs; export and optimize run inside, when stale.
-        options = quantize_options(config, method, samples, include, exclude, calibration_data, smooth_alpha)
+        options = quantize_options(config, method, samples, include, exclude, calibration_data, smooth_alpha,
+                                   target_agreement)
         quantized = run_quantize_stage(config, work_dir, options, force=force and precision == "int8")
         results = [*quantized.earlier, quantized]
     if precision == "int8":
@@ -365,6 +370,11 @@ def _check(result) -> str:
                 f"{agreement['top1_agreement']:.4f} on {agreement['samples']}")
         if agreement["reference_accuracy"] is not None:
             text += f"; accuracy {agreement['reference_accuracy']:.4f} -> {agreement['candidate_accuracy']:.4f}"
+        if d.get("search"):
+            search = d["search"]
+            text += (f"; search for >= {search['target']:g}: {'met' if search['met'] else 'NOT met'} with "
+                     f"{len(search['kept_float'])} kept in float ({search['agreement']:.4f} on {search['samples']} "
+                     f"held-out calibration samples, {search['steps']} steps, {search['seconds']:.0f} s)")
         return text
     if result.stage in ("fp16", "int8-fp16"):
         d = result.details
@@ -384,16 +394,74 @@ def _check(result) -> str:
 
 @main.command()
 @click.argument("path", metavar="ENGINE_OR_ONNX", type=click.Path(path_type=Path))
+@click.option("--layers", is_flag=True, help="INT8 ONNX: run it and its FP32 graph side by side and print each "
+              "layer's SQNR against FP32 (where the INT8 model starts to drift); writes layers.json and layers.png.")
+@click.option("--config", "config_or_model", default=None, metavar="CONFIG|MODEL",
+              help="--layers: the config whose data to run (default: config.toml beside the ONNX file).")
+@click.option("--reference", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="FP32.onnx",
+              help="--layers: the FP32 graph (default: model.opt.onnx beside the ONNX file).")
+@click.option("--samples", type=click.IntRange(min=1), default=64, show_default=True,
+              help="--layers: samples of the validation set (else the calibration set) to run.")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="--layers: folder for layers.json and layers.png (default: <work dir>/reports).")
 @reports_errors
-def inspect(path: Path) -> None:
+def inspect(path: Path, layers: bool, config_or_model, reference, samples, report_dir) -> None:
     """Show an engine's sidecar (and a TensorRT plan's layers, where a GPU can list them), or an ONNX
-    file's inputs, outputs, opset, ops and how many nodes run in INT8."""
-    if path.suffix == ".onnx":
+    file's inputs, outputs, opset, ops and how many nodes run in INT8 (--layers: how far each layer
+    of an INT8 graph is from FP32)."""
+    if layers:
+        _inspect_layers(path, config_or_model, reference, samples, report_dir)
+    elif path.suffix == ".onnx":
         _inspect_onnx(path)
     elif path.suffix in (".ort", ".plan") or path.name.endswith((".ort.json", ".plan.json")):
         _inspect_engine(path)
     else:
         raise InputError(f"{path}: expected an .onnx file, an engine (.ort, .plan) or its .json sidecar")
+
+
+def _inspect_layers(path: Path, config_or_model, reference, samples: int, report_dir) -> None:
+    import itertools
+
+    from rich.table import Table
+
+    from miaotui.artifacts import atomic_write_json
+    from miaotui.data.datasets import data_set, rebatch, sample_rows
+    from miaotui.export.inspect_onnx import summarize_onnx
+    from miaotui.export.layers import layer_divergence, plot_layers
+    from miaotui.models import resolve_config
+
+    if path.suffix != ".onnx":
+        raise InputError(f"{path}: --layers compares an INT8 .onnx graph with its FP32 graph")
+    summary = summarize_onnx(path)
+    if not summary.precision.startswith("int8"):
+        raise InputError(f"{path}: holds a {summary.precision} graph; --layers needs an INT8 one (model.int8.onnx)")
+    reference = reference or path.with_name("model.opt.onnx")
+    if not reference.is_file():
+        raise InputError(f"{reference}: the FP32 graph is missing; give --reference FP32.onnx")
+    if config_or_model is None and not (path.parent / "config.toml").is_file():
+        raise InputError(f"{path}: no config.toml beside it; give --config CONFIG|MODEL (for its data)")
+    config = resolve_config(config_or_model or path.parent / "config.toml")
+    data = data_set(config, "validation" if config.data.validation else "calibration")
+    rows = itertools.islice(sample_rows(data.batches(samples)), samples)
+    with _console(stderr=True).status(f"run {path.name} and {reference.name} on {samples} samples"):
+        result = layer_divergence(reference, path, rebatch(rows, 8))
+    folder = report_dir or path.parent / "reports"
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(folder / "layers.json", {"int8": str(path), "fp32": str(reference), "samples": samples,
+                                                "set": data.where, "layers": [r.__dict__ for r in result]})
+    plot_layers(result, folder / "layers.png", f"{path.name} vs {reference.name}: SQNR per layer ({samples} samples)")
+    table = Table(title=f"miaotui inspect --layers: {escape(str(path))} vs {escape(reference.name)}, {samples} samples "
+                  f"of {escape(data.where)}", title_justify="left")
+    for column, justify in (("#", "right"), ("node", "left"), ("op", "left"), ("INT8", "left"), ("SQNR dB", "right")):
+        table.add_column(column, justify=justify, overflow="fold")
+    for row in result:
+        table.add_row(str(row.index), escape(row.node), row.op_type, "yes" if row.int8 else "",
+                      "inf" if row.sqnr_db == float("inf") else f"{row.sqnr_db:.1f}")
+    _console().print(table)
+    if result:
+        worst = min(result, key=lambda r: r.sqnr_db)
+        _console().print(f"lowest SQNR: {escape(worst.node)} ({worst.op_type}) {worst.sqnr_db:.1f} dB; reports: "
+                         f"{escape(str(folder / 'layers.json'))}, {escape(str(folder / 'layers.png'))}")
 
 
 def _io_table(rows):

@@ -83,6 +83,8 @@ class QuantizeSpec:
     smooth_alpha: float = 0.5  # SmoothQuant migration strength for INT8 MatMul inputs; 0 = off
     include: tuple[str, ...] = ()  # node-name or op-type globs forced to INT8
     exclude: tuple[str, ...] = ()  # node-name or op-type globs kept in float
+    # Search for the fewest nodes kept in float that meet this top-1 agreement (export/search.py); None = rules
+    target_top1_agreement: float | None = None
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,8 @@ class Config:
                                     "exclude": list(self.quantize.exclude)}
         if self.quantize.samples is not None:
             quantize["samples"] = self.quantize.samples
+        if self.quantize.target_top1_agreement is not None:
+            quantize["target_top1_agreement"] = self.quantize.target_top1_agreement
         out["quantize"] = quantize
         if self.validate:
             out["validate"] = self.validate
@@ -371,7 +375,7 @@ def _parse_export(r: _Reader, table: dict) -> ExportSpec:
 
 
 def _parse_quantize(r: _Reader, table: dict) -> QuantizeSpec:
-    r.only(table, ("method", "samples", "smooth_alpha", "include", "exclude"), "quantize")
+    r.only(table, ("method", "samples", "smooth_alpha", "include", "exclude", "target_top1_agreement"), "quantize")
     method = r.value(table, "method", str, "quantize.method", required=False) or QuantizeSpec.method
     if method not in QUANTIZE_METHODS:
         raise r.fail("quantize.method", f"expected one of {', '.join(QUANTIZE_METHODS)}, got {method!r}")
@@ -381,7 +385,11 @@ def _parse_quantize(r: _Reader, table: dict) -> QuantizeSpec:
     alpha = r.value(table, "smooth_alpha", (int, float), "quantize.smooth_alpha", required=False)
     if alpha is not None and not 0 <= alpha < 1:
         raise r.fail("quantize.smooth_alpha", f"expected 0 (off) up to, not including, 1, got {alpha}")
+    target = r.value(table, "target_top1_agreement", (int, float), "quantize.target_top1_agreement", required=False)
+    if target is not None and not 0 < target <= 1:
+        raise r.fail("quantize.target_top1_agreement", f"expected a share above 0 up to 1, got {target}")
     return QuantizeSpec(
+        target_top1_agreement=float(target) if target is not None else None,
         method=method,
         smooth_alpha=float(alpha) if alpha is not None else QuantizeSpec.smooth_alpha,
         samples=samples if samples is not None else QuantizeSpec.samples,

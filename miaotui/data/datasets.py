@@ -233,3 +233,29 @@ def _function_batches(source: str, where: str) -> Iterable[dict]:
     if not isinstance(batches, Iterable) or isinstance(batches, dict):
         raise InputError(f"{where}: {function_name}() must return or yield feed dicts, got {type(batches).__name__}")
     return batches
+
+
+def sample_rows(batches):
+    """One sample at a time (as a batch of one), so a sample count can be cut exactly."""
+    for feed in batches:
+        for index in range(len(next(iter(feed.values())))):
+            yield {name: value[index : index + 1] for name, value in feed.items()}
+
+
+def rebatch(rows, size: int = 16):
+    """Rows back into batches; rows of unequal shapes (sequence lengths) start a new batch."""
+    batch: list[dict] = []
+    for row in rows:
+        if batch and any(row[k].shape != batch[0][k].shape for k in row):
+            yield _stack_rows(batch)
+            batch = []
+        batch.append(row)
+        if len(batch) == size:
+            yield _stack_rows(batch)
+            batch = []
+    if batch:
+        yield _stack_rows(batch)
+
+
+def _stack_rows(rows: list[dict]) -> dict:
+    return {name: np.concatenate([row[name] for row in rows]) for name in rows[0]}

@@ -1,0 +1,98 @@
+"""Layer-wise divergence of an INT8 graph from its FP32 graph: where the INT8 model starts to drift.
+
+Both graphs run side by side on the same samples with every intermediate tensor they share exposed
+(the quantizer keeps the names of the tensors it does not replace), and each tensor's
+signal-to-quantization-noise ratio is accumulated over the samples:
+SQNR = 10 log10(sum(fp32^2) / sum((fp32 - int8)^2)) dB. Unlike the search's sensitivity (one node's
+own noise), this is the drift accumulated up to that point, in graph order. Polygraphy's
+`run --validate --onnx-outputs mark all` compares the same way but does not reduce to one number a layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SKIPPED_OP_TYPES = ("QuantizeLinear", "DequantizeLinear", "Shape", "Constant", "Cast", "Range", "Unsqueeze",
+                    "Squeeze", "Concat", "Reshape", "Transpose", "Equal", "Not", "Where", "Expand",
+                    "ConstantOfShape", "Slice")
+
+
+@dataclass
+class LayerDivergence:
+    index: int  # position in the INT8 graph's node order
+    node: str
+    op_type: str
+    tensor: str
+    int8: bool  # the node reads a dequantized input (it computes in INT8)
+    sqnr_db: float
+
+
+def _float_outputs(model) -> dict[str, tuple[int, object]]:
+    """tensor -> (node index, node) for the float outputs of compute nodes."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    floats = {v.name for v in list(inferred.graph.value_info) + list(inferred.graph.output)
+              if v.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)}
+    return {node.output[0]: (index, node) for index, node in enumerate(model.graph.node)
+            if node.op_type not in SKIPPED_OP_TYPES and node.output and node.output[0] in floats}
+
+
+def layer_divergence(fp32_path: Path, int8_path: Path, batches: Iterable[dict[str, np.ndarray]]) -> list[LayerDivergence]:
+    import onnx
+
+    from miaotui.data.datasets import without_labels
+    from miaotui.export.parity import exposing_session
+
+    fp32, int8 = onnx.load(str(fp32_path)), onnx.load(str(int8_path))
+    shared = _float_outputs(int8)
+    reference = _float_outputs(fp32)
+    tensors = [t for t in shared if t in reference]
+    dequantized = {n.output[0] for n in int8.graph.node if n.op_type == "DequantizeLinear"}
+
+    sessions = exposing_session(fp32, tensors), exposing_session(int8, tensors)
+    signal = dict.fromkeys(tensors, 0.0)
+    noise = dict.fromkeys(tensors, 0.0)
+    for feed in batches:
+        feed = without_labels(feed)
+        expected, actual = (dict(zip(tensors, s.run(tensors, feed))) for s in sessions)
+        for name in tensors:
+            e = expected[name].astype(np.float64)
+            signal[name] += float(np.sum(e**2))
+            noise[name] += float(np.sum((e - actual[name].astype(np.float64)) ** 2))
+    rows = []
+    for name in tensors:
+        index, node = shared[name]
+        sqnr = 10 * np.log10(signal[name] / noise[name]) if noise[name] > 0 else float("inf")
+        rows.append(LayerDivergence(index, node.name, node.op_type, name, any(i in dequantized for i in node.input),
+                                    round(float(sqnr), 3)))
+    return sorted(rows, key=lambda r: r.index)
+
+
+def plot_layers(rows: list[LayerDivergence], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    from miaotui.artifacts import atomic_path
+
+    finite = [r for r in rows if np.isfinite(r.sqnr_db)]
+    figure, axes = plt.subplots(figsize=(max(8, len(rows) / 12), 4.5))
+    axes.plot([r.index for r in finite], [r.sqnr_db for r in finite], color="tab:blue", linewidth=1, label="SQNR")
+    int8 = [r for r in finite if r.int8]
+    axes.scatter([r.index for r in int8], [r.sqnr_db for r in int8], color="tab:red", s=12, zorder=3,
+                 label="INT8 node")
+    axes.set_xlabel("node position in the INT8 graph")
+    axes.set_ylabel("SQNR vs FP32 (dB, higher is closer)")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    with atomic_path(path) as staged:
+        figure.savefig(staged, format="png", dpi=110)
+    plt.close(figure)
