@@ -679,12 +679,15 @@ def bench(engines, torch_config, batch_text, seq_text, threads, seconds, report_
     from miaotui.engines.metadata import read_metadata, work_dir_of
 
     subjects = []
+    same_names = len({engine.name for engine in engines}) < len(engines)
     for engine in engines:
         if not engine.is_file():
             raise InputError(f"{engine}: engine file does not exist")
         metadata = read_metadata(engine)
         config = (work_dir_of(engine) or engine.parent) / "config.toml"
-        subjects.append(Subject(f"{metadata.backend} {metadata.precision} ({engine.name})", "engine",
+        # Engines of one name from several work dirs: the work dir tells them apart.
+        label = f"{(work_dir_of(engine) or engine.parent).name}/{engine.name}" if same_names else engine.name
+        subjects.append(Subject(f"{metadata.backend} {metadata.precision} ({label})", "engine",
                                 str(engine.resolve()), str(config.resolve()) if config.is_file() else None))
     if torch_config:
         config = resolve_config(torch_config)

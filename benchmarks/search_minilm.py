@@ -1,0 +1,127 @@
+"""The accuracy-budgeted search on minilm-sentiment, against the all-INT8 graph and the default rules.
+
+    python benchmarks/search_minilm.py [--target 0.995] [--threads 2]
+
+Builds three INT8 onnxruntime engines of minilm-sentiment, each in its own work dir under build/:
+- search: `[quantize] target_top1_agreement = TARGET` (the search's time is reported),
+- all-int8: every weight op INT8 (a target every graph meets, so the search stops at its first step),
+- rules: the built-in default (build/minilm-sentiment, as `make export MODEL=minilm-sentiment` leaves it).
+Then: top-1 agreement with FP32 on the validation split (the quantize stage's), accuracy on the test
+split (engine vs model.opt.onnx in ONNX Runtime), and throughput with `miaotui bench` (PyTorch FP32
+eager as the baseline, batch 32 and 1, sequence 128). "Gain kept" is (search - FP32) / (all-int8 - FP32)
+in samples per second. Writes benchmarks/results/minilm-sentiment/search.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def build(config, work: Path) -> tuple[Path, dict, float]:
+    from miaotui.engines import BuildOptions
+    from miaotui.engines.stage import run_build_stage
+
+    started = time.perf_counter()
+    built = run_build_stage(config, work, BuildOptions(backend="onnxruntime"))
+    quantize = next(r for r in built.earlier if r.stage == "quantize")
+    return built.path, quantize.details, time.perf_counter() - started
+
+
+def test_accuracy(config, engine: Path, reference: Path) -> tuple[float, float]:
+    import numpy as np
+
+    from miaotui.data.corpus import load_split
+    from miaotui.data.tokenizers import encode, load_tokenizer
+    from miaotui.export.parity import onnxruntime_session
+    from miaotui.models.minilm_sentiment import MAX_LENGTH
+    from miaotui.runtime import Engine
+
+    tokenizer = load_tokenizer(config.model.tokenizer, MAX_LENGTH)
+    examples = sorted(load_split("test"), key=lambda e: len(e.text))
+    served, fp32 = Engine.load(engine), onnxruntime_session(reference)
+    right = np.zeros(2)
+    for start in range(0, len(examples), 32):
+        chunk = examples[start : start + 32]
+        feed = encode(tokenizer, [e.text for e in chunk])
+        labels = np.array([e.label for e in chunk])
+        right += [(fp32.run(None, feed)[0].argmax(1) == labels).sum(), (served(**feed)["logits"].argmax(1) == labels).sum()]
+    return float(right[0] / len(examples)), float(right[1] / len(examples))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--target", type=float, default=0.995)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+
+    from miaotui.models import resolve_config
+
+    base = resolve_config("minilm-sentiment")
+
+    def with_target(target):
+        return dataclasses.replace(base, quantize=dataclasses.replace(base.quantize, target_top1_agreement=target))
+
+    runs = {
+        "search": (with_target(args.target), REPO / "build" / "minilm-search"),
+        "all-int8": (with_target(1e-6), REPO / "build" / "minilm-all-int8"),
+        "rules": (base, REPO / "build" / "minilm-sentiment"),
+    }
+    results = {}
+    for name, (config, work) in runs.items():
+        engine, quantize, seconds = build(config, work)
+        fp32_accuracy, accuracy = test_accuracy(config, engine, work / "model.opt.onnx")
+        search = quantize.get("search") or {}
+        results[name] = {"engine": str(engine), "quantize_seconds": round(seconds, 1),
+                         "search_seconds": search.get("seconds"), "kept_float": len(search.get("kept_float", [])),
+                         "int8_nodes": quantize["nodes"]["quantized"],
+                         "validation_agreement": quantize["agreement"]["top1_agreement"],
+                         "held_out_agreement": search.get("agreement"),
+                         "test_accuracy_fp32": fp32_accuracy, "test_accuracy": accuracy,
+                         "test_accuracy_drop_points": round(100 * (fp32_accuracy - accuracy), 3)}
+        print(name, json.dumps(results[name]), flush=True)
+
+    folder = REPO / "benchmarks" / "results" / "minilm-sentiment" / "search"
+    command = [sys.executable, "-m", "miaotui.cli", "bench", *(results[n]["engine"] for n in runs),
+               "--torch", "minilm-sentiment", "--batch", "1,32", "--seq", "128", "--threads", str(args.threads),
+               "--report", str(folder)]
+    subprocess.run(command, check=True, cwd=REPO)
+    rows = json.loads((folder / "bench.json").read_text())["rows"]
+
+    def throughput(engine_name: str | None, batch: int) -> float:
+        return next(r["samples_per_s"] for r in rows if r["batch"] == batch and (
+            r["name"] == "pytorch fp32 eager" if engine_name is None
+            else f"({Path(engine_name).parent.parent.name}/{Path(engine_name).name})" in r["name"]))
+
+    for batch in (1, 32):
+        fp32 = throughput(None, batch)
+        gain = {n: throughput(results[n]["engine"], batch) - fp32 for n in runs}
+        for name in runs:
+            results[name][f"b{batch}_samples_per_s"] = round(throughput(results[name]["engine"], batch), 2)
+        results["search"][f"b{batch}_gain_kept"] = round(gain["search"] / gain["all-int8"], 3)
+        results[f"pytorch_fp32_b{batch}_samples_per_s"] = round(fp32, 2)
+    (folder.parent / "search.json").write_text(json.dumps(results, indent=2) + "\n")
+    lines = ["| graph | INT8 nodes | kept in float | validation agreement | test accuracy (FP32 -> INT8) | "
+             "b1 samples/s | b32 samples/s | search s |", "|---|---|---|---|---|---|---|---|"]
+    for name in runs:
+        r = results[name]
+        lines.append(f"| {name} | {r['int8_nodes']} | {r['kept_float'] if name == 'search' else '-'} | "
+                     f"{r['validation_agreement']:.4f} | {r['test_accuracy_fp32']:.4f} -> {r['test_accuracy']:.4f} | "
+                     f"{r['b1_samples_per_s']} | {r['b32_samples_per_s']} | {r['search_seconds'] or '-'} |")
+    lines.append(f"\nPyTorch FP32 eager: {results['pytorch_fp32_b1_samples_per_s']} / "
+                 f"{results['pytorch_fp32_b32_samples_per_s']} samples/s (b1 / b32). Gain of the all-INT8 graph kept by "
+                 f"the search: {results['search']['b1_gain_kept']:.0%} at b1, {results['search']['b32_gain_kept']:.0%} "
+                 f"at b32 ({args.threads} threads, sequence 128, one run).")
+    (folder.parent / "search.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
