@@ -55,7 +55,8 @@ def run_build_stage(config: Config, work_dir: str | Path, options: BuildOptions 
     """Build the engine for `options.backend` and `options.precision` (default int8) from the work
     dir's graph of that precision (SOURCES), running the stages before it when stale
     (unless `earlier` holds the results of those runs, made just before for another backend)."""
-    from miaotui.export import run_export_stage, run_fp16_stage, run_optimize_stage, run_quantize_stage
+    from miaotui.export import run_fp16_stage
+    from miaotui.export.stage import stages_before
 
     options = options or BuildOptions()
     precision = options.precision or "int8"
@@ -63,12 +64,7 @@ def run_build_stage(config: Config, work_dir: str | Path, options: BuildOptions 
         raise InputError(f"--precision {precision}: expected one of {', '.join(SOURCES)}")
     options = replace(options, precision=precision)
     stage_of_source, source_name = SOURCES[precision]
-    if earlier is None:
-        exported = run_export_stage(config, work_dir)
-        earlier = [exported, run_optimize_stage(config, work_dir, export=exported)]
-    if "int8" in precision and not any(r.stage == "quantize" for r in earlier):
-        earlier = earlier + [run_quantize_stage(config, work_dir, optimize=next(r for r in earlier if r.stage == "optimize"),
-                                                      progress=progress)]
+    earlier = stages_before(config, work_dir, earlier, "int8" in precision, progress)
     if precision in ("fp16", "int8-fp16") and not any(r.stage == precision for r in earlier):
         half = run_fp16_stage(config, work_dir, precision, progress=progress, earlier=earlier)
         earlier = earlier + [half]

@@ -39,28 +39,35 @@ class Fp16Report:
     values_flushed: int = 0  # tiny non-zero values the converter rounds to FP16's smallest
 
 
-def _float_initializer_stats(model) -> tuple[int, int, int]:
+# Ops that move or index data without float arithmetic: not counted as FP16 compute.
+_NOT_ARITHMETIC = {"Shape", "Reshape", "Transpose", "Unsqueeze", "Squeeze", "Concat", "Gather", "Slice", "Cast",
+                   "Range", "Constant", "Expand", "Equal", "Not", "Where", "QuantizeLinear", "DequantizeLinear",
+                   "Identity", "Flatten", "Split", "GatherElements", "ConstantOfShape"}
+
+
+def _out_of_fp16_range(model) -> tuple[int, int]:
+    """(float initializer values beyond FP16's largest, tiny non-zero ones below its smallest)."""
     from onnx import TensorProto, numpy_helper
 
-    count = clamped = flushed = 0
+    clamped = flushed = 0
     for tensor in model.graph.initializer:
         if tensor.data_type != TensorProto.FLOAT:
             continue
         values = np.abs(numpy_helper.to_array(tensor))
-        count += 1
         clamped += int((values > FP16_MAX).sum())
         flushed += int(((values > 0) & (values < FP16_TINY)).sum())
-    return count, clamped, flushed
+    return clamped, flushed
 
 
 def convert_to_fp16(model, fp32_ops: tuple[str, ...] = FP32_OPS):
-    """(the FP16 model, what changed). `model` is an onnx.ModelProto (left as it was)."""
+    """(the FP16 model, what changed). `model` is an onnx.ModelProto, left as it was unless it is over
+    protobuf's 2 GB limit (then it cannot be copied and is converted in place)."""
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
     before = Counter(n.op_type for n in model.graph.node)
-    _, clamped, flushed = _float_initializer_stats(model)
+    clamped, flushed = _out_of_fp16_range(model)
     # Shape inference runs inside the converter; it needs the model under protobuf's 2 GB limit.
     large = model.ByteSize() > 1_800_000_000
     converted = convert_float_to_float16(onnx.ModelProto.FromString(model.SerializeToString()) if not large else model,
@@ -69,21 +76,13 @@ def convert_to_fp16(model, fp32_ops: tuple[str, ...] = FP32_OPS):
     # The converter appends the Casts it adds at the end of the node list; ONNX wants them in order.
     OnnxModel(converted).topological_sort()
     after = Counter(n.op_type for n in converted.graph.node)
-    kept = {op: n for op, n in before.items() if op in fp32_ops}
-    fp16_types = {onnx.TensorProto.FLOAT16}
-    half_initializers = sum(t.data_type in fp16_types for t in converted.graph.initializer)
     report = Fp16Report(
         fp16_nodes=sum(n for op, n in before.items() if op not in fp32_ops and op not in _NOT_ARITHMETIC),
-        fp32_nodes=kept,
+        fp32_nodes={op: n for op, n in before.items() if op in fp32_ops},
         casts_added=after["Cast"] - before["Cast"],
-        initializers_converted=half_initializers,
+        initializers_converted=sum(t.data_type == onnx.TensorProto.FLOAT16 for t in converted.graph.initializer),
         values_clamped=clamped,
         values_flushed=flushed,
     )
     return converted, report
 
-
-# Ops that move or index data without float arithmetic: not counted as FP16 compute.
-_NOT_ARITHMETIC = {"Shape", "Reshape", "Transpose", "Unsqueeze", "Squeeze", "Concat", "Gather", "Slice", "Cast",
-                   "Range", "Constant", "Expand", "Equal", "Not", "Where", "QuantizeLinear", "DequantizeLinear",
-                   "Identity", "Flatten", "Split", "GatherElements", "ConstantOfShape"}

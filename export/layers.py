@@ -21,6 +21,11 @@ SKIPPED_OP_TYPES = ("QuantizeLinear", "DequantizeLinear", "Shape", "Constant", "
                     "ConstantOfShape", "Slice")
 
 
+def sqnr_db(signal_power: float, noise_power: float) -> float:
+    """10 log10(signal / noise), to 3 decimals; inf when there is no noise."""
+    return round(float(10 * np.log10(signal_power / noise_power)), 3) if noise_power > 0 else float("inf")
+
+
 @dataclass
 class LayerDivergence:
     index: int  # position in the INT8 graph's node order
@@ -67,9 +72,8 @@ def layer_divergence(fp32_path: Path, int8_path: Path, batches: Iterable[dict[st
     rows = []
     for name in tensors:
         index, node = shared[name]
-        sqnr = 10 * np.log10(signal[name] / noise[name]) if noise[name] > 0 else float("inf")
         rows.append(LayerDivergence(index, node.name, node.op_type, name, any(i in dequantized for i in node.input),
-                                    round(float(sqnr), 3)))
+                                    sqnr_db(signal[name], noise[name])))
     return sorted(rows, key=lambda r: r.index)
 
 

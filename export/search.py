@@ -129,6 +129,8 @@ def sensitivities(fp32_model, int8_model, nodes: list[str], batches: Iterable[di
     """Each node's SQNR, alone quantized, on `batches` (fed to the FP32 model)."""
     from onnx import numpy_helper
 
+    from miaotui.data.datasets import without_labels
+    from miaotui.export.layers import sqnr_db
     from miaotui.export.parity import exposing_session
 
     fp32_nodes = {n.name: n for n in fp32_model.graph.node}
@@ -142,8 +144,6 @@ def sensitivities(fp32_model, int8_model, nodes: list[str], batches: Iterable[di
     noise = dict.fromkeys(nodes, 0.0)
     macs = dict.fromkeys(nodes, 0.0)
     samples = 0
-    from miaotui.data.datasets import without_labels
-
     for feed in batches:
         feed = without_labels(feed)
         values = dict(zip(wanted, session.run(wanted, feed)))
@@ -170,8 +170,7 @@ def sensitivities(fp32_model, int8_model, nodes: list[str], batches: Iterable[di
                 macs[name] += float(np.prod(expected.shape)) * inputs[0].shape[-1]
     results = []
     for name in nodes:
-        sqnr = 10 * np.log10(signal[name] / noise[name]) if noise[name] > 0 else float("inf")
-        results.append(NodeSensitivity(name, fp32_nodes[name].op_type, round(float(sqnr), 3),
+        results.append(NodeSensitivity(name, fp32_nodes[name].op_type, sqnr_db(signal[name], noise[name]),
                                        macs[name] / max(samples, 1)))
     return results
 

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -187,12 +186,7 @@ def run_quantize_stage(config: Config, work_dir: str | Path, options: QuantizeOp
     warnings = check_sample_count(options.method, calibration_data.samples, calibration_set.where)
     if options.samples and calibration_data.samples < options.samples:
         warnings.append(f"{calibration_set.where}: {options.samples} samples asked for, the set has {calibration_data.samples}")
-    if config.data.validation:
-        agreement_set = data_set(config, "validation")
-    else:
-        agreement_set = calibration_set
-        warnings.append(f"{config.path}: no data.validation: top-1 agreement measured on the calibration set, "
-                        "which is not held out")
+    agreement_set = _agreement_set(config, calibration_set, warnings, "top-1 agreement")
     agreement_data = summarize(agreement_set)
 
     earlier = []
@@ -209,7 +203,7 @@ def run_quantize_stage(config: Config, work_dir: str | Path, options: QuantizeOp
         from miaotui.export.search import all_int8
 
         decisions = all_int8(decisions)  # the search starts from every weight op in INT8
-        held_out = _held_out(calibration_set, calibration_data.samples, summarize(calibration_set).samples, warnings)
+        held_out = _held_out(calibration_set, calibration_data.samples, warnings)
     opt_record = work.record("optimize")
     key = CalibrationKey(opt_record.outputs[OPT_NAME], calibration_data.fingerprint, calibration_data.samples,
                          options.method, sha256_json(METHOD_SETTINGS[options.method]), options.smooth_alpha,
@@ -296,6 +290,7 @@ def run_quantize_stage(config: Config, work_dir: str | Path, options: QuantizeOp
 
 
 SEARCH_SAMPLES = 384  # held-out calibration samples the search measures agreement on (time-bounded)
+MIN_HELD_OUT = 32  # fewer held-out samples than this: the search measures on the ranges' own samples
 
 
 @dataclass
@@ -305,8 +300,11 @@ class HeldOut:
     data: Any  # the DataSet
     start: int
     count: int
-    where: str
-    fingerprint: str
+    fingerprint: str = ""
+
+    @property
+    def where(self) -> str:
+        return f"{self.data.where} samples {self.start}..{self.start + self.count - 1}"
 
     def batches(self):
         """Feed dicts over rows [start, start + count) of the set."""
@@ -319,20 +317,40 @@ class HeldOut:
                 yield {name: value[begin:end] for name, value in feed.items()}
 
 
-def _held_out(calibration_set, used: int, total: int, warnings: list[str]) -> HeldOut:
-    start = used if total - used >= 32 else 0
-    if start == 0:
-        warnings.append(f"{calibration_set.where}: only {total} samples, all used for the ranges: the search measures "
-                        "agreement on them, which is not held out (give more calibration data)")
-    count = min(SEARCH_SAMPLES, total - start)
-    held = HeldOut(calibration_set, start, count, f"{calibration_set.where} samples {start}..{start + count - 1}", "")
-    digest = hashlib.sha256()
-    for feed in held.batches():
-        for name in sorted(feed):
-            digest.update(name.encode())
-            digest.update(np.ascontiguousarray(feed[name]).tobytes())
-    held.fingerprint = digest.hexdigest()
-    return held
+def _held_out(calibration_set, used: int, warnings: list[str]) -> HeldOut:
+    """Up to SEARCH_SAMPLES rows after the `used` ones, counted and fingerprinted in one pass."""
+    from miaotui.data.datasets import summarize_batches
+
+    summary = summarize_batches(HeldOut(calibration_set, used, SEARCH_SAMPLES).batches())
+    if summary.samples >= MIN_HELD_OUT:
+        return HeldOut(calibration_set, used, summary.samples, summary.fingerprint)
+    warnings.append(f"{calibration_set.where}: only {used + summary.samples} samples, all used for the ranges: the "
+                    "search measures agreement on them, which is not held out (give more calibration data)")
+    summary = summarize_batches(HeldOut(calibration_set, 0, SEARCH_SAMPLES).batches())
+    return HeldOut(calibration_set, 0, summary.samples, summary.fingerprint)
+
+
+def _agreement_set(config: Config, calibration_set, warnings: list[str], what: str):
+    """The validation set, else `calibration_set` with a warning: what a stage compares with FP32 on."""
+    from miaotui.data.datasets import data_set
+
+    if config.data.validation:
+        return data_set(config, "validation")
+    warnings.append(f"{config.path}: no data.validation: {what} measured on the calibration set, which is not held out")
+    return calibration_set
+
+
+def stages_before(config: Config, work_dir: str | Path, earlier: list[StageResult] | None, quantized: bool,
+                  progress: bool = True) -> list[StageResult]:
+    """`earlier` (the results of stages the caller just ran) completed with export and optimize and,
+    when `quantized`, quantize: each run here only when missing, and skipped by its manifest when current."""
+    if earlier is None:
+        exported = run_export_stage(config, work_dir)
+        earlier = [exported, run_optimize_stage(config, work_dir, export=exported)]
+    if quantized and not any(r.stage == "quantize" for r in earlier):
+        optimized = next(r for r in earlier if r.stage == "optimize")
+        earlier = earlier + [run_quantize_stage(config, work_dir, optimize=optimized, progress=progress)]
+    return earlier
 
 
 FP16_NAME = "model.fp16.onnx"
@@ -362,18 +380,9 @@ def run_fp16_stage(config: Config, work_dir: str | Path, precision: str = "fp16"
     if precision not in HALF_NAMES:
         raise InputError(f"--precision {precision}: expected one of {', '.join(HALF_NAMES)}")
     warnings: list[str] = []
-    if config.data.validation:
-        agreement_set = data_set(config, "validation")
-    else:
-        agreement_set = data_set(config, "calibration")
-        warnings.append(f"{config.path}: no data.validation: FP16 top-1 agreement measured on the calibration set")
+    agreement_set = _agreement_set(config, data_set(config, "calibration"), warnings, "FP16 top-1 agreement")
     agreement_data = summarize(agreement_set)
-    if earlier is None:
-        exported = run_export_stage(config, work_dir)
-        earlier = [exported, run_optimize_stage(config, work_dir, export=exported)]
-    if precision == "int8-fp16" and not any(r.stage == "quantize" for r in earlier):
-        optimized = next(r for r in earlier if r.stage == "optimize")
-        earlier = earlier + [run_quantize_stage(config, work_dir, optimize=optimized, progress=progress)]
+    earlier = stages_before(config, work_dir, earlier, precision == "int8-fp16", progress)
     source_stage, source_name = ("quantize", INT8_NAME) if precision == "int8-fp16" else ("optimize", OPT_NAME)
     source = next(r.path for r in earlier if r.stage == source_stage)
     reference = next(r.path for r in earlier if r.stage == "optimize")

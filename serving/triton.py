@@ -14,7 +14,6 @@ repository as it was.
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import tomllib
@@ -81,12 +80,6 @@ def _batch_dim(metadata: EngineMetadata) -> tuple[int, str | None]:
     return min(t.max[0] for t in metadata.inputs), name
 
 
-def _dims(dims, ranges=None) -> list[int]:
-    """-1 for a dim that varies, its size for one that does not."""
-    if ranges is not None:
-        low, high = ranges
-        return [lo if lo == hi else -1 for lo, hi in zip(low, high)]
-    return [d if isinstance(d, int) else -1 for d in dims]
 
 
 def _labels(work_dir: Path) -> list[str] | None:
@@ -116,12 +109,12 @@ def model_config(metadata: EngineMetadata, name: str, options: TritonOptions, la
         if tensor.dtype not in TRITON_TYPES:
             raise InputError(f"{metadata.engine_file}: input {tensor.name} is {tensor.dtype}, which Triton has no type for")
         config.input.add(name=tensor.name, data_type=pb.DataType.Value(TRITON_TYPES[tensor.dtype]),
-                         dims=_dims(None, (tensor.min[skip:], tensor.max[skip:])))
+                         dims=[lo if lo == hi else -1 for lo, hi in zip(tensor.min[skip:], tensor.max[skip:])])
     for index, tensor in enumerate(metadata.outputs):
         if tensor.dtype not in TRITON_TYPES:
             raise InputError(f"{metadata.engine_file}: output {tensor.name} is {tensor.dtype}, which Triton has no type for")
         output = config.output.add(name=tensor.name, data_type=pb.DataType.Value(TRITON_TYPES[tensor.dtype]),
-                                   dims=_dims(tensor.dims[skip:]))
+                                   dims=[d if isinstance(d, int) else -1 for d in tensor.dims[skip:]])
         if index == 0 and labels and list(output.dims) == [len(labels)]:
             output.label_filename = "labels.txt"  # Triton's classification extension answers with names
     if max_batch:
@@ -218,8 +211,7 @@ def package_triton(path: str | Path, repository: str | Path, options: TritonOpti
         (staging / "config.pbtxt").write_text(text, encoding="utf-8")
         if labels and any(o.label_filename for o in config.output):
             (staging / "labels.txt").write_text("\n".join(labels) + "\n", encoding="utf-8")
-        (staging / "engine.json").write_text(json.dumps(json.loads(sidecar_path(engine).read_text(encoding="utf-8")),
-                                                        indent=2), encoding="utf-8")
+        shutil.copyfile(sidecar_path(engine), staging / "engine.json")
         if entry.exists():
             shutil.rmtree(entry)
         staging.rename(entry)

@@ -55,16 +55,17 @@ def test_onnxruntime_engine_becomes_an_onnxruntime_model_that_answers_like_it(ls
 def test_tensorrt_sidecar_becomes_a_tensorrt_plan_model(lstm_work: Path, tmp_path: Path):
     """A data-centre TensorRT engine's sidecar (TensorRT cannot build here: the plan bytes are
     TensorRT-RTX's, the sidecar says tensorrt, as `miaotui build --backend tensorrt` writes it)."""
-    from miaotui.engines import BuildOptions
-    from miaotui.engines.stage import run_build_stage
+    from miaotui.engines import BuildOptions, build_engine
     from miaotui.models import resolve_config
 
-    rtx = run_build_stage(resolve_config("lstm-sentiment"), lstm_work, BuildOptions(backend="tensorrt-rtx"), progress=False)
     work = tmp_path / "work"
     (work / "engines").mkdir(parents=True)
     shutil.copy(lstm_work / "config.toml", work / "config.toml")
+    # Built beside, not into the shared work dir: other tests count on what its build stage has done.
+    rtx = build_engine(lstm_work / "model.int8.onnx", tmp_path / "rtx.plan", BuildOptions(backend="tensorrt-rtx"),
+                       resolve_config("lstm-sentiment"))
     plan = work / "engines" / "lstm-sentiment.tensorrt.int8.plan"
-    shutil.copy(rtx.path, plan)
+    shutil.copy(rtx.engine, plan)
     sidecar = json.loads(rtx.sidecar.read_text())
     sidecar |= {"backend": "tensorrt", "backend_version": "11.0.0", "engine_file": plan.name,
                 "device": {"gpu": "NVIDIA H100", "compute_capability": "SM90"}}

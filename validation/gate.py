@@ -63,9 +63,10 @@ def check_engine_matches_config(engine, config: Config) -> None:
 
 def _built_from_work_dir(engine, work_dir: Path) -> bool:
     from miaotui.artifacts import WorkDir
+    from miaotui.engines.stage import SOURCES
 
     work = WorkDir(work_dir)
-    digests = {digest for stage in ("optimize", "quantize", "fp16", "int8-fp16") if (record := work.record(stage))
+    digests = {digest for stage, _ in SOURCES.values() if (record := work.record(stage))
                for digest in record.outputs.values()}
     return engine.metadata.onnx_sha256 in digests
 

@@ -83,17 +83,23 @@ def data_set(config: Config, key: str, override: str | None = None) -> DataSet:
 
 def summarize(data: DataSet, samples: int | None = None) -> DataSummary:
     """One checking pass: how many samples, and a fingerprint that keys caches on the data itself."""
+    summary = summarize_batches(data.batches(samples))
+    if summary.samples == 0:
+        raise InputError(f"{data.where}: the {data.key} set is empty")
+    return summary
+
+
+def summarize_batches(batches: Iterable[dict[str, np.ndarray]]) -> DataSummary:
+    """How many samples `batches` hold and their fingerprint (0 samples for none)."""
     digest = hashlib.sha256()
     count, labels = 0, False
-    for feed in data.batches(samples):
+    for feed in batches:
         for name in sorted(feed):
             array = np.ascontiguousarray(feed[name])
             digest.update(f"{name}|{array.dtype}|{array.shape}".encode())
             digest.update(array.tobytes())
         count += _rows(feed)
         labels = labels or LABELS in feed
-    if count == 0:
-        raise InputError(f"{data.where}: the {data.key} set is empty")
     return DataSummary(count, digest.hexdigest(), labels)
 
 
