@@ -22,8 +22,8 @@ VARIANTS = {
     "every op type": ("ONNX Runtime's default: Q/DQ on every op it supports", {"include": ("*",)}),
     "no smoothing": ("LayerNorm outliers set the per-tensor scales", {"smooth_alpha": 0.0}),
     "attention MatMuls INT8": ("Q x K^T and softmax x V in INT8", {"include": ("rule-activation-matmul",)}),
-    "FFN down INT8": ("post-GELU MatMuls in INT8, smoothing 0.5", {"include": ("rule-post-gelu",)}),
-    "FFN down INT8, alpha 0.85": ("the same, smoothing 0.85", {"include": ("rule-post-gelu",), "smooth_alpha": 0.85}),
+    "FFN down float": ("post-GELU MatMuls kept float (the rule before shifting)", {"exclude": ("int8-shifted",)}),
+    "FFN down INT8 unshifted": ("post-GELU MatMuls INT8, smoothing off", {"include": ("int8-shifted",), "smooth_alpha": 0.0}),
 }
 
 
@@ -56,6 +56,7 @@ def tensorrt_verdict(path: Path, config) -> str:
 def main() -> None:
     from miaotui.errors import MiaotuiError
     from miaotui.export import quantize_options, run_quantize_stage
+    from miaotui.export.quantize_rules import REASONS
     from miaotui.models import resolve_config
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -77,11 +78,12 @@ def main() -> None:
             work = Path(scratch) / name.replace(" ", "-").replace(",", "")
             shutil.copytree(source, work, ignore=shutil.ignore_patterns("model.int8.onnx*", "quantization.json"))
             overrides = dict(overrides)
-            # Rules are named by reason: the default run's report lists the nodes each one kept float.
-            for reason in [p for p in overrides.get("include", ()) if p.startswith("rule-")]:
-                default = Path(scratch) / "miaotui-default"
-                nodes = nodes_with_reason(default, reason) if default.is_dir() else ()
-                overrides["include"] = tuple(p for p in overrides["include"] if p != reason) + nodes
+            # Rules are named by reason: the default run's report lists the nodes each one decided.
+            for flag in ("include", "exclude"):
+                for reason in [p for p in overrides.get(flag, ()) if p in REASONS]:
+                    default = Path(scratch) / "miaotui-default"
+                    nodes = nodes_with_reason(default, reason) if default.is_dir() else ()
+                    overrides[flag] = tuple(p for p in overrides[flag] if p != reason) + nodes
             options = quantize_options(config, method=args.method, **overrides)
             try:
                 result = run_quantize_stage(config, work, options, progress=False)

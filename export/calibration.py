@@ -33,7 +33,7 @@ CALIBRATION_NAME = "calibration.json"
 MIN_SAMPLES = {"minmax": 1, "entropy": 16, "percentile": 16}
 # Below this many samples the ranges are usable but may miss what real traffic holds: a warning.
 FEW_SAMPLES = 128
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3  # 3: per-channel [low, high] ranges for smoothing (2 had max|x| only)
 # Each method's calibrator settings; part of the cache key, so changing one recalibrates.
 METHOD_SETTINGS = {
     "minmax": {},
@@ -68,7 +68,8 @@ class Calibration:
     ranges: dict[str, tuple[float, float]]  # tensor name -> (lowest, highest) seen or estimated
     seconds: float
     cached: bool = False
-    peaks: dict[str, list[float]] = field(default_factory=dict)  # per-channel max|x| used for smoothing
+    # per-channel [[lows], [highs]] of the activations smoothing rewrote, seen before smoothing
+    channel_ranges: dict[str, list[list[float]]] = field(default_factory=dict)
 
     def covers(self, request: CalibrationRequest) -> bool:
         return self.key == request.key and set(request.tensors) <= set(self.ranges)
@@ -76,7 +77,7 @@ class Calibration:
     def to_json(self) -> dict:
         return {"format": CACHE_FORMAT, "key": asdict(self.key), "seconds": round(self.seconds, 3),
                 "ranges": {name: list(bounds) for name, bounds in sorted(self.ranges.items())},
-                "channel_peaks": dict(sorted(self.peaks.items()))}
+                "channel_ranges": dict(sorted(self.channel_ranges.items()))}
 
 
 def check_sample_count(method: str, samples: int, where: str) -> list[str]:
@@ -100,10 +101,11 @@ def load_cached(path: Path, key: CalibrationKey) -> Calibration | None:
         if data.get("format") != CACHE_FORMAT or CalibrationKey(**data["key"]) != key:
             return None
         ranges = {name: (float(lo), float(hi)) for name, (lo, hi) in data["ranges"].items()}
-        peaks = {name: [float(v) for v in values] for name, values in data.get("channel_peaks", {}).items()}
+        channel_ranges = {name: [[float(v) for v in low], [float(v) for v in high]]
+                          for name, (low, high) in data.get("channel_ranges", {}).items()}
     except (ValueError, KeyError, TypeError):
         return None  # a damaged cache only costs a recalibration
-    return Calibration(key, ranges, float(data.get("seconds", 0.0)), cached=True, peaks=peaks)
+    return Calibration(key, ranges, float(data.get("seconds", 0.0)), cached=True, channel_ranges=channel_ranges)
 
 
 def save(calibration: Calibration, path: Path) -> None:

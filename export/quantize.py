@@ -19,6 +19,7 @@ import numpy as np
 from miaotui.errors import CheckFailed, InputError
 from miaotui.export.calibration import Calibration, onnxruntime_cache, onnxruntime_method, quiet_onnxruntime
 from miaotui.export.quantize_rules import NodeDecision
+from miaotui.export.smoothing import COMPENSATION_SUFFIX, compensate_shifts
 
 INT8_MAX = 127  # symmetric INT8: [-127, 127], scale = |range| / 127
 SCALE_RTOL = 1e-5
@@ -77,6 +78,15 @@ def quantize_onnx(model, destination: Path, calibration: Calibration, decisions:
                 "OpTypesToExcludeOutputQuantization": [t for t in op_types if t != "Gather"],
             },
         )
+    if any(node.name.endswith(COMPENSATION_SUFFIX) for node in model.graph.node):
+        import onnx
+
+        written = onnx.load(str(destination))
+        if compensate_shifts(written):
+            # onnx appends external tensors to an existing file: start it afresh
+            destination.with_name(destination.name + ".data").unlink(missing_ok=True)
+            onnx.save(written, str(destination), save_as_external_data=external_data,
+                      location=destination.name + ".data" if external_data else None)
 
 
 def confirm_decisions(int8_path: Path, decisions: list[NodeDecision]) -> list[NodeDecision]:

@@ -24,8 +24,9 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from miaotui.export.quantize_rules import NodeDecision
+from miaotui.export.smoothing import COMPENSATION_SUFFIX
 
-SEARCHABLE_REASONS = ("int8", "rule-post-gelu", "search-int8")  # weight ops only; user include/exclude stay as given
+SEARCHABLE_REASONS = ("int8", "int8-shifted", "rule-post-gelu", "rule-table-range", "search-int8")  # weight ops only; user include/exclude stay as given
 SEARCHABLE_OP_TYPES = ("MatMul", "Gemm", "Gather")
 
 
@@ -137,6 +138,10 @@ def sensitivities(fp32_model, int8_model, nodes: list[str], batches: Iterable[di
     int8_nodes = {n.name: n for n in int8_model.graph.node}
     initializers = {init.name: numpy_helper.to_array(init) for init in fp32_model.graph.initializer}
     dequantized = _dequantized_inputs(int8_model)
+    # A shifted node's output is completed by a constant (smoothing's compensation): its SQNR is
+    # measured on the completed output, as for any other node.
+    completion = {add.input[0]: initializers[add.input[1]] for add in fp32_model.graph.node
+                  if add.name.endswith(COMPENSATION_SUFFIX)}
     wanted = sorted({name for n in nodes for name in fp32_nodes[n].input if name and name not in initializers}
                     | {fp32_nodes[n].output[0] for n in nodes})
     session = exposing_session(fp32_model, wanted)
@@ -162,8 +167,9 @@ def sensitivities(fp32_model, int8_model, nodes: list[str], batches: Iterable[di
                     fake.append(kind[1])
                 else:
                     fake.append(_fake_quantize(value, kind[1], kind[2]))
-            expected = values[node.output[0]].astype(np.float64)
-            actual = _run_node(node, fake).astype(np.float64)
+            completed = completion.get(node.output[0], 0.0)
+            expected = values[node.output[0]].astype(np.float64) + completed
+            actual = _run_node(node, fake).astype(np.float64) + completed
             signal[name] += float(np.sum(expected**2))
             noise[name] += float(np.sum((expected - actual) ** 2))
             if node.op_type in ("MatMul", "Gemm"):

@@ -172,7 +172,7 @@ def run_quantize_stage(config: Config, work_dir: str | Path, options: QuantizeOp
     from miaotui.data.datasets import data_set, summarize
     from miaotui.export.calibration import (CALIBRATION_NAME, METHOD_SETTINGS, CalibrationKey, CalibrationRequest,
                                             calibrate, check_sample_count, load_cached, save)
-    from miaotui.export.smoothing import SMOOTHING_ATOL, channel_peaks, smooth, smoothing_targets
+    from miaotui.export.smoothing import SMOOTHING_ATOL, channel_ranges, smooth, smoothing_targets
     from miaotui.export.quantize import check_qdq, compare_top1, confirm_decisions, name_unnamed_nodes, quantize_onnx
     from miaotui.export.quantize_rules import REASONS, plan_quantization, tensors_to_calibrate
 
@@ -197,7 +197,7 @@ def run_quantize_stage(config: Config, work_dir: str | Path, options: QuantizeOp
     work = WorkDir(work_dir)
     model = onnx.load(str(optimize.path))
     name_unnamed_nodes(model)
-    decisions = plan_quantization(model, options.include, options.exclude)
+    decisions = plan_quantization(model, options.include, options.exclude, smoothing=bool(options.smooth_alpha))
     held_out = None
     if options.target_agreement is not None:
         from miaotui.export.search import all_int8
@@ -208,19 +208,20 @@ def run_quantize_stage(config: Config, work_dir: str | Path, options: QuantizeOp
     key = CalibrationKey(opt_record.outputs[OPT_NAME], calibration_data.fingerprint, calibration_data.samples,
                          options.method, sha256_json(METHOD_SETTINGS[options.method]), options.smooth_alpha,
                          onnxruntime.__version__)
-    inputs = {"model.opt.onnx": opt_record.outputs[OPT_NAME], "calibration data": calibration_data.fingerprint,
+    inputs = {"model.opt.onnx": opt_record.outputs[OPT_NAME], "recipe": QUANTIZE_RECIPE,
+              "calibration data": calibration_data.fingerprint,
               "agreement data": agreement_data.fingerprint, "calibration": sha256_json(asdict(key))}
     external = any(name.endswith(".data") for name in opt_record.outputs)
 
     def produce(scratch: Path) -> dict[str, Any]:
         cached = load_cached(work.path(CALIBRATION_NAME), key)
         targets = smoothing_targets(model, {d.name for d in decisions if d.quantized}) if options.smooth_alpha else {}
-        if cached and set(targets) <= set(cached.peaks):
-            peaks = {name: np.asarray(cached.peaks[name], np.float32) for name in targets}
+        if cached and set(targets) <= set(cached.channel_ranges):
+            ranges = {name: np.asarray(cached.channel_ranges[name], np.float32) for name in targets}
         else:
-            cached = None  # new peaks: the ranges after smoothing are new too
-            peaks = channel_peaks(model, list(targets), calibration_set.batches(options.samples)) if targets else {}
-        smoothed = smooth(model, targets, peaks, options.smooth_alpha) if targets else []
+            cached = None  # new channel ranges: the ranges after smoothing are new too
+            ranges = channel_ranges(model, list(targets), calibration_set.batches(options.samples)) if targets else {}
+        smoothed = smooth(model, targets, ranges, options.smooth_alpha) if targets else []
         with tempfile.TemporaryDirectory(prefix="miaotui-smoothed-") as folder:
             calibrated = optimize.path
             if smoothed:  # the calibrator reads a file; FP32 must still answer like model.opt.onnx
@@ -231,7 +232,7 @@ def run_quantize_stage(config: Config, work_dir: str | Path, options: QuantizeOp
             calibration = cached if cached and cached.covers(request) else None
             if calibration is None:
                 calibration = calibrate(calibrated, calibration_set.batches(options.samples), request, progress)
-                calibration.peaks = {name: [float(v) for v in values] for name, values in peaks.items()}
+                calibration.channel_ranges = {name: value.tolist() for name, value in ranges.items()}
                 save(calibration, scratch / CALIBRATION_NAME)
             chosen, search = decisions, None
             if held_out is not None:  # inside: the search compares with the smoothed FP32 file
@@ -258,7 +259,7 @@ def run_quantize_stage(config: Config, work_dir: str | Path, options: QuantizeOp
             "calibration": {"samples": calibration.key.samples, "seconds": round(calibration.seconds, 3),
                             "cached": calibration.cached, "set": calibration_set.where},
             "nodes": {"quantized": sum(d.quantized for d in final), "float": sum(not d.quantized for d in final)},
-            "smoothing": {"alpha": options.smooth_alpha, "inputs": len(smoothed),
+            "smoothing": {"alpha": options.smooth_alpha, "inputs": len(smoothed), "shifted": sum(i.shifted for i in smoothed),
                           "max_factor": round(max((i.max_factor for i in smoothed), default=1.0), 3)},
             "qdq_check": asdict(check),
             "agreement": asdict(agreement) | {"set": agreement_set.where},
@@ -289,6 +290,9 @@ def run_quantize_stage(config: Config, work_dir: str | Path, options: QuantizeOp
     return result
 
 
+# Bumped when the same inputs would give another model.int8.onnx (2: one-sided inputs shifted,
+# weight tables under 30 dB kept float).
+QUANTIZE_RECIPE = "2"
 SEARCH_SAMPLES = 384  # held-out calibration samples the search measures agreement on (time-bounded)
 MIN_HELD_OUT = 32  # fewer held-out samples than this: the search measures on the ranges' own samples
 

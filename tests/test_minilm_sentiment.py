@@ -178,13 +178,15 @@ def test_int8_graph_follows_the_rules_and_tensorrt_builds_it(exported, quantized
     for decision in report["decisions"]:
         reasons.setdefault((decision["op_type"], decision["reason"]), []).append(decision["node"])
     assert len(reasons[("MatMul", "rule-activation-matmul")]) == 12  # Q x K^T and softmax x V, 6 layers
-    assert len(reasons[("MatMul", "rule-post-gelu")]) == 6  # FFN down-projections
-    assert len(reasons[("Gather", "int8")]) == 2  # word and position embedding tables
+    assert len(reasons[("MatMul", "int8-shifted")]) == 6  # FFN down-projections, their GELU inputs shifted
+    assert quantized.details["smoothing"]["shifted"] == 6
+    assert len(reasons[("Gather", "rule-table-range")]) == 2  # word and position tables: under 30 dB in INT8
     assert ("LayerNormalization", "rule-op-type") in reasons and ("Softmax", "int8") not in reasons
     assert quantized.details["qdq_check"]["weights"] == quantized.details["nodes"]["quantized"]
-    assert quantized.path.stat().st_size < 0.5 * onnx_path.stat().st_size
+    # The encoder's weights in INT8 (the float tables are 52 of model.onnx's 95 MB).
+    assert quantized.path.stat().st_size < 0.7 * onnx_path.stat().st_size
     built = build_engine(quantized.path, tmp_path / "minilm.int8.plan", BuildOptions(backend="tensorrt-rtx"), config)
-    assert built.metadata.precision == "int8" and built.metadata.network["int8_nodes"] == 33
+    assert built.metadata.precision == "int8" and built.metadata.network["int8_nodes"] == 36  # the MatMuls (the head Gemm reads a float bias)
     assert built.metadata.network["tensorrt"]["by_output_type"]["INT8"] > 30  # the Q/DQ reached TensorRT
 
 

@@ -259,10 +259,92 @@ def test_smoothing_moves_an_outlier_channel_into_the_weights(tmp_path: Path):
         errors[alpha] = float(np.abs(outputs[0] - outputs[1]).mean())
         if alpha:
             assert max(s["max_factor"] for s in smoothed) > 10
-            assert json.loads((work / "calibration.json").read_text())["channel_peaks"]
+            assert json.loads((work / "calibration.json").read_text())["channel_ranges"]
             build_with_tensorrt_rtx(work / "model.int8.onnx", load_config(folder / "config.toml"))
     # One per-tensor scale set by the outlier crushes the other 63 channels; smoothed, they survive.
     assert errors[0.5] < 0.5 * errors[0.0], errors
+
+
+FFN_MODEL = '''
+import torch
+from torch import nn
+
+
+class FeedForward(nn.Module):
+    """A transformer FFN: GELU's one-sided outputs, two channels 30x the rest, into the down-projection."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(5)
+        self.up = nn.Linear(16, 64)
+        self.down = nn.Linear(64, 16)
+        self.head = nn.Linear(16, 3)
+        with torch.no_grad():
+            self.up.weight[[3, 40]] *= 30.0
+
+    def forward(self, features):
+        return self.head(self.down(nn.functional.gelu(self.up(features))).mean(dim=1))
+
+
+def build():
+    return FeedForward()
+'''
+
+
+def test_one_sided_gelu_outputs_are_shifted_then_quantized(tmp_path: Path):
+    import onnxruntime as ort
+
+    from miaotui.export.smoothing import COMPENSATION_SUFFIX
+
+    folder = tmp_path / "ffn"
+    folder.mkdir()
+    (folder / "outlier.py").write_text(FFN_MODEL)
+    (folder / "config.toml").write_text(OUTLIER_CONFIG.replace("outlier-net", "ffn-net"))
+    rng = np.random.default_rng(1)
+    np.savez(folder / "calib.npz", features=rng.normal(size=(256, 8, 16)).astype(np.float32))
+    validation = rng.normal(size=(256, 8, 16)).astype(np.float32)
+    np.savez(folder / "val.npz", features=validation)
+
+    def int8_error(work: Path) -> float:
+        outputs = [ort.InferenceSession(str(work / name), providers=["CPUExecutionProvider"]).run(None, {"features": validation})[0]
+                   for name in ("model.opt.onnx", "model.int8.onnx")]
+        return float(np.abs(outputs[0] - outputs[1]).mean())
+
+    shifted_work = tmp_path / "shifted"
+    quantize(folder, shifted_work)
+    report = json.loads((shifted_work / "quantization.json").read_text())
+    down = next(d for d in report["decisions"] if d["reason"] in ("int8-shifted", "rule-post-gelu"))
+    assert down["quantized"] and down["reason"] == "int8-shifted"
+    shifted = [s for s in report["smoothed_inputs"] if s["shifted"]]
+    assert len(shifted) == 1 and shifted[0]["matmuls"] == [down["node"]] and shifted[0]["alpha"] == 0.85
+
+    # The compensation after the INT8 MatMul is (z / s) @ the dequantized INT8 weight, not the float one.
+    model = onnx.load(str(shifted_work / "model.int8.onnx"))
+    arrays = {init.name: numpy_helper.to_array(init).astype(np.float64) for init in model.graph.initializer}
+    producers = {output: node for node in model.graph.node for output in node.output}
+    add = next(node for node in model.graph.node if node.name.endswith(COMPENSATION_SUFFIX))
+    matmul = producers[add.input[0]]
+    weight_dq = producers[matmul.input[1]]
+    assert weight_dq.op_type == "DequantizeLinear"
+    dequantized = arrays[weight_dq.input[0]] * arrays[weight_dq.input[1]]
+    mul = producers[producers[producers[matmul.input[0]].input[0]].input[0]]
+    sub = producers[mul.input[0]]
+    assert (mul.op_type, sub.op_type) == ("Mul", "Sub")
+    expected = (arrays[sub.input[1]] * arrays[mul.input[1]]) @ dequantized
+    np.testing.assert_allclose(arrays[add.input[1]], expected, rtol=1e-5, atol=1e-6)
+    build_with_tensorrt_rtx(shifted_work / "model.int8.onnx", load_config(folder / "config.toml"))
+
+    # The same node in INT8 unsmoothed (smoothing off, --include) drifts much further.
+    plain_work = tmp_path / "plain"
+    quantize(folder, plain_work, smooth_alpha=0.0, include=(down["node"],))
+    assert not json.loads((plain_work / "quantization.json").read_text())["smoothed_inputs"]
+    assert int8_error(shifted_work) < 0.5 * int8_error(plain_work), (int8_error(shifted_work), int8_error(plain_work))
+
+    # With smoothing off and no --include, the rules keep it in float.
+    off_work = tmp_path / "off"
+    quantize(folder, off_work, smooth_alpha=0.0)
+    decided = {d["node"]: d for d in json.loads((off_work / "quantization.json").read_text())["decisions"]}
+    assert decided[down["node"]]["reason"] == "rule-post-gelu" and not decided[down["node"]]["quantized"]
 
 
 def test_calibration_set_from_the_command_line_replaces_the_configs(router: Path, tmp_path: Path):
