@@ -140,8 +140,12 @@ def sensitivities(fp32_model, int8_model, nodes: list[str], batches: Iterable[di
     dequantized = _dequantized_inputs(int8_model)
     # A shifted node's output is completed by a constant (smoothing's compensation): its SQNR is
     # measured on the completed output, as for any other node.
+    # The INT8 graph's constant is computed from its INT8 weights (compensate_shifts).
     completion = {add.input[0]: initializers[add.input[1]] for add in fp32_model.graph.node
                   if add.name.endswith(COMPENSATION_SUFFIX)}
+    int8_arrays = {init.name: init for init in int8_model.graph.initializer}
+    int8_completion = {add.input[0]: numpy_helper.to_array(int8_arrays[add.input[1]]) for add in int8_model.graph.node
+                       if add.name.endswith(COMPENSATION_SUFFIX)}
     wanted = sorted({name for n in nodes for name in fp32_nodes[n].input if name and name not in initializers}
                     | {fp32_nodes[n].output[0] for n in nodes})
     session = exposing_session(fp32_model, wanted)
@@ -167,9 +171,9 @@ def sensitivities(fp32_model, int8_model, nodes: list[str], batches: Iterable[di
                     fake.append(kind[1])
                 else:
                     fake.append(_fake_quantize(value, kind[1], kind[2]))
-            completed = completion.get(node.output[0], 0.0)
-            expected = values[node.output[0]].astype(np.float64) + completed
-            actual = _run_node(node, fake).astype(np.float64) + completed
+            expected = values[node.output[0]].astype(np.float64) + completion.get(node.output[0], 0.0)
+            actual = _run_node(node, fake).astype(np.float64)
+            actual += int8_completion.get(node.output[0], completion.get(node.output[0], 0.0))
             signal[name] += float(np.sum(expected**2))
             noise[name] += float(np.sum((expected - actual) ** 2))
             if node.op_type in ("MatMul", "Gemm"):
