@@ -22,6 +22,7 @@ VARIANTS = {
     "every op type": ("ONNX Runtime's default: Q/DQ on every op it supports", {"include": ("*",)}),
     "no smoothing": ("LayerNorm outliers set the per-tensor scales", {"smooth_alpha": 0.0}),
     "attention MatMuls INT8": ("Q x K^T and softmax x V in INT8", {"include": ("rule-activation-matmul",)}),
+    "tables INT8": ("embedding tables INT8 per tensor too (every weight op INT8)", {"include": ("rule-table-range",)}),
     "FFN down float": ("post-GELU MatMuls kept float (the rule before shifting)", {"exclude": ("int8-shifted",)}),
     "FFN down INT8 unshifted": ("post-GELU MatMuls INT8, smoothing off", {"include": ("int8-shifted",), "smooth_alpha": 0.0}),
 }

@@ -172,7 +172,7 @@ def run_quantize_stage(config: Config, work_dir: str | Path, options: QuantizeOp
     from miaotui.data.datasets import data_set, summarize
     from miaotui.export.calibration import (CALIBRATION_NAME, METHOD_SETTINGS, CalibrationKey, CalibrationRequest,
                                             calibrate, check_sample_count, load_cached, save)
-    from miaotui.export.smoothing import SMOOTHING_ATOL, channel_ranges, smooth, smoothing_targets
+    from miaotui.export.smoothing import SMOOTHING_ATOL, channel_ranges, shifted_ranges, smooth, smoothing_targets
     from miaotui.export.quantize import check_qdq, compare_top1, confirm_decisions, name_unnamed_nodes, quantize_onnx
     from miaotui.export.quantize_rules import REASONS, plan_quantization, tensors_to_calibrate
 
@@ -234,6 +234,7 @@ def run_quantize_stage(config: Config, work_dir: str | Path, options: QuantizeOp
                 calibration = calibrate(calibrated, calibration_set.batches(options.samples), request, progress)
                 calibration.channel_ranges = {name: value.tolist() for name, value in ranges.items()}
                 save(calibration, scratch / CALIBRATION_NAME)
+            calibration.ranges.update(shifted_ranges(model, smoothed, ranges))
             chosen, search = decisions, None
             if held_out is not None:  # inside: the search compares with the smoothed FP32 file
                 from miaotui.export.search import search_float_nodes
@@ -291,8 +292,8 @@ def run_quantize_stage(config: Config, work_dir: str | Path, options: QuantizeOp
 
 
 # Bumped when the same inputs would give another model.int8.onnx (2: one-sided inputs shifted,
-# weight tables under 30 dB kept float).
-QUANTIZE_RECIPE = "2"
+# weight tables under 30 dB kept float; 3: shifted inputs' ranges from their channel ranges).
+QUANTIZE_RECIPE = "3"
 SEARCH_SAMPLES = 384  # held-out calibration samples the search measures agreement on (time-bounded)
 MIN_HELD_OUT = 32  # fewer held-out samples than this: the search measures on the ranges' own samples
 
