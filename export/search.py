@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from miaotui.export.quantize_rules import NodeDecision
-from miaotui.export.smoothing import COMPENSATION_SUFFIX
+from miaotui.export.smoothing import compensations
 
 SEARCHABLE_REASONS = ("int8", "int8-shifted", "rule-post-gelu", "rule-table-range", "search-int8")  # weight ops only; user include/exclude stay as given
 SEARCHABLE_OP_TYPES = ("MatMul", "Gemm", "Gather")
@@ -139,13 +139,10 @@ def sensitivities(fp32_model, int8_model, nodes: list[str], batches: Iterable[di
     initializers = {init.name: numpy_helper.to_array(init) for init in fp32_model.graph.initializer}
     dequantized = _dequantized_inputs(int8_model)
     # A shifted node's output is completed by a constant (smoothing's compensation): its SQNR is
-    # measured on the completed output, as for any other node.
-    # The INT8 graph's constant is computed from its INT8 weights (compensate_shifts).
-    completion = {add.input[0]: initializers[add.input[1]] for add in fp32_model.graph.node
-                  if add.name.endswith(COMPENSATION_SUFFIX)}
-    int8_arrays = {init.name: init for init in int8_model.graph.initializer}
-    int8_completion = {add.input[0]: numpy_helper.to_array(int8_arrays[add.input[1]]) for add in int8_model.graph.node
-                       if add.name.endswith(COMPENSATION_SUFFIX)}
+    # measured on the completed output, as for any other node. The INT8 graph's constant is
+    # computed from its INT8 weights (compensate_shifts).
+    completion = compensations(fp32_model)
+    int8_completion = compensations(int8_model)
     wanted = sorted({name for n in nodes for name in fp32_nodes[n].input if name and name not in initializers}
                     | {fp32_nodes[n].output[0] for n in nodes})
     session = exposing_session(fp32_model, wanted)

@@ -48,6 +48,7 @@ class SmoothedInput:
     max_factor: float  # the largest s_j: how much outlier was moved into the weights
     shifted: bool = False  # centered per channel (one-sided activation), compensated after each MatMul
     alpha: float = 0.0
+    peak: float = 0.0  # the rewritten activation's largest |value|, from its channel ranges
 
 
 def smoothing_targets(model, quantized: set[str]) -> dict[str, list]:
@@ -169,30 +170,29 @@ def smooth(model, targets: dict[str, list], ranges: dict[str, np.ndarray], alpha
                 copy = model.graph.value_info.add()
                 copy.CopyFrom(info)
                 copy.name = name
-        done.append(SmoothedInput(tensor, tuple(node.name for node in matmuls), float(factor.max()), shifted, strength))
+        peak = float(np.max(activation_peak / factor))
+        done.append(SmoothedInput(tensor, tuple(node.name for node in matmuls), float(factor.max()), shifted, strength, peak))
     # Each new node goes right after the node it reads from, in the order made (Sub before Mul),
     # keeping the node list topologically sorted.
-    for position, node in sorted(enumerate(new_nodes), key=lambda item: (item[1][0], item[0]), reverse=True):
-        model.graph.node.insert(node[0] + 1, node[1])
+    for _, (position, node) in sorted(enumerate(new_nodes), key=lambda item: (item[1][0], item[0]), reverse=True):
+        model.graph.node.insert(position + 1, node)
     return done
 
 
-def shifted_ranges(model, smoothed: list[SmoothedInput], ranges: dict[str, np.ndarray]) -> dict[str, tuple[float, float]]:
-    """The INT8 range of each shifted input, from its channel ranges: max_j (high_j - low_j) / 2s_j,
-    both signs. Whatever the calibration method: entropy's threshold on the folded |x| histogram
-    of a shifted tensor cut its positive tail (minilm-sentiment: top-1 agreement 0.57)."""
+def shifted_ranges(smoothed: list[SmoothedInput]) -> dict[str, tuple[float, float]]:
+    """The INT8 range of each shifted input, from its channel ranges (both signs), whatever the
+    calibration method: entropy's threshold on the folded |x| histogram of a shifted tensor cut its
+    positive tail (minilm-sentiment: top-1 agreement 0.57)."""
+    return {item.tensor + SMOOTH_SUFFIX: (-item.peak, item.peak) for item in smoothed if item.shifted}
+
+
+def compensations(model) -> dict[str, np.ndarray]:
+    """MatMul output -> the constant its shift compensation adds back."""
     from onnx import numpy_helper
 
     initializers = {init.name: init for init in model.graph.initializer}
-    found = {}
-    for item in smoothed:
-        if not item.shifted:
-            continue
-        inverse = numpy_helper.to_array(initializers[f"{item.tensor}{SMOOTH_SUFFIX}_inverse_factor"]).astype(np.float64)
-        low, high = ranges[item.tensor].astype(np.float64)
-        peak = float(np.max((high - low) / 2 * inverse))
-        found[item.tensor + SMOOTH_SUFFIX] = (-peak, peak)
-    return found
+    return {add.input[0]: numpy_helper.to_array(initializers[add.input[1]]) for add in model.graph.node
+            if add.name.endswith(COMPENSATION_SUFFIX)}
 
 
 def compensate_shifts(model) -> int:

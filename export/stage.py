@@ -234,7 +234,7 @@ def run_quantize_stage(config: Config, work_dir: str | Path, options: QuantizeOp
                 calibration = calibrate(calibrated, calibration_set.batches(options.samples), request, progress)
                 calibration.channel_ranges = {name: value.tolist() for name, value in ranges.items()}
                 save(calibration, scratch / CALIBRATION_NAME)
-            calibration.ranges.update(shifted_ranges(model, smoothed, ranges))
+            calibration.ranges.update(shifted_ranges(smoothed))
             chosen, search = decisions, None
             if held_out is not None:  # inside: the search compares with the smoothed FP32 file
                 from miaotui.export.search import search_float_nodes
