@@ -3,7 +3,8 @@
 Both graphs run side by side on the same samples with every intermediate tensor they share exposed
 (the quantizer keeps the names of the tensors it does not replace), and each tensor's
 signal-to-quantization-noise ratio is accumulated over the samples:
-SQNR = 10 log10(sum(fp32^2) / sum((fp32 - int8)^2)) dB. Unlike the search's sensitivity (one node's
+SQNR = 10 log10(sum(fp32^2) / sum((fp32 - int8)^2)) dB, over real positions only where the model
+has a padding mask (padded positions never reach the logits but hold most of the noise). Unlike the search's sensitivity (one node's
 own noise), this is the drift accumulated up to that point, in graph order. Polygraphy's
 `run --validate --onnx-outputs mark all` compares the same way but does not reduce to one number a layer.
 """
@@ -47,10 +48,12 @@ def _float_outputs(model) -> dict[str, tuple[int, object]]:
             if node.op_type not in SKIPPED_OP_TYPES and node.output and node.output[0] in floats}
 
 
-def layer_divergence(fp32_path: Path, int8_path: Path, batches: Iterable[dict[str, np.ndarray]]) -> list[LayerDivergence]:
+def layer_divergence(fp32_path: Path, int8_path: Path, batches: Iterable[dict[str, np.ndarray]],
+                     mask_input: str | None = None) -> list[LayerDivergence]:
     import onnx
 
     from miaotui.data.datasets import without_labels
+    from miaotui.export.node_errors import real_positions
     from miaotui.export.parity import exposing_session
 
     fp32, int8 = onnx.load(str(fp32_path)), onnx.load(str(int8_path))
@@ -64,11 +67,12 @@ def layer_divergence(fp32_path: Path, int8_path: Path, batches: Iterable[dict[st
     noise = dict.fromkeys(tensors, 0.0)
     for feed in batches:
         feed = without_labels(feed)
+        mask = feed.get(mask_input) if mask_input else None
         expected, actual = (dict(zip(tensors, s.run(tensors, feed))) for s in sessions)
         for name in tensors:
-            e = expected[name].astype(np.float64)
+            e = real_positions(expected[name].astype(np.float64), mask)
             signal[name] += float(np.sum(e**2))
-            noise[name] += float(np.sum((e - actual[name].astype(np.float64)) ** 2))
+            noise[name] += float(np.sum((e - real_positions(actual[name].astype(np.float64), mask)) ** 2))
     rows = []
     for name in tensors:
         index, node = shared[name]

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from miaotui.errors import CheckFailed, InputError
+from miaotui.export.bias_correction import BiasCorrection, apply_corrections
 from miaotui.export.calibration import Calibration, onnxruntime_cache, onnxruntime_method, quiet_onnxruntime
 from miaotui.export.quantize_rules import NodeDecision
 from miaotui.export.smoothing import COMPENSATION_SUFFIX, compensate_shifts
@@ -43,8 +44,9 @@ def name_unnamed_nodes(model) -> int:
 
 
 def quantize_onnx(model, destination: Path, calibration: Calibration, decisions: list[NodeDecision],
-                  external_data: bool = False) -> None:
-    """Write the QDQ model for the nodes `decisions` marks quantized, with the calibrated ranges."""
+                  external_data: bool = False, corrections: dict[str, np.ndarray] | None = None) -> list[BiasCorrection]:
+    """Write the QDQ model for the nodes `decisions` marks quantized, with the calibrated ranges;
+    `corrections` (measure_corrections) are subtracted from the biases of the nodes written INT8."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     nodes = [d.name for d in decisions if d.quantized]
@@ -78,15 +80,19 @@ def quantize_onnx(model, destination: Path, calibration: Calibration, decisions:
                 "OpTypesToExcludeOutputQuantization": [t for t in op_types if t != "Gather"],
             },
         )
-    if any(node.name.endswith(COMPENSATION_SUFFIX) for node in model.graph.node):
+    applied: list[BiasCorrection] = []
+    if corrections or any(node.name.endswith(COMPENSATION_SUFFIX) for node in model.graph.node):
         import onnx
 
         written = onnx.load(str(destination))
-        if compensate_shifts(written):
+        compensated = compensate_shifts(written)  # first: a corrected compensation must not be recomputed
+        applied = apply_corrections(written, corrections or {})
+        if compensated or applied:
             # onnx appends external tensors to an existing file: start it afresh
             destination.with_name(destination.name + ".data").unlink(missing_ok=True)
             onnx.save(written, str(destination), save_as_external_data=external_data,
                       location=destination.name + ".data" if external_data else None)
+    return applied
 
 
 def confirm_decisions(int8_path: Path, decisions: list[NodeDecision]) -> list[NodeDecision]:

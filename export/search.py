@@ -24,7 +24,6 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from miaotui.export.quantize_rules import NodeDecision
-from miaotui.export.smoothing import compensations
 
 SEARCHABLE_REASONS = ("int8", "int8-shifted", "rule-post-gelu", "rule-table-range", "search-int8")  # weight ops only; user include/exclude stay as given
 SEARCHABLE_OP_TYPES = ("MatMul", "Gemm", "Gather")
@@ -73,113 +72,16 @@ def with_float(decisions: list[NodeDecision], kept: set[str]) -> list[NodeDecisi
     return [replace(d, quantized=False, reason="search-float") if d.name in kept else d for d in decisions]
 
 
-def _dequantized_inputs(int8_model) -> dict[str, tuple]:
-    """DQ output -> ("weight", dequantized array) or ("activation", scale, zero point) of the
-    QuantizeLinear before it: what an INT8 node's input is made of."""
-    from onnx import numpy_helper
-
-    arrays = {init.name: numpy_helper.to_array(init) for init in int8_model.graph.initializer}
-    quantizers = {n.output[0]: n for n in int8_model.graph.node if n.op_type == "QuantizeLinear"}
-
-    def zero_of(node, dtype=np.int8):
-        return arrays[node.input[2]] if len(node.input) > 2 and node.input[2] in arrays else np.zeros((), dtype)
-
-    found = {}
-    for node in int8_model.graph.node:
-        if node.op_type != "DequantizeLinear" or node.input[1] not in arrays:
-            continue
-        if node.input[0] in arrays:
-            values, scale = arrays[node.input[0]].astype(np.float32), arrays[node.input[1]].astype(np.float32)
-            zero = zero_of(node).astype(np.float32)
-            if np.ndim(scale) == 1 and values.ndim > 1:  # per channel: broadcast along `axis`
-                axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-                shape = [1] * values.ndim
-                shape[axis] = -1
-                scale = scale.reshape(shape)
-                zero = zero.reshape(shape) if np.ndim(zero) else zero
-            found[node.output[0]] = ("weight", (values - zero) * scale)
-        elif node.input[0] in quantizers and quantizers[node.input[0]].input[1] in arrays:
-            quantizer = quantizers[node.input[0]]
-            found[node.output[0]] = ("activation", arrays[quantizer.input[1]].astype(np.float32), zero_of(quantizer))
-    return found
-
-
-def _fake_quantize(x: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
-    """QuantizeLinear then DequantizeLinear as ONNX defines them (round half to even, saturate)."""
-    info = np.iinfo(zero.dtype)
-    q = np.clip(np.rint(x / scale) + zero.astype(np.float32), info.min, info.max)
-    return ((q - zero.astype(np.float32)) * scale).astype(np.float32)
-
-
-def _run_node(node, inputs: list[np.ndarray]) -> np.ndarray:
-    attributes = {a.name: a for a in node.attribute}
-    if node.op_type == "MatMul":
-        return np.matmul(inputs[0], inputs[1])
-    if node.op_type == "Gemm":
-        a = inputs[0].T if "transA" in attributes and attributes["transA"].i else inputs[0]
-        b = inputs[1].T if "transB" in attributes and attributes["transB"].i else inputs[1]
-        alpha = attributes["alpha"].f if "alpha" in attributes else 1.0
-        beta = attributes["beta"].f if "beta" in attributes else 1.0
-        out = alpha * (a @ b)
-        return out + beta * inputs[2] if len(inputs) > 2 and inputs[2] is not None else out
-    axis = attributes["axis"].i if "axis" in attributes else 0  # Gather
-    return np.take(inputs[0], inputs[1].astype(np.int64), axis=axis)
-
-
-def sensitivities(fp32_model, int8_model, nodes: list[str], batches: Iterable[dict[str, np.ndarray]]) -> list[NodeSensitivity]:
-    """Each node's SQNR, alone quantized, on `batches` (fed to the FP32 model)."""
-    from onnx import numpy_helper
-
-    from miaotui.data.datasets import without_labels
+def sensitivities(fp32_model, int8_model, nodes: list[str], batches: Iterable[dict[str, np.ndarray]],
+                  mask_input: str | None = None, corrections: dict[str, np.ndarray] | None = None) -> list[NodeSensitivity]:
+    """Each node's SQNR, alone quantized (its bias corrected by `corrections`), on `batches` (fed to the
+    FP32 model), counting only real positions where the model has a padding mask."""
     from miaotui.export.layers import sqnr_db
-    from miaotui.export.parity import exposing_session
+    from miaotui.export.node_errors import node_errors
 
-    fp32_nodes = {n.name: n for n in fp32_model.graph.node}
-    int8_nodes = {n.name: n for n in int8_model.graph.node}
-    initializers = {init.name: numpy_helper.to_array(init) for init in fp32_model.graph.initializer}
-    dequantized = _dequantized_inputs(int8_model)
-    # A shifted node's output is completed by a constant (smoothing's compensation): its SQNR is
-    # measured on the completed output, as for any other node. The INT8 graph's constant is
-    # computed from its INT8 weights (compensate_shifts).
-    completion = compensations(fp32_model)
-    int8_completion = compensations(int8_model)
-    wanted = sorted({name for n in nodes for name in fp32_nodes[n].input if name and name not in initializers}
-                    | {fp32_nodes[n].output[0] for n in nodes})
-    session = exposing_session(fp32_model, wanted)
-    signal = dict.fromkeys(nodes, 0.0)
-    noise = dict.fromkeys(nodes, 0.0)
-    macs = dict.fromkeys(nodes, 0.0)
-    samples = 0
-    for feed in batches:
-        feed = without_labels(feed)
-        values = dict(zip(wanted, session.run(wanted, feed)))
-        samples += len(next(iter(feed.values())))
-        for name in nodes:
-            node, quantized = fp32_nodes[name], int8_nodes.get(name)
-            inputs, fake = [], []
-            for index, tensor in enumerate(node.input):
-                value = values.get(tensor, initializers.get(tensor)) if tensor else None
-                inputs.append(value)
-                source = quantized.input[index] if quantized is not None and index < len(quantized.input) else None
-                kind = dequantized.get(source)
-                if kind is None or value is None:
-                    fake.append(value)
-                elif kind[0] == "weight":
-                    fake.append(kind[1])
-                else:
-                    fake.append(_fake_quantize(value, kind[1], kind[2]))
-            expected = values[node.output[0]].astype(np.float64) + completion.get(node.output[0], 0.0)
-            actual = _run_node(node, fake).astype(np.float64)
-            actual += int8_completion.get(node.output[0], completion.get(node.output[0], 0.0))
-            signal[name] += float(np.sum(expected**2))
-            noise[name] += float(np.sum((expected - actual) ** 2))
-            if node.op_type in ("MatMul", "Gemm"):
-                macs[name] += float(np.prod(expected.shape)) * inputs[0].shape[-1]
-    results = []
-    for name in nodes:
-        results.append(NodeSensitivity(name, fp32_nodes[name].op_type, sqnr_db(signal[name], noise[name]),
-                                       macs[name] / max(samples, 1)))
-    return results
+    errors = node_errors(fp32_model, int8_model, nodes, batches, mask_input, corrections)
+    return [NodeSensitivity(name, errors[name].op_type, sqnr_db(errors[name].signal, errors[name].noise),
+                            errors[name].macs / max(errors[name].samples, 1)) for name in nodes]
 
 
 def rank(items: list[NodeSensitivity]) -> list[NodeSensitivity]:
@@ -219,12 +121,15 @@ def bisect_float_count(ranked: list[str], target: float, measure: Callable[[set[
 SENSITIVITY_SAMPLES = 64  # the FP32 pass with every searchable node's tensors exposed: memory-bounded
 
 
-def search_float_nodes(fp32_model, fp32_path, calibration, decisions: list[NodeDecision], held_out, target: float,
-                       output: str, external: bool, progress: bool = True) -> tuple[list[NodeDecision], SearchReport]:
+def search_float_nodes(fp32_model, fp32_path, everything, calibration, decisions: list[NodeDecision], held_out,
+                       target: float, output: str, external: bool, progress: bool = True, mask_input: str | None = None,
+                       corrections: dict[str, np.ndarray] | None = None) -> tuple[list[NodeDecision], SearchReport]:
     """(the decisions with the fewest searchable nodes in float that meet `target`, the report).
 
     `fp32_model` / `fp32_path`: the (smoothed) FP32 graph the calibration ranges belong to;
-    `decisions`: every searchable node INT8 (all_int8); `held_out`: a HeldOut of calibration samples."""
+    `decisions`: every searchable node INT8 (all_int8), as the file `everything` has them;
+    `held_out`: a HeldOut of calibration samples; `corrections`: bias corrections (measured on
+    `everything`) that every trial graph gets, as the final one will."""
     import itertools
     import tempfile
     import time
@@ -241,10 +146,13 @@ def search_float_nodes(fp32_model, fp32_path, calibration, decisions: list[NodeD
     report = SearchReport(target, held_out.where, held_out.count)
     reference_key = (sha256_file(fp32_path), held_out.fingerprint)
     with tempfile.TemporaryDirectory(prefix="miaotui-search-") as folder:
-        everything = Path(folder) / "all.int8.onnx"
-        quantize_onnx(fp32_model, everything, calibration, decisions, external)
         rows = itertools.islice(sample_rows(held_out.batches()), SENSITIVITY_SAMPLES)
-        report.ranking = rank(sensitivities(fp32_model, onnx.load(str(everything)), names, rebatch(rows)))
+        report.ranking = rank(sensitivities(fp32_model, onnx.load(str(everything)), names, rebatch(rows), mask_input,
+                                            corrections))
+        if corrections:
+            corrected = Path(folder) / "all.int8.onnx"
+            quantize_onnx(fp32_model, corrected, calibration, decisions, external, corrections)
+            everything = corrected
         order = [item.node for item in report.ranking]
 
         def measure(kept: set[str]) -> float:
@@ -254,7 +162,7 @@ def search_float_nodes(fp32_model, fp32_path, calibration, decisions: list[NodeD
                 if not any(d.quantized for d in chosen):
                     return 1.0  # nothing left in INT8: the FP32 graph itself
                 candidate = Path(folder) / f"float{len(kept)}.int8.onnx"
-                quantize_onnx(fp32_model, candidate, calibration, chosen, external)
+                quantize_onnx(fp32_model, candidate, calibration, chosen, external, corrections)
             agreement = compare_top1(fp32_path, candidate, held_out.batches(), output, progress,
                                      label=f"search: {len(kept)} in float", reference_key=reference_key)
             return agreement.top1_agreement

@@ -134,6 +134,7 @@ class QuantizeOptions:
     calibration: str | None = None  # another calibration set than the config's [data] calibration
     # search for the fewest float nodes meeting this top-1 agreement on held-out calibration samples
     target_agreement: float | None = QuantizeSpec.target_top1_agreement
+    bias_correction: bool = QuantizeSpec.bias_correction  # subtract each INT8 node's mean error from its bias
 
 
 @dataclass
@@ -145,7 +146,7 @@ class QuantizeResult(StageResult):
 def quantize_options(config: Config, method: str | None = None, samples: int | None = None,
                      include: tuple[str, ...] = (), exclude: tuple[str, ...] = (),
                      calibration: str | None = None, smooth_alpha: float | None = None,
-                     target_agreement: float | None = None) -> QuantizeOptions:
+                     target_agreement: float | None = None, bias_correction: bool | None = None) -> QuantizeOptions:
     """The config's [quantize] table with the command line's choices on top."""
     base = config.quantize
     return QuantizeOptions(
@@ -156,6 +157,7 @@ def quantize_options(config: Config, method: str | None = None, samples: int | N
         exclude=tuple(base.exclude) + tuple(exclude),
         calibration=calibration,
         target_agreement=target_agreement if target_agreement is not None else base.target_top1_agreement,
+        bias_correction=bias_correction if bias_correction is not None else base.bias_correction,
     )
 
 
@@ -166,10 +168,13 @@ def run_quantize_stage(config: Config, work_dir: str | Path, options: QuantizeOp
     Every data batch is checked (and fingerprinted) before anything runs, so bad data fails first
     and leaves nothing behind; calibration is skipped when calibration.json holds the same key.
     """
+    import itertools
+
     import onnx
     import onnxruntime
 
-    from miaotui.data.datasets import data_set, summarize
+    from miaotui.data.datasets import data_set, rebatch, sample_rows, summarize
+    from miaotui.export.bias_correction import BIAS_SAMPLES, measure_corrections
     from miaotui.export.calibration import (CALIBRATION_NAME, METHOD_SETTINGS, CalibrationKey, CalibrationRequest,
                                             calibrate, check_sample_count, load_cached, save)
     from miaotui.export.smoothing import SMOOTHING_ATOL, channel_ranges, shifted_ranges, smooth, smoothing_targets
@@ -198,6 +203,7 @@ def run_quantize_stage(config: Config, work_dir: str | Path, options: QuantizeOp
     model = onnx.load(str(optimize.path))
     name_unnamed_nodes(model)
     decisions = plan_quantization(model, options.include, options.exclude, smoothing=bool(options.smooth_alpha))
+    mask_input = config.padding_mask
     held_out = None
     if options.target_agreement is not None:
         from miaotui.export.search import all_int8
@@ -235,17 +241,24 @@ def run_quantize_stage(config: Config, work_dir: str | Path, options: QuantizeOp
                 calibration.channel_ranges = {name: value.tolist() for name, value in ranges.items()}
                 save(calibration, scratch / CALIBRATION_NAME)
             calibration.ranges.update(shifted_ranges(smoothed))
-            chosen, search = decisions, None
+            chosen, search, corrections = decisions, None, {}
+            if options.bias_correction or held_out is not None:
+                # every node that may end up INT8, quantized once: what bias correction and the search measure
+                probe = Path(folder) / "probe.int8.onnx"
+                quantize_onnx(model, probe, calibration, decisions, external)
+            if options.bias_correction:
+                rows = itertools.islice(sample_rows(calibration_set.batches(options.samples)), BIAS_SAMPLES)
+                corrections = measure_corrections(model, onnx.load(str(probe)), rebatch(rows), mask_input)
             if held_out is not None:  # inside: the search compares with the smoothed FP32 file
                 from miaotui.export.search import search_float_nodes
 
-                chosen, search = search_float_nodes(model, calibrated, calibration, decisions, held_out,
+                chosen, search = search_float_nodes(model, calibrated, probe, calibration, decisions, held_out,
                                                     options.target_agreement, config.model.outputs[0], external,
-                                                    progress)
+                                                    progress, mask_input, corrections)
                 if not search.met:
                     warnings.append(f"--target-agreement {options.target_agreement:g}: not met on {search.held_out} "
                                     f"even with every searchable node in float (best {search.agreement:.4f})")
-        quantize_onnx(model, scratch / INT8_NAME, calibration, chosen, external)
+        corrected = quantize_onnx(model, scratch / INT8_NAME, calibration, chosen, external, corrections)
         final = confirm_decisions(scratch / INT8_NAME, chosen)
         check = check_qdq(scratch / INT8_NAME, model, calibration)
         agreement = compare_top1(optimize.path, scratch / INT8_NAME, agreement_set.batches(), config.model.outputs[0],
@@ -262,6 +275,9 @@ def run_quantize_stage(config: Config, work_dir: str | Path, options: QuantizeOp
             "nodes": {"quantized": sum(d.quantized for d in final), "float": sum(not d.quantized for d in final)},
             "smoothing": {"alpha": options.smooth_alpha, "inputs": len(smoothed), "shifted": sum(i.shifted for i in smoothed),
                           "max_factor": round(max((i.max_factor for i in smoothed), default=1.0), 3)},
+            "bias_correction": {"nodes": len(corrected), "samples": min(BIAS_SAMPLES, calibration_data.samples)
+                                if corrected else 0,
+                                "max_rms": round(max((c.rms for c in corrected), default=0.0), 6)},
             "qdq_check": asdict(check),
             "agreement": asdict(agreement) | {"set": agreement_set.where},
             "warnings": warnings,
@@ -275,6 +291,7 @@ def run_quantize_stage(config: Config, work_dir: str | Path, options: QuantizeOp
             "include": list(options.include),
             "exclude": list(options.exclude),
             "smoothed_inputs": [asdict(i) for i in smoothed],
+            "bias_corrections": [asdict(c) for c in corrected],
             "search": asdict(search) if search is not None else None,
             "decisions": [{"node": d.name, "op_type": d.op_type, "quantized": d.quantized, "reason": d.reason,
                            "why": d.explain()} for d in final],
@@ -292,8 +309,9 @@ def run_quantize_stage(config: Config, work_dir: str | Path, options: QuantizeOp
 
 
 # Bumped when the same inputs would give another model.int8.onnx (2: one-sided inputs shifted,
-# weight tables under 30 dB kept float; 3: shifted inputs' ranges from their channel ranges).
-QUANTIZE_RECIPE = "3"
+# weight tables under 30 dB kept float; 3: shifted inputs' ranges from their channel ranges; 4: bias
+# correction, and the search's sensitivities count real tokens only).
+QUANTIZE_RECIPE = "4"
 SEARCH_SAMPLES = 384  # held-out calibration samples the search measures agreement on (time-bounded)
 MIN_HELD_OUT = 32  # fewer held-out samples than this: the search measures on the ranges' own samples
 

@@ -131,22 +131,25 @@ def optimize(config, work_dir: Path, force: bool):
                      help="Search for the fewest weight ops kept in float that meet this top-1 agreement with FP32 on "
                           "held-out calibration samples, starting from all of them in INT8 (default: the config's "
                           "[quantize] target_top1_agreement, else the rules)."),
+        click.option("--bias-correction/--no-bias-correction", default=None,
+                     help="Subtract each INT8 node's mean quantization error, measured on calibration samples, from "
+                          "its float bias (default: the config's [quantize] bias_correction, else on)."),
     ),
     spinner=False,
 )
 def quantize(config, work_dir: Path, force: bool, precision, method, samples, smooth_alpha, calibration_data, include,
-             exclude, target_agreement):
+             exclude, target_agreement, bias_correction):
     from miaotui.export import quantize_options, run_fp16_stage, run_quantize_stage
 
-    int8_options = (method, samples, smooth_alpha, calibration_data, include, exclude, target_agreement)
+    int8_options = (method, samples, smooth_alpha, calibration_data, include, exclude, target_agreement, bias_correction)
     if precision == "fp16" and any(o not in (None, ()) for o in int8_options):
-        raise InputError("--precision fp16: --method, --samples, --smooth-alpha, --calibration, --include, --exclude "
-                         "and --target-agreement are INT8 options; fp16 has no calibration")
+        raise InputError("--precision fp16: --method, --samples, --smooth-alpha, --calibration, --include, --exclude, "
+                         "--target-agreement and --bias-correction are INT8 options; fp16 has no calibration")
     results = []
     if precision != "fp16":
         # The data is checked before anything runs; export and optimize run inside, when stale.
         options = quantize_options(config, method, samples, include, exclude, calibration_data, smooth_alpha,
-                                   target_agreement)
+                                   target_agreement, bias_correction)
         quantized = run_quantize_stage(config, work_dir, options, force=force and precision == "int8")
         results = [*quantized.earlier, quantized]
     if precision == "int8":
@@ -444,7 +447,7 @@ def _inspect_layers(path: Path, config_or_model, reference, samples: int, report
     data = data_set(config, "validation" if config.data.validation else "calibration")
     rows = itertools.islice(sample_rows(data.batches(samples)), samples)
     with _console(stderr=True).status(f"run {path.name} and {reference.name} on {samples} samples"):
-        result = layer_divergence(reference, path, rebatch(rows, 8))
+        result = layer_divergence(reference, path, rebatch(rows, 8), config.padding_mask)
     folder = report_dir or path.parent / "reports"
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_json(folder / "layers.json", {"int8": str(path), "fp32": str(reference), "samples": samples,

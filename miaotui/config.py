@@ -45,6 +45,7 @@ class InputSpec:
     dtype: str
     shape: tuple[int | str, ...]  # ints are fixed sizes, strings name a [dims] entry
     range: tuple[float, float] | None  # half-open [low, high) for synthetic samples; None for bool
+    padding_mask: bool = False  # 1 marks a real position, 0 padding (an attention mask)
 
     def dims(self) -> list[str]:
         return [d for d in self.shape if isinstance(d, str)]
@@ -85,6 +86,7 @@ class QuantizeSpec:
     exclude: tuple[str, ...] = ()  # node-name or op-type globs kept in float
     # Search for the fewest nodes kept in float that meet this top-1 agreement (export/search.py); None = rules
     target_top1_agreement: float | None = None
+    bias_correction: bool = True  # subtract each INT8 node's mean error from its float bias (export/bias_correction.py)
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,11 @@ class Config:
         """The concrete shape of one input with each named dim taken from `sizes`."""
         return tuple(d if isinstance(d, int) else sizes[d] for d in self.inputs[input_name].shape)
 
+    @property
+    def padding_mask(self) -> str | None:
+        """The input marked `padding_mask = true`, if any."""
+        return next((name for name, spec in self.inputs.items() if spec.padding_mask), None)
+
     def sizes(self, which: str) -> dict[str, int]:
         """Every dim at its "min", "opt" or "max"."""
         return {name: getattr(dim, which) for name, dim in self.dims.items()}
@@ -125,6 +132,8 @@ class Config:
             entry: dict[str, Any] = {"dtype": spec.dtype, "shape": list(spec.shape)}
             if spec.range is not None:
                 entry["range"] = list(spec.range)
+            if spec.padding_mask:
+                entry["padding_mask"] = True
             inputs[spec.name] = entry
         data = {k: v for k, v in (("calibration", self.data.calibration), ("validation", self.data.validation)) if v}
         out: dict[str, Any] = {
@@ -143,6 +152,7 @@ class Config:
             quantize["samples"] = self.quantize.samples
         if self.quantize.target_top1_agreement is not None:
             quantize["target_top1_agreement"] = self.quantize.target_top1_agreement
+        quantize["bias_correction"] = self.quantize.bias_correction
         out["quantize"] = quantize
         if self.validate:
             out["validate"] = self.validate
@@ -313,7 +323,7 @@ def _parse_inputs(r: _Reader, table: dict, dims: dict[str, Dim]) -> dict[str, In
             raise r.fail(where, "input names must be Python identifiers (they are the forward() arguments)")
         if not isinstance(entry, dict):
             raise r.fail(where, f"expected a table {{ dtype = ..., shape = [...] }}, got {_show(entry)}")
-        r.only(entry, ("dtype", "shape", "range"), where)
+        r.only(entry, ("dtype", "shape", "range", "padding_mask"), where)
         dtype = r.value(entry, "dtype", str, f"{where}.dtype")
         if dtype not in DTYPES:
             raise r.fail(f"{where}.dtype", f"expected one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -328,7 +338,14 @@ def _parse_inputs(r: _Reader, table: dict, dims: dict[str, Dim]) -> dict[str, In
             if isinstance(dim, str) and dim not in dims:
                 known = ", ".join(dims) or "none defined"
                 raise r.fail(f"{where}.shape", f"dim {dim!r} is not defined in [dims] (defined: {known})")
-        inputs[name] = InputSpec(name, dtype, tuple(shape), _parse_range(r, entry, dtype, f"{where}.range"))
+        padding_mask = r.value(entry, "padding_mask", bool, f"{where}.padding_mask", required=False) or False
+        if padding_mask and (dtype in FLOAT_DTYPES or len(shape) != 2):
+            raise r.fail(f"{where}.padding_mask", f"a padding mask is an integer or bool (batch, sequence) input of "
+                         f"0s and 1s, got {dtype} of shape {shape}")
+        inputs[name] = InputSpec(name, dtype, tuple(shape), _parse_range(r, entry, dtype, f"{where}.range"), padding_mask)
+    masks = [name for name, spec in inputs.items() if spec.padding_mask]
+    if len(masks) > 1:
+        raise r.fail("inputs", f"at most one input is the padding mask, got {', '.join(masks)}")
     return inputs
 
 
@@ -375,7 +392,8 @@ def _parse_export(r: _Reader, table: dict) -> ExportSpec:
 
 
 def _parse_quantize(r: _Reader, table: dict) -> QuantizeSpec:
-    r.only(table, ("method", "samples", "smooth_alpha", "include", "exclude", "target_top1_agreement"), "quantize")
+    r.only(table, ("method", "samples", "smooth_alpha", "include", "exclude", "target_top1_agreement", "bias_correction"),
+           "quantize")
     method = r.value(table, "method", str, "quantize.method", required=False) or QuantizeSpec.method
     if method not in QUANTIZE_METHODS:
         raise r.fail("quantize.method", f"expected one of {', '.join(QUANTIZE_METHODS)}, got {method!r}")
@@ -388,8 +406,10 @@ def _parse_quantize(r: _Reader, table: dict) -> QuantizeSpec:
     target = r.value(table, "target_top1_agreement", (int, float), "quantize.target_top1_agreement", required=False)
     if target is not None and not 0 < target <= 1:
         raise r.fail("quantize.target_top1_agreement", f"expected a share above 0 up to 1, got {target}")
+    bias_correction = r.value(table, "bias_correction", bool, "quantize.bias_correction", required=False)
     return QuantizeSpec(
         target_top1_agreement=float(target) if target is not None else None,
+        bias_correction=QuantizeSpec.bias_correction if bias_correction is None else bias_correction,
         method=method,
         smooth_alpha=float(alpha) if alpha is not None else QuantizeSpec.smooth_alpha,
         samples=samples if samples is not None else QuantizeSpec.samples,

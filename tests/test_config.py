@@ -21,6 +21,10 @@ def test_builtin_config_resolves_paths_and_dims():
     assert config.inputs["input_ids"].shape == ("batch", "seq")
     assert config.shape_at("input_ids", {"batch": 3, "seq": 9}) == (3, 9)
     assert config.validate["int8"]["min_top1_agreement"] == 0.99
+    assert config.padding_mask is None and config.quantize.bias_correction
+    minilm = resolve_config("minilm-sentiment")
+    assert minilm.padding_mask == "attention_mask"
+    assert load_config_text_roundtrip(minilm).padding_mask == "attention_mask"
 
 
 def test_custom_config_resolves_relative_to_its_folder(custom_model_dir: Path):
@@ -29,6 +33,18 @@ def test_custom_config_resolves_relative_to_its_folder(custom_model_dir: Path):
     assert config.model.outputs == ("scores",)
     assert config.inputs["features"].shape == ("batch", 4)
     assert config.inputs["features"].range == (-2.0, 2.0)
+
+
+def load_config_text_roundtrip(config):
+    """The config as a work dir stores it (config.toml from to_dict), read back."""
+    import tempfile
+
+    import tomli_w
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "config.toml"
+        path.write_bytes(tomli_w.dumps(config.to_dict()).encode())
+        return load_config(path)
 
 
 BAD_CONFIGS = {
@@ -49,6 +65,12 @@ BAD_CONFIGS = {
     "zero samples": (lambda t: t + "\n[quantize]\nsamples = 0\n", "quantize.samples: expected a positive number"),
     "exclude not a list": (lambda t: t + '\n[quantize]\nexclude = "Gather"\n', "quantize.exclude: expected list"),
     "quantize typo": (lambda t: t + "\n[quantize]\nsample = 10\n", "quantize.sample: unknown key"),
+    "float padding mask": (lambda t: t.replace("range = [-2.0, 2.0] }", "range = [-2.0, 2.0], padding_mask = true }"),
+                           "inputs.features.padding_mask: a padding mask is an integer or bool (batch, sequence) input"),
+    "padding mask not bool": (lambda t: t.replace("range = [0, 50] }", "range = [0, 50], padding_mask = 1 }"),
+                              "inputs.tokens.padding_mask: expected bool"),
+    "bias correction not bool": (lambda t: t + '\n[quantize]\nbias_correction = "yes"\n',
+                                 "quantize.bias_correction: expected bool"),
 }
 
 

@@ -310,8 +310,9 @@ def test_one_sided_gelu_outputs_are_shifted_then_quantized(tmp_path: Path):
                    for name in ("model.opt.onnx", "model.int8.onnx")]
         return float(np.abs(outputs[0] - outputs[1]).mean())
 
+    # Bias correction off: it moves the compensation by the node's mean error (tested below).
     shifted_work = tmp_path / "shifted"
-    quantize(folder, shifted_work)
+    quantize(folder, shifted_work, bias_correction=False)
     report = json.loads((shifted_work / "quantization.json").read_text())
     down = next(d for d in report["decisions"] if d["reason"] in ("int8-shifted", "rule-post-gelu"))
     assert down["quantized"] and down["reason"] == "int8-shifted"
@@ -336,7 +337,7 @@ def test_one_sided_gelu_outputs_are_shifted_then_quantized(tmp_path: Path):
 
     # The same node in INT8 unsmoothed (smoothing off, --include) drifts much further.
     plain_work = tmp_path / "plain"
-    quantize(folder, plain_work, smooth_alpha=0.0, include=(down["node"],))
+    quantize(folder, plain_work, smooth_alpha=0.0, include=(down["node"],), bias_correction=False)
     assert not json.loads((plain_work / "quantization.json").read_text())["smoothed_inputs"]
     assert int8_error(shifted_work) < 0.5 * int8_error(plain_work), (int8_error(shifted_work), int8_error(plain_work))
 
@@ -349,7 +350,7 @@ def test_one_sided_gelu_outputs_are_shifted_then_quantized(tmp_path: Path):
                     if node.op_type == "QuantizeLinear" and node.input[0] == mul.output[0])
 
     entropy_work = tmp_path / "entropy"
-    quantize(folder, entropy_work, method="entropy")
+    quantize(folder, entropy_work, method="entropy", bias_correction=False)
     assert shifted_scale(entropy_work) == pytest.approx(shifted_scale(shifted_work), rel=1e-6)
 
     # With smoothing off and no --include, the rules keep it in float.
@@ -357,6 +358,60 @@ def test_one_sided_gelu_outputs_are_shifted_then_quantized(tmp_path: Path):
     quantize(folder, off_work, smooth_alpha=0.0)
     decided = {d["node"]: d for d in json.loads((off_work / "quantization.json").read_text())["decisions"]}
     assert decided[down["node"]]["reason"] == "rule-post-gelu" and not decided[down["node"]]["quantized"]
+
+
+def test_bias_correction_removes_the_mean_error_and_changes_only_biases(tmp_path: Path):
+    import onnxruntime as ort
+
+    folder = tmp_path / "ffn"
+    folder.mkdir()
+    (folder / "outlier.py").write_text(FFN_MODEL)
+    (folder / "config.toml").write_text(OUTLIER_CONFIG.replace("outlier-net", "ffn-net"))
+    rng = np.random.default_rng(2)
+    np.savez(folder / "calib.npz", features=rng.normal(size=(256, 8, 16)).astype(np.float32))
+    validation = rng.normal(size=(512, 8, 16)).astype(np.float32)
+    np.savez(folder / "val.npz", features=validation)
+
+    works = {on: tmp_path / ("corrected" if on else "plain") for on in (True, False)}
+    reports = {on: quantize(folder, work, bias_correction=on).details for on, work in works.items()}
+    assert reports[False]["bias_correction"]["nodes"] == 0
+    corrected = reports[True]["bias_correction"]
+    assert (corrected["nodes"], corrected["samples"]) == (3, 256) and corrected["max_rms"] > 0  # up, down, head
+    models = {on: onnx.load(str(work / "model.int8.onnx")) for on, work in works.items()}
+    assert [n.op_type for n in models[True].graph.node] == [n.op_type for n in models[False].graph.node]
+
+    # Only the recorded biases moved, each by the recorded amount.
+    recorded = {c["bias"]: c for c in json.loads((works[True] / "quantization.json").read_text())["bias_corrections"]}
+    arrays = {on: {i.name: numpy_helper.to_array(i).astype(np.float64) for i in m.graph.initializer}
+              for on, m in models.items()}
+    moved = {name for name in arrays[True] if not np.array_equal(arrays[True][name], arrays[False][name])}
+    assert moved == set(recorded)
+    for name, correction in recorded.items():
+        shift = arrays[False][name] - arrays[True][name]
+        assert np.sqrt(np.mean(shift**2)) == pytest.approx(correction["rms"], rel=1e-3, abs=1e-6)
+
+    # On held-out data the INT8 logits' mean offset from FP32 (what flips labels one way) shrinks.
+    def mean_offset(work: Path) -> float:
+        outputs = [ort.InferenceSession(str(work / name), providers=["CPUExecutionProvider"]).run(None, {"features": validation})[0]
+                   for name in ("model.opt.onnx", "model.int8.onnx")]
+        return float(np.abs((outputs[1] - outputs[0]).mean(axis=0)).max())
+
+    assert mean_offset(works[True]) < 0.5 * mean_offset(works[False]), (mean_offset(works[True]), mean_offset(works[False]))
+
+
+def test_real_positions_skip_padding_in_both_layouts():
+    from miaotui.export.node_errors import real_positions
+
+    mask = np.array([[1, 1, 0], [1, 0, 0]])
+    tokens = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)  # (batch, sequence, channels)
+    np.testing.assert_array_equal(real_positions(tokens, mask), tokens[[0, 0, 1], [0, 1, 0]])
+    heads = np.arange(2 * 5 * 3 * 4, dtype=np.float32).reshape(2, 5, 3, 4)  # (batch, heads, sequence, depth)
+    kept = real_positions(heads, mask)
+    assert kept.shape == (3 * 5, 4)
+    np.testing.assert_array_equal(kept[:5], heads[0, :, 0])
+    np.testing.assert_array_equal(real_positions(tokens, None), tokens.reshape(-1, 4))
+    pooled = np.ones((2, 4))  # no sequence axis: every row counts
+    assert real_positions(pooled, mask).shape == (2, 4)
 
 
 def test_calibration_set_from_the_command_line_replaces_the_configs(router: Path, tmp_path: Path):
