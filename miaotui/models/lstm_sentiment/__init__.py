@@ -67,3 +67,8 @@ def calibration_batches():
 def validation_batches():
     """Feed dicts with `labels` over the corpus validation split (the config's [data] validation)."""
     return _split_batches("validation", with_labels=True)
+
+
+def test_batches():
+    """Feed dicts with `labels` over the corpus test split (benchmarks; never calibration or the gate)."""
+    return _split_batches("test", with_labels=True)
