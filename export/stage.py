@@ -169,6 +169,7 @@ def run_quantize_stage(config: Config, work_dir: str | Path, options: QuantizeOp
     and leaves nothing behind; calibration is skipped when calibration.json holds the same key.
     """
     import itertools
+    import time
 
     import onnx
     import onnxruntime
@@ -246,9 +247,12 @@ def run_quantize_stage(config: Config, work_dir: str | Path, options: QuantizeOp
                 # every node that may end up INT8, quantized once: what bias correction and the search measure
                 probe = Path(folder) / "probe.int8.onnx"
                 quantize_onnx(model, probe, calibration, decisions, external)
+            bias_seconds = 0.0
             if options.bias_correction:
+                started = time.perf_counter()
                 rows = itertools.islice(sample_rows(calibration_set.batches(options.samples)), BIAS_SAMPLES)
                 corrections = measure_corrections(model, onnx.load(str(probe)), rebatch(rows), mask_input)
+                bias_seconds = time.perf_counter() - started
             if held_out is not None:  # inside: the search compares with the smoothed FP32 file
                 from miaotui.export.search import search_float_nodes
 
@@ -277,7 +281,8 @@ def run_quantize_stage(config: Config, work_dir: str | Path, options: QuantizeOp
                           "max_factor": round(max((i.max_factor for i in smoothed), default=1.0), 3)},
             "bias_correction": {"nodes": len(corrected), "samples": min(BIAS_SAMPLES, calibration_data.samples)
                                 if corrected else 0,
-                                "max_rms": round(max((c.rms for c in corrected), default=0.0), 6)},
+                                "max_rms": round(max((c.rms for c in corrected), default=0.0), 6),
+                                "seconds": round(bias_seconds, 3)},
             "qdq_check": asdict(check),
             "agreement": asdict(agreement) | {"set": agreement_set.where},
             "warnings": warnings,

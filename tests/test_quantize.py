@@ -251,7 +251,7 @@ def test_smoothing_moves_an_outlier_channel_into_the_weights(tmp_path: Path):
     errors = {}
     for alpha in (0.0, 0.5):
         work = tmp_path / f"work-{alpha}"
-        result = quantize(folder, work, smooth_alpha=alpha)
+        quantize(folder, work, smooth_alpha=alpha)
         smoothed = json.loads((work / "quantization.json").read_text())["smoothed_inputs"]
         assert len(smoothed) == (2 if alpha else 0)  # the inputs of `proj` and of `hidden` (the LayerNorm's)
         outputs = [ort.InferenceSession(str(work / name), providers=["CPUExecutionProvider"]).run(None, {"features": validation})[0]
@@ -423,3 +423,56 @@ def test_calibration_set_from_the_command_line_replaces_the_configs(router: Path
     assert result.details["calibration"]["samples"] == 40 and "other.npz" in result.details["calibration"]["set"]
     with pytest.raises(InputError, match="missing.npz: calibration data file does not exist"):
         quantize(router, tmp_path / "work", calibration=str(tmp_path / "missing.npz"))
+
+
+def test_node_errors_count_only_real_tokens():
+    """A node's own error (what the search ranks and bias correction removes) over real positions:
+    padded positions hold values far outside the calibrated range and must not count."""
+    from onnx import TensorProto, helper
+
+    from miaotui.export.node_errors import node_errors
+
+    rng = np.random.default_rng(4)
+    weight = rng.normal(size=(4, 3)).astype(np.float32)
+    scale, weight_scale = np.float32(0.05), (np.abs(weight).max(axis=0) / 127).astype(np.float32)
+    weight_int8 = np.round(weight / weight_scale).astype(np.int8)
+
+    def graph(int8: bool):
+        inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", 4]),
+                  helper.make_tensor_value_info("mask", TensorProto.INT64, ["b", "s"])]
+        nodes = [helper.make_node("Unsqueeze", ["mask", "axis"], ["mask3"]),
+                 helper.make_node("Cast", ["mask3"], ["maskf"], to=TensorProto.FLOAT)]
+        initializers = [numpy_helper.from_array(np.array([-1], np.int64), "axis")]
+        if int8:
+            nodes += [helper.make_node("QuantizeLinear", ["x", "s_x", "z"], ["xq"]),
+                      helper.make_node("DequantizeLinear", ["xq", "s_x", "z"], ["xd"]),
+                      helper.make_node("DequantizeLinear", ["w_q", "s_w", "z_w"], ["wd"], axis=1),
+                      helper.make_node("MatMul", ["xd", "wd"], ["y"], name="proj")]
+            initializers += [numpy_helper.from_array(np.array(scale), "s_x"), numpy_helper.from_array(np.int8(0), "z"),
+                             numpy_helper.from_array(weight_int8, "w_q"), numpy_helper.from_array(weight_scale, "s_w"),
+                             numpy_helper.from_array(np.zeros(3, np.int8), "z_w")]
+        else:
+            nodes.append(helper.make_node("MatMul", ["x", "w"], ["y"], name="proj"))
+            initializers.append(numpy_helper.from_array(weight, "w"))
+        nodes.append(helper.make_node("Mul", ["y", "maskf"], ["out"]))
+        output = helper.make_tensor_value_info("out", TensorProto.FLOAT, ["b", "s", 3])
+        model = helper.make_model(helper.make_graph(nodes, "g", inputs, [output], initializers),
+                                  opset_imports=[helper.make_opsetid("", 20)])
+        model.ir_version = 10
+        return model
+
+    x = rng.uniform(-3, 3, size=(5, 6, 4)).astype(np.float32)
+    mask = np.ones((5, 6), np.int64)
+    mask[:, 4:] = 0
+    x[:, 4:] = 500.0  # padding: saturates the INT8 grid
+    feed = {"x": x, "mask": mask}
+    masked = node_errors(graph(False), graph(True), ["proj"], [feed], "mask")["proj"]
+    everything = node_errors(graph(False), graph(True), ["proj"], [feed])["proj"]
+    assert masked.positions == 20 and everything.positions == 30
+
+    real = x[:, :4].reshape(-1, 4)
+    fake = np.clip(np.rint(real / scale), -128, 127) * scale
+    expected_error = fake @ (weight_int8.astype(np.float32) * weight_scale) - real @ weight
+    np.testing.assert_allclose(masked.mean_error, expected_error.mean(axis=0), rtol=1e-4, atol=1e-6)
+    assert masked.noise == pytest.approx(float(np.sum(expected_error.astype(np.float64) ** 2)), rel=1e-4)
+    assert everything.noise > 100 * masked.noise  # the padded rows would have dominated
