@@ -3,10 +3,9 @@
 1. Every searchable node (weight-carrying MatMul/Gemm/Gather, including those the rules keep in
    float) is quantized at once, with ONNX Runtime's quantizer and the calibrated ranges.
 2. Sensitivity, one FP32 pass: each node's own quantization noise, with everything before it in
-   FP32. Its FP32 input is quantized with the scale the INT8 graph holds, its weights are the INT8
-   graph's dequantized weights, and the node's output is compared with the FP32 output
-   (signal-to-quantization-noise ratio, SQNR, in dB). numpy evaluates the node: ONNX Runtime cannot
-   run one node of a graph on another graph's intermediate tensors.
+   FP32 (export/node_errors.py): its FP32 input quantized with the scale the INT8 graph holds, its
+   weights the INT8 graph's, its bias corrected as every trial graph's is (bias correction), the
+   output compared with FP32's over real tokens (signal-to-quantization-noise ratio, SQNR, in dB).
 3. Ranking: lowest SQNR first; between nodes of about the same SQNR (half a dB), the one cheaper to
    keep in float (fewer multiply-accumulates) first. (Ranking by noise per unit of cost was tried on
    MiniLM: it put the cheap attention projections before the much noisier FFN down-projections and
