@@ -33,8 +33,6 @@ def bias_targets(int8_model) -> dict[str, tuple[str, str]]:
     """INT8 MatMul/Gemm (weights from a DequantizeLinear) -> (consumer node, bias initializer): a Gemm's
     own C, else the constant operand of the one Add that reads the node's output, when that constant
     holds one value per output channel."""
-    from onnx import numpy_helper
-
     initializers = {init.name: init for init in int8_model.graph.initializer}
     dequantized_weights = {n.output[0] for n in int8_model.graph.node
                            if n.op_type == "DequantizeLinear" and n.input[0] in initializers}
@@ -53,7 +51,7 @@ def bias_targets(int8_model) -> dict[str, tuple[str, str]]:
         if len(readers) != 1 or readers[0].op_type != "Add":
             continue
         constant = next((name for name in readers[0].input if name in initializers), None)
-        if constant is not None and numpy_helper.to_array(initializers[constant]).ndim == 1:
+        if constant is not None and len(initializers[constant].dims) == 1:
             found[node.name] = (readers[0].name, constant)
     return found
 
@@ -88,10 +86,9 @@ def apply_corrections(int8_model, corrections: dict[str, np.ndarray]) -> list[Bi
             continue
         values = numpy_helper.to_array(initializers[bias])
         shift = np.asarray(corrections[name], np.float64)
-        if shift.size == values.size:
-            shift = shift.reshape(values.shape)  # a Gemm's C may be (1, N)
-        else:
+        if shift.size != values.size:
             continue  # another graph's measurement: channels differ
+        shift = shift.reshape(values.shape)  # a Gemm's C may be (1, N)
         corrected = (values.astype(np.float64) - shift).astype(values.dtype)
         if readers[bias] > 1:
             copy = bias + CORRECTED_SUFFIX

@@ -88,11 +88,29 @@ def quantize_onnx(model, destination: Path, calibration: Calibration, decisions:
         compensated = compensate_shifts(written)  # first: a corrected compensation must not be recomputed
         applied = apply_corrections(written, corrections or {})
         if compensated or applied:
-            # onnx appends external tensors to an existing file: start it afresh
-            destination.with_name(destination.name + ".data").unlink(missing_ok=True)
-            onnx.save(written, str(destination), save_as_external_data=external_data,
-                      location=destination.name + ".data" if external_data else None)
+            _save(written, destination, external_data)
     return applied
+
+
+def correct_biases(source: Path, destination: Path, corrections: dict[str, np.ndarray],
+                   external_data: bool = False) -> list[BiasCorrection]:
+    """`source` (a file quantize_onnx wrote, uncorrected) with `corrections` applied, as `destination`:
+    what quantize_onnx(..., corrections) would write for the same decisions, without quantizing again."""
+    import onnx
+
+    written = onnx.load(str(source))
+    applied = apply_corrections(written, corrections)
+    _save(written, destination, external_data)
+    return applied
+
+
+def _save(model, destination: Path, external_data: bool) -> None:
+    import onnx
+
+    # onnx appends external tensors to an existing file: start it afresh
+    destination.with_name(destination.name + ".data").unlink(missing_ok=True)
+    onnx.save(model, str(destination), save_as_external_data=external_data,
+              location=destination.name + ".data" if external_data else None)
 
 
 def confirm_decisions(int8_path: Path, decisions: list[NodeDecision]) -> list[NodeDecision]:

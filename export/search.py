@@ -138,7 +138,7 @@ def search_float_nodes(fp32_model, fp32_path, everything, calibration, decisions
 
     from miaotui.artifacts import sha256_file
     from miaotui.data.datasets import rebatch, sample_rows
-    from miaotui.export.quantize import compare_top1, quantize_onnx
+    from miaotui.export.quantize import compare_top1, correct_biases, quantize_onnx
 
     started = time.perf_counter()
     names = searchable(decisions)
@@ -150,7 +150,7 @@ def search_float_nodes(fp32_model, fp32_path, everything, calibration, decisions
                                             corrections))
         if corrections:
             corrected = Path(folder) / "all.int8.onnx"
-            quantize_onnx(fp32_model, corrected, calibration, decisions, external, corrections)
+            correct_biases(everything, corrected, corrections, external)
             everything = corrected
         order = [item.node for item in report.ranking]
 

@@ -179,7 +179,8 @@ def run_quantize_stage(config: Config, work_dir: str | Path, options: QuantizeOp
     from miaotui.export.calibration import (CALIBRATION_NAME, METHOD_SETTINGS, CalibrationKey, CalibrationRequest,
                                             calibrate, check_sample_count, load_cached, save)
     from miaotui.export.smoothing import SMOOTHING_ATOL, channel_ranges, shifted_ranges, smooth, smoothing_targets
-    from miaotui.export.quantize import check_qdq, compare_top1, confirm_decisions, name_unnamed_nodes, quantize_onnx
+    from miaotui.export.quantize import (check_qdq, compare_top1, confirm_decisions, correct_biases, name_unnamed_nodes,
+                                         quantize_onnx)
     from miaotui.export.quantize_rules import REASONS, plan_quantization, tensors_to_calibrate
 
     options = options or quantize_options(config)
@@ -242,7 +243,7 @@ def run_quantize_stage(config: Config, work_dir: str | Path, options: QuantizeOp
                 calibration.channel_ranges = {name: value.tolist() for name, value in ranges.items()}
                 save(calibration, scratch / CALIBRATION_NAME)
             calibration.ranges.update(shifted_ranges(smoothed))
-            chosen, search, corrections = decisions, None, {}
+            chosen, search, corrections, probe = decisions, None, {}, None
             if options.bias_correction or held_out is not None:
                 # every node that may end up INT8, quantized once: what bias correction and the search measure
                 probe = Path(folder) / "probe.int8.onnx"
@@ -262,7 +263,10 @@ def run_quantize_stage(config: Config, work_dir: str | Path, options: QuantizeOp
                 if not search.met:
                     warnings.append(f"--target-agreement {options.target_agreement:g}: not met on {search.held_out} "
                                     f"even with every searchable node in float (best {search.agreement:.4f})")
-        corrected = quantize_onnx(model, scratch / INT8_NAME, calibration, chosen, external, corrections)
+            if probe is not None and [d.quantized for d in chosen] == [d.quantized for d in decisions]:
+                corrected = correct_biases(probe, scratch / INT8_NAME, corrections, external)  # the probe is the graph
+            else:
+                corrected = quantize_onnx(model, scratch / INT8_NAME, calibration, chosen, external, corrections)
         final = confirm_decisions(scratch / INT8_NAME, chosen)
         check = check_qdq(scratch / INT8_NAME, model, calibration)
         agreement = compare_top1(optimize.path, scratch / INT8_NAME, agreement_set.batches(), config.model.outputs[0],

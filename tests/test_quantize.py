@@ -236,17 +236,30 @@ validation = "val.npz"
 """
 
 
-def test_smoothing_moves_an_outlier_channel_into_the_weights(tmp_path: Path):
+def fp32_and_int8_outputs(work: Path, validation: np.ndarray) -> list[np.ndarray]:
+    """model.opt.onnx's and model.int8.onnx's outputs on `features` = validation, with ONNX Runtime."""
     import onnxruntime as ort
 
-    folder = tmp_path / "outlier"
+    return [ort.InferenceSession(str(work / name), providers=["CPUExecutionProvider"]).run(None, {"features": validation})[0]
+            for name in ("model.opt.onnx", "model.int8.onnx")]
+
+
+def model_folder(folder: Path, source: str, config: str, seed: int, validation_samples: int = 256) -> np.ndarray:
+    """`folder` with outlier.py (`source`), config.toml and random (N, 8, 16) features: 256 calibration
+    samples and `validation_samples` validation ones, which it returns."""
     folder.mkdir()
-    (folder / "outlier.py").write_text(OUTLIER_MODEL)
-    (folder / "config.toml").write_text(OUTLIER_CONFIG)
-    rng = np.random.default_rng(0)
+    (folder / "outlier.py").write_text(source)
+    (folder / "config.toml").write_text(config)
+    rng = np.random.default_rng(seed)
     np.savez(folder / "calib.npz", features=rng.normal(size=(256, 8, 16)).astype(np.float32))
-    validation = rng.normal(size=(256, 8, 16)).astype(np.float32)
+    validation = rng.normal(size=(validation_samples, 8, 16)).astype(np.float32)
     np.savez(folder / "val.npz", features=validation)
+    return validation
+
+
+def test_smoothing_moves_an_outlier_channel_into_the_weights(tmp_path: Path):
+    folder = tmp_path / "outlier"
+    validation = model_folder(folder, OUTLIER_MODEL, OUTLIER_CONFIG, seed=0)
 
     errors = {}
     for alpha in (0.0, 0.5):
@@ -254,8 +267,7 @@ def test_smoothing_moves_an_outlier_channel_into_the_weights(tmp_path: Path):
         quantize(folder, work, smooth_alpha=alpha)
         smoothed = json.loads((work / "quantization.json").read_text())["smoothed_inputs"]
         assert len(smoothed) == (2 if alpha else 0)  # the inputs of `proj` and of `hidden` (the LayerNorm's)
-        outputs = [ort.InferenceSession(str(work / name), providers=["CPUExecutionProvider"]).run(None, {"features": validation})[0]
-                   for name in ("model.opt.onnx", "model.int8.onnx")]
+        outputs = fp32_and_int8_outputs(work, validation)
         errors[alpha] = float(np.abs(outputs[0] - outputs[1]).mean())
         if alpha:
             assert max(s["max_factor"] for s in smoothed) > 10
@@ -290,24 +302,17 @@ def build():
     return FeedForward()
 '''
 
+FFN_CONFIG = OUTLIER_CONFIG.replace("outlier-net", "ffn-net")
+
 
 def test_one_sided_gelu_outputs_are_shifted_then_quantized(tmp_path: Path):
-    import onnxruntime as ort
-
     from miaotui.export.smoothing import COMPENSATION_SUFFIX
 
     folder = tmp_path / "ffn"
-    folder.mkdir()
-    (folder / "outlier.py").write_text(FFN_MODEL)
-    (folder / "config.toml").write_text(OUTLIER_CONFIG.replace("outlier-net", "ffn-net"))
-    rng = np.random.default_rng(1)
-    np.savez(folder / "calib.npz", features=rng.normal(size=(256, 8, 16)).astype(np.float32))
-    validation = rng.normal(size=(256, 8, 16)).astype(np.float32)
-    np.savez(folder / "val.npz", features=validation)
+    validation = model_folder(folder, FFN_MODEL, FFN_CONFIG, seed=1)
 
     def int8_error(work: Path) -> float:
-        outputs = [ort.InferenceSession(str(work / name), providers=["CPUExecutionProvider"]).run(None, {"features": validation})[0]
-                   for name in ("model.opt.onnx", "model.int8.onnx")]
+        outputs = fp32_and_int8_outputs(work, validation)
         return float(np.abs(outputs[0] - outputs[1]).mean())
 
     # Bias correction off: it moves the compensation by the node's mean error (tested below).
@@ -361,16 +366,8 @@ def test_one_sided_gelu_outputs_are_shifted_then_quantized(tmp_path: Path):
 
 
 def test_bias_correction_removes_the_mean_error_and_changes_only_biases(tmp_path: Path):
-    import onnxruntime as ort
-
     folder = tmp_path / "ffn"
-    folder.mkdir()
-    (folder / "outlier.py").write_text(FFN_MODEL)
-    (folder / "config.toml").write_text(OUTLIER_CONFIG.replace("outlier-net", "ffn-net"))
-    rng = np.random.default_rng(2)
-    np.savez(folder / "calib.npz", features=rng.normal(size=(256, 8, 16)).astype(np.float32))
-    validation = rng.normal(size=(512, 8, 16)).astype(np.float32)
-    np.savez(folder / "val.npz", features=validation)
+    validation = model_folder(folder, FFN_MODEL, FFN_CONFIG, seed=2, validation_samples=512)
 
     works = {on: tmp_path / ("corrected" if on else "plain") for on in (True, False)}
     reports = {on: quantize(folder, work, bias_correction=on).details for on, work in works.items()}
@@ -392,8 +389,7 @@ def test_bias_correction_removes_the_mean_error_and_changes_only_biases(tmp_path
 
     # On held-out data the INT8 logits' mean offset from FP32 (what flips labels one way) shrinks.
     def mean_offset(work: Path) -> float:
-        outputs = [ort.InferenceSession(str(work / name), providers=["CPUExecutionProvider"]).run(None, {"features": validation})[0]
-                   for name in ("model.opt.onnx", "model.int8.onnx")]
+        outputs = fp32_and_int8_outputs(work, validation)
         return float(np.abs((outputs[1] - outputs[0]).mean(axis=0)).max())
 
     assert mean_offset(works[True]) < 0.5 * mean_offset(works[False]), (mean_offset(works[True]), mean_offset(works[False]))
