@@ -4,8 +4,9 @@ Both graphs run side by side on the same samples with every intermediate tensor 
 (the quantizer keeps the names of the tensors it does not replace), and each tensor's
 signal-to-quantization-noise ratio is accumulated over the samples:
 SQNR = 10 log10(sum(fp32^2) / sum((fp32 - int8)^2)) dB, over real positions only where the model
-has a padding mask (padded positions never reach the logits but hold most of the noise). Unlike the search's sensitivity (one node's
-own noise), this is the drift accumulated up to that point, in graph order. Polygraphy's
+has a padding mask (padded positions never reach the logits but hold most of the noise). Unlike the
+search's sensitivity (one node's own noise), this is the drift accumulated up to that point, in
+graph order. Polygraphy's
 `run --validate --onnx-outputs mark all` compares the same way but does not reduce to one number a layer.
 """
 
