@@ -140,6 +140,51 @@ def test_training_is_reproducible(tmp_path: Path):
     model.load_state_dict(merge_delta(base_state(), delta), strict=True)
 
 
+def test_dictionary_meanings_parse_cedict_lines(tmp_path: Path):
+    from miaotui.models.minilm_sentiment.glosses import character_meanings
+
+    dictionary = tmp_path / "cedict.txt"
+    dictionary.write_text(
+        "# CC-CEDICT\n"
+        "好 好 [hao3] /good/well/(after a personal pronoun) hello/\n"
+        "慢 慢 [man4] /slow/\n"
+        "垃圾 垃圾 [la1 ji1] /trash/refuse/garbage/\n"
+        "傳 传 [chuan2] /to pass on/see 傳說|传说[chuan2 shuo1]/variant of 專|专/\n"
+        "的 的 [de5] /of/~'s (possessive particle)/(used after an attribute)/\n",
+        encoding="utf-8",
+    )
+    meanings = character_meanings(dictionary)
+    assert meanings["好"] == ["good", "well", "hello"]
+    assert meanings["垃"] == meanings["圾"] == ["trash"]  # no entry of their own: borrowed from 垃圾
+    assert meanings["传"] == meanings["傳"] == ["to pass on"]  # cross-references dropped
+    assert meanings["的"] == ["of", "~'s"]
+    assert "垃圾" not in meanings
+
+
+def test_added_characters_start_near_their_english_meaning():
+    """The rows training starts from: 好 among MiniLM's rows for good/great, 慢 for slow; a full-width
+    digit is its ASCII twin; a character nothing is known of gets no row."""
+    from tokenizers import Tokenizer
+
+    from miaotui.models.minilm_sentiment import base_dir, base_state
+    from miaotui.models.minilm_sentiment.glosses import meaning_rows
+
+    base = Tokenizer.from_file(str(base_dir() / "tokenizer.json"))
+    table = base_state()["embeddings.word_embeddings.weight"]
+    meanings = {"好": ["good", "well"], "慢": ["slow"], "贵": ["expensive", "noble"]}
+    rows, found = meaning_rows(["好", "慢", "贵", "２", "兮"], base, table, meanings)
+    assert found.tolist() == [True, True, True, True, False]
+    centred = torch.nn.functional.normalize(table - table.mean(0), dim=1)
+
+    def nearest(row):
+        return [base.id_to_token(int(i)) for i in (centred @ (row - table.mean(0))).topk(3).indices]
+
+    assert "good" in nearest(rows[0]) and "slow" in nearest(rows[1]) and "expensive" in nearest(rows[2])
+    assert torch.equal(rows[3], table[base.token_to_id("2")])
+    typical = (table - table.mean(0)).norm(dim=1).median()
+    assert (rows[:3] - table.mean(0)).norm(dim=1).tolist() == pytest.approx([float(typical)] * 3, rel=1e-4)
+
+
 @pytest.fixture(scope="module")
 def quantized(exported):
     """`make export MODEL=minilm-sentiment`'s last stage: model.int8.onnx with the default rules."""

