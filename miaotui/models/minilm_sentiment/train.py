@@ -2,8 +2,8 @@
 
 MiniLM's uncased WordPiece vocabulary holds only 244 CJK characters, so a quarter of this corpus
 would be [UNK]. The characters seen 3+ times in the training split are added to the vocabulary.
-Their embedding rows, and those of the CJK characters MiniLM had, start from the characters'
-English meaning in CC-CEDICT (glosses.py). Then LoRA (rank 16) on every Linear of the encoder,
+Their embedding rows start from the characters' English meaning in CC-CEDICT (glosses.py); the
+rows of the CJK characters MiniLM had are trained too, from their pretrained values. Then LoRA (rank 16) on every Linear of the encoder,
 with biases, LayerNorms, the characters' rows and the head trained in full. Writes tokenizer.json,
 delta.safetensors and metrics.json beside this file (or into --out).
 """
@@ -48,7 +48,7 @@ class LoRALinear(nn.Module):
 
 class ExtendedEmbedding(nn.Module):
     """The pretrained rows, frozen, followed by the added characters' rows, trained; the pretrained
-    CJK characters' rows (`reseeded_ids`) are replaced by trained ones too."""
+    CJK characters' rows (`reseeded_ids`) are replaced by trained ones too (they start as they were)."""
 
     def __init__(self, base: nn.Embedding, new_rows: torch.Tensor, reseeded_ids: torch.Tensor, reseeded_rows: torch.Tensor):
         super().__init__()
@@ -82,7 +82,7 @@ def extended_tokenizer(train_texts: list[str]):
                 counts[word] += 1
     frequent = sorted((ch for ch, n in counts.items() if n >= MIN_CHAR_COUNT), key=lambda ch: (-counts[ch], ch))
     new = [ch for ch in frequent if base.token_to_id(ch) in (None, unk)]
-    # MiniLM's few CJK rows sit among each other, not near their meaning: they are reseeded too.
+    # MiniLM's few CJK rows sit among each other, not near their meaning: they are trained too.
     known = [ch for ch in frequent if ch not in new and "\u3400" <= ch <= "\u9fff"]
     vocab = spec["model"]["vocab"]
     for ch in new:
@@ -107,15 +107,15 @@ def initial_model(new: list[str], known: list[str], seed: int) -> BertClassifier
     new_rows, found = meaning_rows(new, base, old, meanings)
     drawn = old.mean(0) + old.std(0) * torch.randn(len(new), old.shape[1], generator=generator)
     new_rows = torch.where(found[:, None], new_rows, drawn)
-    known_rows, known_found = meaning_rows(known, base, old, meanings)
-    reseeded = [base.token_to_id(ch) for ch, ok in zip(known, known_found.tolist()) if ok]
-    print(f"{int(found.sum())} of {len(new)} added characters and {len(reseeded)} of {len(known)} known CJK "
-          "characters start from their dictionary meaning")
+    # The CJK characters MiniLM had keep their pretrained rows as a start and are trained too.
+    reseeded = [base.token_to_id(ch) for ch in known]
+    print(f"{int(found.sum())} of {len(new)} added characters start from their dictionary meaning; "
+          f"{len(reseeded)} known CJK characters' rows are trained")
     model = BertClassifier(BertShape(vocab_size=old.shape[0], dropout=DROPOUT), num_classes=len(LABELS))
     head = {"classifier.weight": model.classifier.weight.detach(), "classifier.bias": model.classifier.bias.detach()}
     model.load_state_dict(state | head, strict=True)
     model.embeddings.word_embeddings = ExtendedEmbedding(
-        model.embeddings.word_embeddings, new_rows, torch.tensor(reseeded, dtype=torch.int64), known_rows[known_found]
+        model.embeddings.word_embeddings, new_rows, torch.tensor(reseeded, dtype=torch.int64), old[reseeded]
     )
     return model
 
