@@ -166,7 +166,7 @@ def main() -> None:
 
     from miaotui.bench import Subject, run_bench, write_bench_reports
     from miaotui.engines import BuildOptions
-    from miaotui.engines.stage import run_build_stage
+    from miaotui.stages import run_build_stage
     from miaotui.models import resolve_config
 
     config = resolve_config(args.model)

@@ -58,7 +58,7 @@ def tensorrt_verdict(path: Path, config) -> str:
 
 def main() -> None:
     from miaotui.errors import MiaotuiError
-    from miaotui.export import quantize_options, run_quantize_stage
+    from miaotui.stages import quantize_options, run_quantize_stage
     from miaotui.export.quantize_rules import REASONS
     from miaotui.models import resolve_config
 

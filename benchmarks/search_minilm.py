@@ -27,11 +27,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 def build(config, work: Path) -> tuple[Path, dict, float]:
     from miaotui.engines import BuildOptions
-    from miaotui.engines.stage import run_build_stage
+    from miaotui.stages import Build, Pipeline
 
     started = time.perf_counter()
-    built = run_build_stage(config, work, BuildOptions(backend="onnxruntime"))
-    quantize = next(r for r in built.earlier if r.stage == "quantize")
+    pipeline = Pipeline(config, work)
+    built = pipeline.run(Build(BuildOptions(backend="onnxruntime")))
+    quantize = pipeline.result("quantize")
     return built.path, quantize.details, time.perf_counter() - started
 
 

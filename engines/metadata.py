@@ -12,11 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from miaotui.errors import InputError
+from miaotui.workdir import sidecar_path
 
 SIDECAR_FORMAT = 1
-ENGINES_DIR = "engines"  # build/<name>/engines/<engine>: where the build stage puts engines
-BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-rtx")
-ENGINE_SUFFIX = {"onnxruntime": ".ort", "tensorrt": ".plan", "tensorrt-rtx": ".plan"}
 
 
 @dataclass(frozen=True)
@@ -73,17 +71,6 @@ class EngineMetadata:
         return next(t for t in self.inputs if t.name == name)
 
 
-def work_dir_of(engine: str | Path) -> Path | None:
-    """The work dir holding `engine` when it sits in one's engines/ folder, else None."""
-    engine = Path(engine)
-    return engine.parent.parent if engine.parent.name == ENGINES_DIR else None
-
-
-def sidecar_path(engine: str | Path) -> Path:
-    engine = Path(engine)
-    return engine.with_name(engine.name + ".json")
-
-
 def _require(data: dict, key: str, kind, where: str):
     if key not in data:
         raise InputError(f"{where}: key '{key}' is missing")
@@ -101,6 +88,8 @@ def _shape(value, where: str, key: str) -> tuple[int, ...]:
 
 def read_metadata(engine: str | Path) -> EngineMetadata:
     """The sidecar of `engine`, checked key by key (one line naming the file and key when wrong)."""
+    from miaotui.engines.backend import backend_names
+
     path = sidecar_path(engine)
     if not path.is_file():
         raise InputError(f"{path}: the engine's sidecar is missing (rebuild with 'miaotui build')")
@@ -114,8 +103,8 @@ def read_metadata(engine: str | Path) -> EngineMetadata:
     if data.get("format") != SIDECAR_FORMAT:
         raise InputError(f"{where}: key 'format' is {data.get('format')!r}, this miaotui reads {SIDECAR_FORMAT} (rebuild the engine)")
     backend = _require(data, "backend", str, where)
-    if backend not in BACKENDS:
-        raise InputError(f"{where}: key 'backend' is {backend!r}, expected one of {', '.join(BACKENDS)}")
+    if backend not in backend_names():
+        raise InputError(f"{where}: key 'backend' is {backend!r}, expected one of {', '.join(backend_names())}")
     inputs = []
     for index, entry in enumerate(_require(data, "inputs", list, where)):
         key = f"inputs[{index}]"

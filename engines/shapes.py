@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+import numpy as np
+
 from miaotui.config import Config
 from miaotui.engines.metadata import TensorRange
 from miaotui.errors import InputError
@@ -96,3 +98,34 @@ def _check_shared_dims(ranges: list[TensorRange]) -> None:
 
 def shapes_text(ranges: list[TensorRange]) -> str:
     return "; ".join(f"{t.name} {_text(t.min)},{_text(t.opt)},{_text(t.max)}" for t in ranges)
+
+
+def synthetic_feed(ranges: list[TensorRange], which: str, config: Config | None, seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs at the min/opt/max shapes: values from the config's [inputs] range where it has one,
+    else ones for integers (a valid id and an all-ones mask) and normal noise for floats."""
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for tensor in ranges:
+        shape = getattr(tensor, which)
+        spec = config.inputs.get(tensor.name) if config else None
+        dtype = np.dtype(tensor.dtype)
+        if spec is not None and spec.range is not None and dtype.kind in "iu":
+            feed[tensor.name] = rng.integers(int(spec.range[0]), int(spec.range[1]), shape).astype(dtype)
+        elif spec is not None and spec.range is not None and dtype.kind == "f":
+            feed[tensor.name] = rng.uniform(spec.range[0], spec.range[1], shape).astype(dtype)
+        elif dtype.kind == "b":
+            feed[tensor.name] = np.ones(shape, dtype)
+        elif dtype.kind in "iu":
+            feed[tensor.name] = np.ones(shape, dtype)
+        else:
+            feed[tensor.name] = rng.standard_normal(shape).astype(dtype)
+    if config is not None and "attention_mask" in feed and "input_ids" in feed:
+        feed["attention_mask"][...] = 1  # random masks can blank a whole row; the mask is not noise
+    return feed
+
+
+def max_diff(expected: np.ndarray, actual: np.ndarray) -> float:
+    """Largest |difference|; NaN where both are NaN is the same answer (the parity gate judges NaNs)."""
+    diff = np.abs(expected.astype(np.float64) - actual.astype(np.float64))
+    diff[np.isnan(expected) & np.isnan(actual)] = 0.0
+    return float(np.max(diff, initial=0.0)) if not np.isnan(diff).any() else float("nan")

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from miaotui.artifacts import atomic_write_bytes
+from miaotui.engines.backend import Backend, BackendBuild, BuildJob
 from miaotui.engines.metadata import TensorRange
 from miaotui.errors import InputError
 
@@ -166,10 +167,6 @@ def _set_compute_capabilities(trt, builder_config, requested: tuple[str, ...]) -
     return wanted
 
 
-def timing_cache_path(engine_path: Path) -> Path:
-    return engine_path.with_name(engine_path.name + ".timing-cache")
-
-
 def build_tensorrt(backend: str, onnx_path: Path, engine_path: Path, ranges: list[TensorRange],
                    options: TensorRTOptions, cache_path: Path | None = None) -> TensorRTBuild:
     """Parse `onnx_path`, build a strongly typed plan for `ranges` and write it to `engine_path`."""
@@ -243,3 +240,66 @@ def build_tensorrt(backend: str, onnx_path: Path, engine_path: Path, ranges: lis
         cache_report["saved_bytes"] = cache_path.stat().st_size
     settings["builder_seconds"] = round(seconds, 3)
     return TensorRTBuild(trt.__version__, device, settings, _network_summary(network), cache_report)
+
+
+class TensorRTFamily(Backend):
+    """What data-centre TensorRT and TensorRT-RTX share as backends: one builder, one runner; the
+    flavour (FLAVOURS) says where they differ."""
+
+    suffix = ".plan"
+
+    @property
+    def flavour(self) -> Flavour:
+        return FLAVOURS[self.name]
+
+    def version(self) -> str:
+        return import_tensorrt(self.name).__version__
+
+    def installed(self) -> bool:
+        import importlib.util
+
+        return any(importlib.util.find_spec(module) for module in self.flavour.modules)
+
+    def check_options(self, options) -> None:
+        check_options(self.name, options.tensorrt)
+
+    def build(self, job: BuildJob) -> BackendBuild:
+        if job.foreign_domains:
+            raise InputError(f"{job.onnx_path}: ops from {', '.join(job.foreign_domains)} are ONNX Runtime's own; "
+                             f"{self.name} cannot parse them")
+        built = build_tensorrt(self.name, job.onnx_path, job.engine_path, job.ranges, job.options.tensorrt,
+                               job.cache_path)
+        settings = built.settings | ({"timing_cache": built.timing_cache} if built.timing_cache else {})
+        checks = {"parsed_by": f"{self.name} {built.backend_version} ONNX parser", "strongly_typed": True}
+        return BackendBuild(built.backend_version, built.device, settings, checks, network={"tensorrt": built.network},
+                            warnings=built.warnings)
+
+    def cannot_run_here(self) -> str | None:
+        from miaotui.cuda import no_gpu_reason
+
+        return no_gpu_reason()
+
+    def check_machine(self, path: Path, metadata) -> None:
+        from miaotui.engines.tensorrt_runner import check_machine
+
+        check_machine(path, metadata)
+
+    def open(self, path: Path, metadata, threads: int | None):
+        from miaotui.engines.tensorrt_runner import TensorRTRunner
+
+        return TensorRTRunner(path, metadata, import_tensorrt(self.name))
+
+    def describe(self, metadata) -> str:
+        targets = metadata.device.get("compute_capabilities") or [metadata.device.get("compute_capability", "?")]
+        tensorrt = metadata.network.get("tensorrt", {})
+        by_type = tensorrt.get("by_type", {})
+        return (f"{metadata.backend} {metadata.backend_version} plan for {', '.join(targets)}; {tensorrt.get('layers', '?')} "
+                f"network layers ({by_type.get('QUANTIZE', 0)} Q, {by_type.get('DEQUANTIZE', 0)} DQ); running it needs a GPU")
+
+    def on_gpu(self, metadata) -> bool:
+        return True  # a plan runs on the GPU it was built for, always
+
+    def layers(self, path: Path, metadata):
+        from miaotui.engines.tensorrt_runner import plan_layers
+
+        return plan_layers(metadata, path)

@@ -105,3 +105,57 @@ def plot_layers(rows: list[LayerDivergence], path: Path, title: str) -> None:
     with atomic_path(path) as staged:
         figure.savefig(staged, format="png", dpi=110)
     plt.close(figure)
+
+
+@dataclass
+class LayersReport:
+    int8: Path
+    reference: Path  # the FP32 graph
+    samples: int
+    data_where: str
+    rows: list[LayerDivergence]
+    written: list[Path]  # layers.json, layers.png
+
+    @property
+    def worst(self) -> LayerDivergence | None:
+        return min(self.rows, key=lambda r: r.sqnr_db) if self.rows else None
+
+
+def inspect_layers(path: Path, config_or_model: str | None, reference: Path | None, samples: int,
+                   report_dir: Path | None, progress=None) -> LayersReport:
+    """Run an INT8 graph and its FP32 graph (model.opt.onnx beside it) on `samples` samples of the
+    validation set (else the calibration set); write layers.json and layers.png (default: reports/
+    of the work dir the graph is in)."""
+    import itertools
+
+    from miaotui.artifacts import atomic_write_json
+    from miaotui.data.datasets import data_set, rebatch, sample_rows
+    from miaotui.errors import InputError
+    from miaotui.export.inspect_onnx import summarize_onnx
+    from miaotui.models import resolve_config
+    from miaotui.workdir import LAYERS_PLOT, LAYERS_REPORT, WorkDir
+
+    if path.suffix != ".onnx":
+        raise InputError(f"{path}: --layers compares an INT8 .onnx graph with its FP32 graph")
+    summary = summarize_onnx(path)
+    if not summary.precision.startswith("int8"):
+        raise InputError(f"{path}: holds a {summary.precision} graph; --layers needs an INT8 one (model.int8.onnx)")
+    work = WorkDir(path.parent)
+    reference = reference or work.optimized
+    if not reference.is_file():
+        raise InputError(f"{reference}: the FP32 graph is missing; give --reference FP32.onnx")
+    if config_or_model is None and not work.has_config():
+        raise InputError(f"{path}: no {work.config.name} beside it; give --config CONFIG|MODEL (for its data)")
+    config = resolve_config(config_or_model or work.config)
+    data = data_set(config, "validation" if config.data.validation else "calibration")
+    rows = itertools.islice(sample_rows(data.batches(samples)), samples)
+    if progress is not None:
+        progress(f"run {path.name} and {reference.name} on {samples} samples")
+    result = layer_divergence(reference, path, rebatch(rows, 8), config.padding_mask)
+    folder = report_dir or work.reports_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    written = [folder / LAYERS_REPORT, folder / LAYERS_PLOT]
+    atomic_write_json(written[0], {"int8": str(path), "fp32": str(reference), "samples": samples,
+                                   "set": data.where, "layers": [r.__dict__ for r in result]})
+    plot_layers(result, written[1], f"{path.name} vs {reference.name}: SQNR per layer ({samples} samples)")
+    return LayersReport(path, reference, samples, data.where, result, written)

@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from miaotui.config import PRECISIONS, QUANTIZE_METHODS
+from miaotui.engines.backend import backend_names, registry, triton_backends
 from miaotui.errors import CheckFailed, InputError, MiaotuiError
 
 # The design's commands, in the order of the flow (the tests check --help lists each).
@@ -93,17 +94,20 @@ def _stage_command(name: str, summary: str, options=(), spinner: bool = True, af
 
 @_stage_command("export", "Export the PyTorch model to ONNX and check it against PyTorch (model.onnx).")
 def export(config, work_dir: Path, force: bool):
-    from miaotui.export import run_export_stage
+    from miaotui.stages import Export, Pipeline
 
-    return [run_export_stage(config, work_dir, force=force)]
+    pipeline = Pipeline(config, work_dir)
+    pipeline.run(Export(), force)
+    return pipeline.ran
 
 
 @_stage_command("optimize", "Fold constants, infer shapes, drop dead nodes (model.opt.onnx), after export.")
 def optimize(config, work_dir: Path, force: bool):
-    from miaotui.export import run_export_stage, run_optimize_stage
+    from miaotui.stages import Optimize, Pipeline
 
-    exported = run_export_stage(config, work_dir)
-    return [exported, run_optimize_stage(config, work_dir, force=force, export=exported)]
+    pipeline = Pipeline(config, work_dir)
+    pipeline.run(Optimize(), force)
+    return pipeline.ran
 
 
 @_stage_command(
@@ -139,23 +143,20 @@ def optimize(config, work_dir: Path, force: bool):
 )
 def quantize(config, work_dir: Path, force: bool, precision, method, samples, smooth_alpha, calibration_data, include,
              exclude, target_agreement, bias_correction):
-    from miaotui.export import quantize_options, run_fp16_stage, run_quantize_stage
+    from miaotui.stages import Half, Pipeline, Quantize, quantize_options
 
     int8_options = (method, samples, smooth_alpha, calibration_data, include, exclude, target_agreement, bias_correction)
     if precision == "fp16" and any(o not in (None, ()) for o in int8_options):
         raise InputError("--precision fp16: --method, --samples, --smooth-alpha, --calibration, --include, --exclude, "
                          "--target-agreement and --bias-correction are INT8 options; fp16 has no calibration")
-    results = []
+    pipeline = Pipeline(config, work_dir)
     if precision != "fp16":
-        # The data is checked before anything runs; export and optimize run inside, when stale.
         options = quantize_options(config, method, samples, include, exclude, calibration_data, smooth_alpha,
                                    target_agreement, bias_correction)
-        quantized = run_quantize_stage(config, work_dir, options, force=force and precision == "int8")
-        results = [*quantized.earlier, quantized]
-    if precision == "int8":
-        return results
-    half = run_fp16_stage(config, work_dir, precision, force=force, earlier=results or None)
-    return [*half.earlier, half]
+        pipeline.run(Quantize(options), force=force and precision == "int8")
+    if precision != "int8":
+        pipeline.run(Half(precision), force=force)
+    return pipeline.ran
 
 
 def _apply(options):
@@ -192,20 +193,17 @@ def _tensorrt_options(workspace_mib, optimization_level, compute_capabilities, v
 
 def _gate_built_engines(config, work_dir: Path, results) -> None:
     """`run` ends with the parity gate on every engine it built that can run here."""
-    from miaotui.cuda import no_gpu_reason
+    from miaotui.stages import gate_built
     from miaotui.validation.report import verdict_line
 
-    failed = []
-    for result in results:
-        if result.stage != "build":
-            continue
-        backend = result.details.get("backend")
-        if backend != "onnxruntime" and (reason := no_gpu_reason()):
-            _console(stderr=True).print(f"validate {escape(result.path.name)}: skipped, running a plan needs a GPU ({reason})")
-            continue
-        report = run_gate(result.path, config, work_dir, None, None)
-        if not report.passed:
-            failed.append(f"{result.path.name}: {verdict_line(report)}")
+    built = [result for result in results if result.stage == "build"]
+    flow = gate_built(config, work_dir, built)
+    for engine, reason in flow.not_gated:
+        _console(stderr=True).print(f"validate {escape(engine.name)}: skipped, running it needs what this machine "
+                                    f"lacks ({escape(reason)})")
+    for gate in flow.gates:
+        _render_gate(gate)
+    failed = [f"{Path(gate.report.engine).name}: {verdict_line(gate.report)}" for gate in flow.gates if not gate.passed]
     if failed:
         raise CheckFailed("parity gate " + " | ".join(failed))
 
@@ -216,7 +214,7 @@ def _gate_built_engines(config, work_dir: Path, results) -> None:
     "(default: onnxruntime, and tensorrt-rtx where it is installed) into engines/, then the parity gate "
     "on each engine that runs here (exit 1 when a bar is missed).",
     options=(
-        click.option("--backend", "backends", multiple=True, type=click.Choice(["onnxruntime", "tensorrt", "tensorrt-rtx"]),
+        click.option("--backend", "backends", multiple=True, type=click.Choice(backend_names()),
                      help="Engine backend (repeatable; default: onnxruntime, plus tensorrt-rtx where installed)."),
         click.option("--precision", type=click.Choice(PRECISIONS), default="int8", show_default=True,
                      help="The graph the engines are built from: int8 model.int8.onnx, fp32 model.opt.onnx, fp16 "
@@ -228,25 +226,16 @@ def _gate_built_engines(config, work_dir: Path, results) -> None:
 )
 def run(config, work_dir: Path, force: bool, backends, precision, **tensorrt):
     from miaotui.engines import BuildOptions
-    from miaotui.engines.stage import available_backends, run_build_stage
+    from miaotui.stages import RunOptions, build_engines
 
-    results, earlier = [], None
-    for backend in backends or available_backends():
-        options = BuildOptions(backend=backend, precision=precision, tensorrt=_tensorrt_options(**tensorrt))
-        with _console(stderr=True).status(f"build {config.name} {backend} {precision}"):
-            result = run_build_stage(config, work_dir, options, force=force, earlier=earlier)
-        if earlier is None:
-            results += result.earlier
-        earlier = result.earlier
-        results.append(result)
-    return results
+    options = RunOptions(tuple(backends), precision, BuildOptions(tensorrt=_tensorrt_options(**tensorrt)))
+    return build_engines(config, work_dir, options, force=force).ran
 
 
 @main.command()
 @click.argument("onnx_path", metavar="ONNX", type=click.Path(path_type=Path))
-@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt", "tensorrt-rtx"]), default="onnxruntime",
-              show_default=True, help="Engine kind: onnxruntime (any machine), tensorrt (data-centre GPU, builds on "
-              "one), tensorrt-rtx (RTX GPUs; builds ahead of time without a GPU).")
+@click.option("--backend", type=click.Choice(backend_names()), default="onnxruntime",
+              show_default=True, help="Engine kind: " + ", ".join(b.help for b in registry().values()) + ".")
 @click.option("--precision", type=click.Choice(PRECISIONS), default=None,
               help="The precision the ONNX graph must hold (default: whatever it holds; precision lives in the graph).")
 @click.option("--shapes", multiple=True, metavar="NAME:MIN,OPT,MAX",
@@ -265,22 +254,22 @@ def run(config, work_dir: Path, force: bool, backends, precision, **tensorrt):
 def build(onnx_path: Path, backend, precision, shapes, config_or_model, provider, cpu_activations, output,
           **tensorrt) -> None:
     """Compile an ONNX file into an engine and its .json sidecar."""
-    from miaotui.engines import BuildOptions, build_engine, default_engine_name
-    from miaotui.export.inspect_onnx import summarize_onnx
+    from miaotui.engines import BuildOptions, build_engine
+    from miaotui.engines.build import default_engine_path
     from miaotui.models import resolve_config
+    from miaotui.workdir import WorkDir
 
+    beside = WorkDir(onnx_path.parent)
     config = None
     if config_or_model:
         config = resolve_config(config_or_model)
-    elif (onnx_path.parent / "config.toml").is_file():
-        config = resolve_config(onnx_path.parent / "config.toml")
+    elif beside.has_config():
+        config = resolve_config(beside.config)
     options = BuildOptions(backend=backend, precision=precision, shapes=tuple(shapes), provider=provider,
                            tensorrt=_tensorrt_options(**tensorrt), cpu_activations=cpu_activations)
     made_folder = None
     if output is None:
-        graph_precision = precision or summarize_onnx(onnx_path).precision
-        name = config.name if config else onnx_path.name.split(".")[0]
-        output = onnx_path.parent / "engines" / default_engine_name(name, backend, graph_precision)
+        output = default_engine_path(onnx_path, backend, precision, config)
         if not output.parent.exists():
             output.parent.mkdir()
             made_folder = output.parent
@@ -297,22 +286,9 @@ def build(onnx_path: Path, backend, precision, shapes, config_or_model, provider
 
 
 def _engine_check(metadata) -> str:
-    if metadata.backend == "onnxruntime":
-        checks = metadata.checks
-        text = (f"onnxruntime {metadata.backend_version} on {metadata.device.get('provider')}; ran at min/opt/max shapes; "
-                f"vs ONNX Runtime on the .onnx max |diff| {checks.get('vs_onnx_max_abs_diff', float('nan')):.0e}")
-        rewrites = {k: v for k, v in metadata.settings.get("cpu_rewrites", {}).items() if v}
-        if rewrites:
-            text += f" (CPU form: {', '.join(f'{k.replace(chr(95), chr(32))} {v}' for k, v in rewrites.items())}"
-            if "vs_source_onnx_max_abs_diff" in checks:
-                text += f"; vs the source graph {checks['vs_source_onnx_max_abs_diff']:.0e}"
-            text += ")"
-        return text
-    targets = metadata.device.get("compute_capabilities") or [metadata.device.get("compute_capability", "?")]
-    tensorrt = metadata.network.get("tensorrt", {})
-    by_type = tensorrt.get("by_type", {})
-    return (f"{metadata.backend} {metadata.backend_version} plan for {', '.join(targets)}; {tensorrt.get('layers', '?')} "
-            f"network layers ({by_type.get('QUANTIZE', 0)} Q, {by_type.get('DEQUANTIZE', 0)} DQ); running it needs a GPU")
+    from miaotui.engines import get_backend
+
+    return get_backend(metadata.backend).describe(metadata)
 
 
 def _engine_summary(metadata, engine: Path) -> None:
@@ -346,53 +322,12 @@ def _summary(command: str, config, work_dir: Path, results) -> None:
         for index, path in enumerate(result.files):
             first = index == 0
             table.add_row(result.stage if first else "", path.name, _size(path.stat().st_size),
-                          seconds if first else "", _check(result) if first else "")
+                          seconds if first else "", escape(result.check) if first else "")
     _console().print(table)
 
 
 def _size(size: int) -> str:
     return f"{size / 1e6:.1f} MB" if size >= 100_000 else f"{size / 1e3:.1f} kB"
-
-
-def _check(result) -> str:
-    if result.stage == "export":
-        worst = max((max(p.max_abs_diff.values(), default=0.0) for p in result.parity), default=0.0)
-        shapes = "; ".join(p.shape_text() for p in result.parity)
-        return f"onnx.checker ok; vs torch max |diff| {worst:.0e} at {shapes}"
-    if result.stage == "optimize":
-        d = result.details
-        return f"{d['nodes_before']} -> {d['nodes_after']} nodes; vs model.onnx max |diff| {d['max_abs_diff']:.0e}"
-    if result.stage == "quantize":
-        d = result.details
-        calibration = d["calibration"]
-        seconds = "cached" if calibration["cached"] else f"{calibration['seconds']:.1f} s"
-        agreement = d["agreement"]
-        smoothing = f"{d['smoothing']['inputs']} inputs smoothed; " if d["smoothing"]["inputs"] else ""
-        text = (f"{d['nodes']['quantized']} nodes INT8, {d['nodes']['float']} float; {smoothing}{d['method']} on "
-                f"{calibration['samples']} samples ({seconds}); top-1 agreement with FP32 "
-                f"{agreement['top1_agreement']:.4f} on {agreement['samples']}")
-        if agreement["reference_accuracy"] is not None:
-            text += f"; accuracy {agreement['reference_accuracy']:.4f} -> {agreement['candidate_accuracy']:.4f}"
-        if d.get("search"):
-            search = d["search"]
-            text += (f"; search for >= {search['target']:g}: {'met' if search['met'] else 'NOT met'} with "
-                     f"{len(search['kept_float'])} kept in float ({search['agreement']:.4f} on {search['samples']} "
-                     f"held-out calibration samples, {search['steps']} steps, {search['seconds']:.0f} s)")
-        return text
-    if result.stage in ("fp16", "int8-fp16"):
-        d = result.details
-        agreement = d["agreement"]
-        kept = ", ".join(f"{op} {n}" for op, n in d["fp32_nodes"].items()) or "none"
-        text = (f"{d['fp16_nodes']} nodes FP16; kept in FP32: {kept}; {d['casts_added']} casts added; top-1 agreement "
-                f"with FP32 {agreement['top1_agreement']:.4f} on {agreement['samples']}")
-        if agreement["reference_accuracy"] is not None:
-            text += f"; accuracy {agreement['reference_accuracy']:.4f} -> {agreement['candidate_accuracy']:.4f}"
-        return text
-    if result.stage == "build":
-        from miaotui.engines import read_metadata
-
-        return escape(_engine_check(read_metadata(result.path)))
-    return ""
 
 
 @main.command()
@@ -416,55 +351,37 @@ def inspect(path: Path, layers: bool, config_or_model, reference, samples, repor
         _inspect_layers(path, config_or_model, reference, samples, report_dir)
     elif path.suffix == ".onnx":
         _inspect_onnx(path)
-    elif path.suffix in (".ort", ".plan") or path.name.endswith((".ort.json", ".plan.json")):
+    elif path.suffix in _engine_suffixes() or path.name.endswith(tuple(s + ".json" for s in _engine_suffixes())):
         _inspect_engine(path)
     else:
-        raise InputError(f"{path}: expected an .onnx file, an engine (.ort, .plan) or its .json sidecar")
+        raise InputError(f"{path}: expected an .onnx file, an engine ({', '.join(_engine_suffixes())}) or its "
+                         ".json sidecar")
+
+
+def _engine_suffixes() -> tuple[str, ...]:
+    from miaotui.engines.backend import engine_suffixes
+
+    return engine_suffixes()
 
 
 def _inspect_layers(path: Path, config_or_model, reference, samples: int, report_dir) -> None:
-    import itertools
-
     from rich.table import Table
 
-    from miaotui.artifacts import atomic_write_json
-    from miaotui.data.datasets import data_set, rebatch, sample_rows
-    from miaotui.export.inspect_onnx import summarize_onnx
-    from miaotui.export.layers import layer_divergence, plot_layers
-    from miaotui.models import resolve_config
+    from miaotui.export.layers import inspect_layers
 
-    if path.suffix != ".onnx":
-        raise InputError(f"{path}: --layers compares an INT8 .onnx graph with its FP32 graph")
-    summary = summarize_onnx(path)
-    if not summary.precision.startswith("int8"):
-        raise InputError(f"{path}: holds a {summary.precision} graph; --layers needs an INT8 one (model.int8.onnx)")
-    reference = reference or path.with_name("model.opt.onnx")
-    if not reference.is_file():
-        raise InputError(f"{reference}: the FP32 graph is missing; give --reference FP32.onnx")
-    if config_or_model is None and not (path.parent / "config.toml").is_file():
-        raise InputError(f"{path}: no config.toml beside it; give --config CONFIG|MODEL (for its data)")
-    config = resolve_config(config_or_model or path.parent / "config.toml")
-    data = data_set(config, "validation" if config.data.validation else "calibration")
-    rows = itertools.islice(sample_rows(data.batches(samples)), samples)
-    with _console(stderr=True).status(f"run {path.name} and {reference.name} on {samples} samples"):
-        result = layer_divergence(reference, path, rebatch(rows, 8), config.padding_mask)
-    folder = report_dir or path.parent / "reports"
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(folder / "layers.json", {"int8": str(path), "fp32": str(reference), "samples": samples,
-                                                "set": data.where, "layers": [r.__dict__ for r in result]})
-    plot_layers(result, folder / "layers.png", f"{path.name} vs {reference.name}: SQNR per layer ({samples} samples)")
-    table = Table(title=f"miaotui inspect --layers: {escape(str(path))} vs {escape(reference.name)}, {samples} samples "
-                  f"of {escape(data.where)}", title_justify="left")
+    with _console(stderr=True).status(f"run {path.name} and its FP32 graph on {samples} samples"):
+        report = inspect_layers(path, config_or_model, reference, samples, report_dir)
+    table = Table(title=f"miaotui inspect --layers: {escape(str(path))} vs {escape(report.reference.name)}, {samples} "
+                  f"samples of {escape(report.data_where)}", title_justify="left")
     for column, justify in (("#", "right"), ("node", "left"), ("op", "left"), ("INT8", "left"), ("SQNR dB", "right")):
         table.add_column(column, justify=justify, overflow="fold")
-    for row in result:
+    for row in report.rows:
         table.add_row(str(row.index), escape(row.node), row.op_type, "yes" if row.int8 else "",
                       "inf" if row.sqnr_db == float("inf") else f"{row.sqnr_db:.1f}")
     _console().print(table)
-    if result:
-        worst = min(result, key=lambda r: r.sqnr_db)
+    if (worst := report.worst) is not None:
         _console().print(f"lowest SQNR: {escape(worst.node)} ({worst.op_type}) {worst.sqnr_db:.1f} dB; reports: "
-                         f"{escape(str(folder / 'layers.json'))}, {escape(str(folder / 'layers.png'))}")
+                         + ", ".join(escape(str(p)) for p in report.written))
 
 
 def _io_table(rows):
@@ -536,7 +453,7 @@ def _inspect_engine(path: Path) -> None:
 @main.command()
 @click.argument("engine_or_dir", metavar="ENGINE_OR_DIR", type=click.Path(path_type=Path))
 @click.argument("texts", nargs=-1, required=True, metavar="TEXT...")
-@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt", "tensorrt-rtx"]), default=None,
+@click.option("--backend", type=click.Choice(backend_names()), default=None,
               help="Which of the work dir's engines (default: one that runs here, INT8 first).")
 @click.option("--precision", type=click.Choice(PRECISIONS), default=None, help="Which of the work dir's engines.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime threads (default: its choice).")
@@ -559,31 +476,10 @@ def predict(engine_or_dir: Path, texts, backend, precision, threads) -> None:
     _console().print(table)
 
 
-def _config_for_engine(engine: Path, config_or_model: str | None):
-    """--config, else the config.toml of the work dir the engine sits in (engines/ inside it)."""
-    from miaotui.models import resolve_config
-
-    from miaotui.engines.metadata import work_dir_of
-
-    if config_or_model:
-        return resolve_config(config_or_model)
-    work_dir = work_dir_of(engine) or engine.parent
-    if (work_dir / "config.toml").is_file():
-        return resolve_config(work_dir / "config.toml")
-    raise InputError(f"{engine}: no config.toml in its work dir; give --config CONFIG|MODEL")
-
-
-def run_gate(engine: Path, config, work_dir: Path, report_dir: Path | None, junit: Path | None, threads=None):
-    """Validate, print the verdict table, write the reports; the report (caller decides the exit)."""
-    from miaotui.validation import validate_engine, write_reports
-
-    report = validate_engine(engine, config, work_dir, threads=threads)
-    folder = report_dir or work_dir / "reports" / engine.name.rsplit(".", 1)[0]
-    written = write_reports(report, folder, junit)
-    for warning in report.warnings:
+def _render_gate(gate) -> None:
+    for warning in gate.report.warnings:
         _console(stderr=True).print(f"[yellow]warning:[/yellow] {escape(warning)}")
-    _parity_table(report, written)
-    return report
+    _parity_table(gate.report, gate.written)
 
 
 def _parity_table(report, written) -> None:
@@ -630,19 +526,14 @@ def validate(engine: Path, config_or_model, out_dir, report_dir, junit, threads)
 
     Exit 0 when every bar is cleared, 1 when one is missed (each named with its value and bar),
     2 on bad usage or input."""
-    from miaotui.engines.metadata import work_dir_of
+    from miaotui.stages import config_for_engine, gate_engine
+    from miaotui.validation.report import verdict_line
 
-    config = _config_for_engine(engine, config_or_model)
-    if out_dir is None:
-        parent = work_dir_of(engine)
-        out_dir = parent if parent is not None and (parent / "config.toml").is_file() else Path("build") / config.name
-    if junit is not None and not junit.parent.is_dir():
-        raise InputError(f"--junit {junit}: folder {junit.parent} does not exist")
-    report = run_gate(engine, config, out_dir, report_dir, junit, threads)
-    if not report.passed:
-        from miaotui.validation.report import verdict_line
-
-        raise CheckFailed(f"parity gate {verdict_line(report)}")
+    config = config_for_engine(engine, config_or_model)
+    gate = gate_engine(engine, config, out_dir, report_dir, junit, threads)
+    _render_gate(gate)
+    if not gate.passed:
+        raise CheckFailed(f"parity gate {verdict_line(gate.report)}")
 
 
 def _sizes(option: str, text: str) -> list[int]:
@@ -674,34 +565,17 @@ def bench(engines, torch_config, batch_text, seq_text, threads, seconds, report_
 
     from rich.table import Table
 
-    from miaotui.bench import Subject, run_bench, write_bench_reports
+    from miaotui.bench import default_report_dir, engine_subjects, run_bench, torch_subject, write_bench_reports
     from miaotui.models import resolve_config
 
     if not engines and not torch_config:
         raise InputError("nothing to time: give ENGINE files and/or --torch CONFIG|MODEL")
-    from miaotui.engines.metadata import read_metadata, work_dir_of
-
-    subjects = []
-    same_names = len({engine.name for engine in engines}) < len(engines)
-    for engine in engines:
-        if not engine.is_file():
-            raise InputError(f"{engine}: engine file does not exist")
-        metadata = read_metadata(engine)
-        config = (work_dir_of(engine) or engine.parent) / "config.toml"
-        # Engines of one name from several work dirs: the work dir tells them apart.
-        label = f"{(work_dir_of(engine) or engine.parent).name}/{engine.name}" if same_names else engine.name
-        subjects.append(Subject(f"{metadata.backend} {metadata.precision} ({label})", "engine",
-                                str(engine.resolve()), str(config.resolve()) if config.is_file() else None))
+    subjects = engine_subjects(list(engines))
     if torch_config:
-        config = resolve_config(torch_config)
-        subjects.insert(0, Subject("pytorch fp32 eager", "torch", None, str(config.path)))
+        subjects.insert(0, torch_subject(resolve_config(torch_config).path))
     threads = threads or os.cpu_count() or 1
     rows = run_bench(subjects, _sizes("--batch", batch_text), _sizes("--seq", seq_text), threads, min_seconds=seconds)
-    if report_dir is None:
-        first_work_dir = work_dir_of(engines[0]) if engines else None
-        report_dir = (first_work_dir / "reports" if first_work_dir is not None
-                      else Path("build") / resolve_config(torch_config).name / "reports" if not engines else Path("reports"))
-    written = write_bench_reports(rows, report_dir, threads)
+    written = write_bench_reports(rows, report_dir or default_report_dir(list(engines), torch_config), threads)
     table = Table(title=f"miaotui bench: {threads} thread(s), each subject in its own process", title_justify="left")
     for column, justify in (("subject", "left"), ("batch", "right"), ("seq", "right"), ("p50 ms", "right"),
                             ("p90 ms", "right"), ("p99 ms", "right"), ("samples/s", "right")):
@@ -720,7 +594,7 @@ def bench(engines, torch_config, batch_text, seq_text, threads, seconds, report_
 @click.argument("engine_or_dir", metavar="WORK_DIR|ENGINE", type=click.Path(path_type=Path))
 @click.option("--triton", "repository", required=True, type=click.Path(path_type=Path), metavar="REPO_DIR",
               help="Triton model repository to put the model in (created when missing).")
-@click.option("--backend", type=click.Choice(["tensorrt", "onnxruntime"]), default=None,
+@click.option("--backend", type=click.Choice(triton_backends()), default=None,
               help="Which of the work dir's engines (default: a TensorRT plan, else the onnxruntime engine).")
 @click.option("--precision", type=click.Choice(PRECISIONS), default=None, help="Which of the work dir's engines "
               "(default: int8 first).")

@@ -18,9 +18,9 @@ import numpy as np
 
 from miaotui.errors import InputError
 from miaotui.runtime.engine import Engine
+from miaotui.workdir import WorkDir
 
 TEXT_INPUTS = ("input_ids", "attention_mask")
-PRECISION_PREFERENCE = ("int8", "int8-fp16", "fp16", "fp32")
 
 
 @dataclass(frozen=True)
@@ -28,32 +28,6 @@ class Prediction:
     label: str
     score: float  # softmax probability of the label
     index: int  # class index
-
-
-def _engines_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.glob("*") if p.suffix in (".ort", ".plan") and p.with_name(p.name + ".json").is_file())
-
-
-def choose_engine(work_dir: Path, backend: str | None = None, precision: str | None = None) -> Path:
-    """The work dir's engine to serve: the one asked for, else one that runs here (a TensorRT plan
-    where a GPU is, the onnxruntime engine otherwise), INT8 first."""
-    from miaotui.cuda import no_gpu_reason
-    from miaotui.engines.metadata import read_metadata
-
-    candidates = [(path, read_metadata(path)) for path in _engines_in(work_dir / "engines")]
-    if backend:
-        candidates = [(p, m) for p, m in candidates if m.backend == backend]
-    if precision:
-        candidates = [(p, m) for p, m in candidates if m.precision == precision]
-    if not candidates:
-        wanted = " ".join(filter(None, (backend, precision)))
-        raise InputError(f"{work_dir / 'engines'}: no {wanted + ' ' if wanted else ''}engine there; build one with "
-                         f"'miaotui run' or 'miaotui build'")
-    backends = ("tensorrt", "tensorrt-rtx", "onnxruntime") if no_gpu_reason() is None else ("onnxruntime",)
-    runnable = [(p, m) for p, m in candidates if m.backend in backends] or candidates
-    runnable.sort(key=lambda pm: (backends.index(pm[1].backend) if pm[1].backend in backends else 9,
-                                  PRECISION_PREFERENCE.index(pm[1].precision) if pm[1].precision in PRECISION_PREFERENCE else 9))
-    return runnable[0][0]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -81,17 +55,17 @@ class Classifier:
              threads: int | None = None) -> "Classifier":
         """`path`: a work dir (its best engine for this machine is chosen) or an engine file inside one."""
         from miaotui.data.tokenizers import configure, load_tokenizer
-        from miaotui.engines.metadata import work_dir_of
+        from miaotui.engines.choice import choose_engine
 
         path = Path(path)
         if path.is_dir():
-            work_dir, engine_path = path, choose_engine(path, backend, precision)
+            work, engine_path = WorkDir(path), choose_engine(path, backend, precision)
         elif path.is_file():
             engine_path = path
-            work_dir = work_dir_of(path) or path.parent
+            work = WorkDir.around(path)
         else:
             raise InputError(f"{path}: no such work dir or engine file")
-        config_path = work_dir / "config.toml"
+        config_path = work.config
         if not config_path.is_file():
             raise InputError(f"{config_path}: missing; a Classifier reads the tokenizer and labels from the work dir's "
                              "config.toml (written by 'miaotui export')")
@@ -103,7 +77,7 @@ class Classifier:
             raise InputError(f"{config_path}: key 'model.tokenizer' is missing; a Classifier needs a tokenizer.json "
                              "(call Engine directly to feed tensors)")
         engine = Engine.load(engine_path, threads)
-        tokenizer_path = (work_dir / model["tokenizer"]).resolve()
+        tokenizer_path = (work.root / model["tokenizer"]).resolve()
         tokenizer = load_tokenizer(tokenizer_path)
         ids = engine.metadata.input("input_ids")
         configure(tokenizer, ids.max[1])  # truncate to the longest sequence the engine takes

@@ -4,7 +4,8 @@
     outputs = engine(input_ids=ids)              # numpy in, numpy out; torch in, torch out
     outputs = engine.run({"input_ids": ids}, batch_size=16)
 
-Imports nothing from export/, and neither torch nor onnx to serve an onnxruntime engine.
+Dispatches through the backend registry (engines/backend.py). Imports nothing from export/, and
+neither torch nor onnx to serve an onnxruntime engine.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from miaotui.artifacts import sha256_file
+from miaotui.engines.backend import get_backend
 from miaotui.engines.metadata import EngineMetadata, TensorInfo, TensorRange, read_metadata
 from miaotui.errors import InputError
 from miaotui.runtime.inputs import batch_axis_shared, batch_slices, is_torch, to_feed
@@ -45,16 +47,9 @@ class Engine:
                              "damaged or replaced): rebuild it with 'miaotui build'")
         if threads is not None and threads < 1:
             raise InputError(f"threads={threads}: expected a positive number of threads")
-        if metadata.backend == "onnxruntime":
-            from miaotui.runtime.onnxruntime_backend import OnnxRuntimeBackend, check_machine
-
-            check_machine(path, metadata)
-            backend = OnnxRuntimeBackend(path, metadata, threads)
-        else:
-            from miaotui.runtime.tensorrt_backend import TensorRTBackend, check_machine
-
-            backend = TensorRTBackend(path, metadata, check_machine(path, metadata))
-        return cls(path, metadata, backend)
+        backend = get_backend(metadata.backend)
+        backend.check_machine(path, metadata)
+        return cls(path, metadata, backend.open(path, metadata, threads))
 
     @property
     def inputs(self) -> list[TensorRange]:

@@ -20,13 +20,10 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from miaotui.engines.metadata import ENGINES_DIR, EngineMetadata, read_metadata, sidecar_path, work_dir_of
+from miaotui.engines.backend import get_backend, triton_backends
+from miaotui.engines.metadata import EngineMetadata, read_metadata
 from miaotui.errors import CheckFailed, InputError
-
-PLATFORMS = {"tensorrt": "tensorrt_plan", "onnxruntime": "onnxruntime_onnx"}
-MODEL_FILES = {"tensorrt": "model.plan", "onnxruntime": "model.onnx"}
-PREFERENCE = (("tensorrt", "int8"), ("tensorrt", "int8-fp16"), ("tensorrt", "fp16"), ("tensorrt", "fp32"),
-              ("onnxruntime", "int8"), ("onnxruntime", "int8-fp16"), ("onnxruntime", "fp16"), ("onnxruntime", "fp32"))
+from miaotui.workdir import WorkDir, sidecar_path
 
 
 @dataclass(frozen=True)
@@ -51,22 +48,6 @@ class TritonPackage:
     config_text: str
 
 
-def choose_engine(work_dir: Path, backend: str | None = None, precision: str | None = None) -> Path:
-    """The work dir's engine Triton serves best: a TensorRT plan before an onnxruntime engine, INT8 first."""
-    folder = work_dir / ENGINES_DIR
-    engines = sorted(p for p in folder.glob("*") if p.suffix in (".ort", ".plan")) if folder.is_dir() else []
-    if not engines:
-        raise InputError(f"{folder}: no engine there; build one first ('miaotui run' or 'miaotui build')")
-    found = {(m.backend, m.precision): p for p, m in ((p, read_metadata(p)) for p in engines)}
-    for key in PREFERENCE:
-        if key in found and backend in (None, key[0]) and precision in (None, key[1]):
-            return found[key]
-    have = ", ".join(f"{b} {p}" for b, p in sorted(found))
-    wanted = " ".join(filter(None, (backend, precision))) or "tensorrt or onnxruntime"
-    raise InputError(f"{folder}: no {wanted} engine Triton can serve (it has: {have}); Triton's TensorRT backend "
-                     "runs data-centre TensorRT plans (--backend tensorrt), not TensorRT-RTX ones")
-
-
 def _batch_dim(metadata: EngineMetadata) -> tuple[int, str | None]:
     """(max_batch_size, the batch dim's name): Triton batching needs every input and output to start
     with one shared dynamic dim whose range starts at 1; else 0 (no batching, full shapes)."""
@@ -82,8 +63,8 @@ def _batch_dim(metadata: EngineMetadata) -> tuple[int, str | None]:
 
 
 
-def _labels(work_dir: Path) -> list[str] | None:
-    path = work_dir / "config.toml"
+def _labels(work: WorkDir) -> list[str] | None:
+    path = work.config
     if not path.is_file():
         return None
     try:
@@ -98,13 +79,14 @@ def model_config(metadata: EngineMetadata, name: str, options: TritonOptions, la
     from miaotui.serving.model_config import TRITON_TYPES, schema
 
     pb = schema()
-    if metadata.backend not in PLATFORMS:
+    backend = get_backend(metadata.backend)
+    if not backend.triton_platform:
         raise InputError(f"{metadata.engine_file}: a {metadata.backend} engine; Triton serves "
-                         f"{' and '.join(PLATFORMS)} engines (TensorRT-RTX plans need TensorRT-RTX, which Triton's "
+                         f"{' and '.join(triton_backends())} engines (TensorRT-RTX plans need TensorRT-RTX, which Triton's "
                          "TensorRT backend does not link)")
     max_batch, _ = _batch_dim(metadata)
     skip = 1 if max_batch else 0
-    config = pb.ModelConfig(name=name, platform=PLATFORMS[metadata.backend], max_batch_size=max_batch)
+    config = pb.ModelConfig(name=name, platform=backend.triton_platform, max_batch_size=max_batch)
     for tensor in metadata.inputs:
         if tensor.dtype not in TRITON_TYPES:
             raise InputError(f"{metadata.engine_file}: input {tensor.name} is {tensor.dtype}, which Triton has no type for")
@@ -124,44 +106,18 @@ def model_config(metadata: EngineMetadata, name: str, options: TritonOptions, la
                 raise InputError(f"--preferred-batch {size}: the engine takes batches of 1 to {max_batch}")
         config.dynamic_batching.preferred_batch_size.extend(sizes)
         config.dynamic_batching.max_queue_delay_microseconds = options.max_queue_delay_us
-    on_gpu = metadata.backend == "tensorrt" or metadata.device.get("provider") == "cuda"
-    kind = pb.ModelInstanceGroup.Kind.Value("KIND_GPU" if on_gpu else "KIND_CPU")
+    kind = pb.ModelInstanceGroup.Kind.Value("KIND_GPU" if backend.on_gpu(metadata) else "KIND_CPU")
     config.instance_group.add(count=options.instances, kind=kind)
     return config
 
 
-def _onnx_for_triton(metadata: EngineMetadata, engine: Path, target: Path) -> None:
-    """The graph the onnxruntime engine was built from, re-derived from its source and checked to
-    answer like the engine (the engine file itself is ORT format, which Triton does not load)."""
-    from miaotui.artifacts import sha256_file
-    from miaotui.engines.build import check_onnxruntime_engine, cpu_int8_form
+def _config_of(work: WorkDir):
+    """The work dir's resolved config (sample value ranges for the packaged graph's check), if it has one."""
+    if not work.has_config():
+        return None
+    from miaotui.models import resolve_config
 
-    source = Path(metadata.onnx_file)
-    if not source.is_file():
-        raise InputError(f"{source}: the engine's source ONNX file (sidecar key 'onnx_file') is missing; "
-                         "Triton runs the ONNX graph, so package where it was built")
-    if sha256_file(source) != metadata.onnx_sha256:
-        raise InputError(f"{source}: changed since {engine.name} was built from it (sha256 differs); rebuild the engine")
-    rewrites = {k: v for k, v in metadata.settings.get("cpu_rewrites", {}).items() if v}
-    with tempfile.TemporaryDirectory(prefix="miaotui-triton-") as folder:
-        graph = source
-        if rewrites:
-            activations = metadata.settings.get("cpu_activations", "uint8" if "uint8_activations" in rewrites else "int8")
-            graph, _ = cpu_int8_form(source, Path(folder), activations)
-        config = None
-        work_dir = work_dir_of(engine)
-        if work_dir is not None and (work_dir / "config.toml").is_file():
-            from miaotui.models import resolve_config
-
-            config = resolve_config(work_dir / "config.toml")
-        try:
-            check_onnxruntime_engine(graph, engine, engine.name, metadata.session, metadata.inputs, config)
-        except CheckFailed as error:
-            raise CheckFailed(f"the ONNX graph for Triton does not answer like {engine.name}: {error}") from None
-        shutil.copyfile(graph, target)
-        data = graph.with_name(graph.name + ".data")
-        if data.is_file():  # external weights keep the name the graph points at
-            shutil.copyfile(data, target.parent / data.name)
+    return resolve_config(work.config)
 
 
 def package_triton(path: str | Path, repository: str | Path, options: TritonOptions | None = None,
@@ -173,7 +129,9 @@ def package_triton(path: str | Path, repository: str | Path, options: TritonOpti
     options = options or TritonOptions()
     path, repository = Path(path), Path(repository)
     if path.is_dir():
-        engine = choose_engine(path, backend, precision)
+        from miaotui.engines.choice import choose_engine
+
+        engine = choose_engine(path, backend, precision, purpose="for Triton")
     elif path.is_file():
         engine = path
     else:
@@ -181,13 +139,13 @@ def package_triton(path: str | Path, repository: str | Path, options: TritonOpti
     metadata = read_metadata(engine)
     if sha256_file(engine) != metadata.engine_sha256:
         raise InputError(f"{engine}: its sha256 is not the sidecar's: the engine was replaced or damaged; rebuild it")
-    work_dir = work_dir_of(engine) or engine.parent
+    work = WorkDir.around(engine)
     name = options.name or engine.name.split(".")[0]
     if not name or "/" in name or name.startswith("."):
         raise InputError(f"--name {name!r}: expected a folder name for the model")
     if options.instances < 1 or options.version < 1:
         raise InputError("--instances and --version: expected positive numbers")
-    labels = _labels(work_dir)
+    labels = _labels(work)
     config = model_config(metadata, name, options, labels)
     text = to_text(config)
     if parse(text, f"{name}/config.pbtxt") != config:
@@ -203,11 +161,8 @@ def package_triton(path: str | Path, repository: str | Path, options: TritonOpti
     try:
         version_dir = staging / str(options.version)
         version_dir.mkdir()
-        model_file = version_dir / MODEL_FILES[metadata.backend]
-        if metadata.backend == "tensorrt":
-            shutil.copyfile(engine, model_file)
-        else:
-            _onnx_for_triton(metadata, engine, model_file)
+        model_file = version_dir / get_backend(metadata.backend).triton_model(engine, metadata, version_dir,
+                                                                             _config_of(work))
         (staging / "config.pbtxt").write_text(text, encoding="utf-8")
         if labels and any(o.label_filename for o in config.output):
             (staging / "labels.txt").write_text("\n".join(labels) + "\n", encoding="utf-8")

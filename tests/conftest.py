@@ -108,7 +108,7 @@ def lstm_work(tmp_path_factory) -> Path:
     model.int8.onnx, config.toml and engines/lstm-sentiment.onnxruntime.int8.ort. Shared: tests may
     add engines and reports to it, never change what is there."""
     from miaotui.engines import BuildOptions
-    from miaotui.engines.stage import run_build_stage
+    from miaotui.stages import run_build_stage
     from miaotui.models import resolve_config
 
     work = tmp_path_factory.mktemp("lstm") / "work"

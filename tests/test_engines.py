@@ -23,7 +23,7 @@ from miaotui.cuda import no_gpu_reason
 from miaotui.data.corpus import load_split
 from miaotui.data.tokenizers import encode, load_tokenizer
 from miaotui.engines import BuildOptions, TensorRTOptions, build_engine, read_metadata
-from miaotui.engines.stage import run_build_stage
+from miaotui.stages import run_build_stage
 from miaotui.engines.tensorrt_engine import HARDWARE_COMPATIBILITY
 from miaotui.errors import InputError
 from miaotui.models import resolve_config
@@ -193,7 +193,7 @@ def test_a_fixed_dim_of_a_bare_onnx_file_is_kept(custom_model_dir: Path, tmp_pat
     """Without a config, the ONNX graph is the only judge: fixed dims must stay fixed, dynamic ones given."""
     write_custom_config(custom_model_dir, DATA)
     write_data(custom_model_dir)
-    from miaotui.export import run_optimize_stage
+    from miaotui.stages import run_optimize_stage
 
     config = load_config(custom_model_dir / "config.toml")
     bare = tmp_path / "bare"
@@ -293,7 +293,7 @@ def test_every_tensorrt_name_the_code_uses_exists_in_tensorrt_11_bindings():
         return name in python_defined or any(identifier.endswith(name) for identifier in identifiers)
 
     used = set()
-    for module in ("engines/tensorrt_engine.py", "engines/inspect_engine.py", "runtime/tensorrt_backend.py"):
+    for module in ("engines/tensorrt_engine.py", "engines/tensorrt_runner.py"):
         used |= _tensorrt_names(REPO / module)
     assert {"build_serialized_network", "set_shape", "create_timing_cache", "STRONGLY_TYPED",  # the walk works
             "deserialize_cuda_engine", "create_execution_context", "set_input_shape", "execute_async_v3"} <= used

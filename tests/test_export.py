@@ -12,7 +12,8 @@ import torch
 
 from miaotui.config import load_config
 from miaotui.errors import CheckFailed
-from miaotui.export import ExportOptions, check_parity, run_export_stage
+from miaotui.export import ExportOptions, check_parity
+from miaotui.stages import run_export_stage
 from miaotui.models.loading import load_model
 
 from conftest import write_custom_config

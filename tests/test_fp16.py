@@ -70,13 +70,13 @@ def test_weights_beyond_the_fp16_range_are_reported():
 @pytest.mark.parametrize("precision", ["fp16", "int8-fp16"])
 def test_default_model_in_half_precision_passes_the_gate_and_builds_with_tensorrt_rtx(lstm_work: Path, precision: str):
     from miaotui.engines import BuildOptions
-    from miaotui.engines.stage import run_build_stage
     from miaotui.export.inspect_onnx import summarize_onnx
-    from miaotui.validation import validate_engine
+    from miaotui.stages import Build, Pipeline, run_build_stage, validate_engine
 
     config = resolve_config("lstm-sentiment")
-    built = run_build_stage(config, lstm_work, BuildOptions(backend="onnxruntime", precision=precision), progress=False)
-    half = next(r for r in built.earlier if r.stage == precision)
+    pipeline = Pipeline(config, lstm_work, progress=False)
+    built = pipeline.run(Build(BuildOptions(backend="onnxruntime", precision=precision)))
+    half = pipeline.result(precision)
     graph = lstm_work / f"model.{precision}.onnx"
     assert half.path == graph and summarize_onnx(graph).precision == precision
     assert half.details["agreement"]["top1_agreement"] >= (0.999 if precision == "fp16" else 0.99)
@@ -87,13 +87,13 @@ def test_default_model_in_half_precision_passes_the_gate_and_builds_with_tensorr
     assert report.from_work_dir and not report.warnings
     assert report.precision == precision and report.bars["min_top1_agreement"] >= 0.99
 
-    plan = run_build_stage(config, lstm_work, BuildOptions(backend="tensorrt-rtx", precision=precision), progress=False,
-                           earlier=built.earlier)
+    plan = pipeline.run(Build(BuildOptions(backend="tensorrt-rtx", precision=precision)))
     types = plan.details["network"]["tensorrt"]["by_output_type"]
     assert types.get("HALF", 0) > 10  # strongly typed: the graph's FP16 is the engine's
     assert ("INT8" in types) == (precision == "int8-fp16")
-    again = run_build_stage(config, lstm_work, BuildOptions(backend="onnxruntime", precision=precision), progress=False)
-    assert again.skipped and all(r.skipped for r in again.earlier)
+    again = Pipeline(config, lstm_work, progress=False)
+    assert again.run(Build(BuildOptions(backend="onnxruntime", precision=precision))).skipped
+    assert len(again.ran) >= 4 and all(r.skipped for r in again.ran)
 
 
 def test_quantize_command_writes_the_fp16_graph_and_refuses_int8_options(router: Path):

@@ -10,7 +10,7 @@ from onnx import TensorProto, helper
 from miaotui.cli import main
 from miaotui.config import load_config
 from miaotui.errors import InputError
-from miaotui.export import ExportOptions, run_export_stage
+from miaotui.stages import ExportOptions, run_export_stage
 from miaotui.export.inspect_onnx import TensorInfo, summarize_onnx
 
 

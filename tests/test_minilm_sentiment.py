@@ -200,7 +200,7 @@ def test_added_characters_start_near_their_english_meaning():
 @pytest.fixture(scope="module")
 def quantized(exported):
     """`make export MODEL=minilm-sentiment`'s last stage: model.int8.onnx with the default rules."""
-    from miaotui.export import run_quantize_stage
+    from miaotui.stages import run_quantize_stage
 
     config, model, onnx_path = exported
     return run_quantize_stage(config, onnx_path.parent, progress=False)
@@ -250,7 +250,7 @@ def test_int8_graph_follows_the_rules_and_tensorrt_builds_it(exported, quantized
 def test_classifier_serves_the_int8_engine_with_the_attention_mask(exported, quantized):
     """`miaotui run minilm-sentiment`'s engine through the runtime: texts in, the INT8 model's labels out."""
     from miaotui.engines import BuildOptions
-    from miaotui.engines.stage import run_build_stage
+    from miaotui.stages import run_build_stage
     from miaotui.runtime import Classifier
 
     config, model, onnx_path = exported
@@ -272,7 +272,7 @@ def test_classifier_serves_the_int8_engine_with_the_attention_mask(exported, qua
 def test_the_parity_gate_passes_on_the_int8_engine(exported, quantized):
     """What CI gates on: the INT8 onnxruntime engine against PyTorch on the validation split."""
     from miaotui.engines import BuildOptions
-    from miaotui.engines.stage import run_build_stage
+    from miaotui.stages import run_build_stage
 
     config, model, onnx_path = exported
     built = run_build_stage(config, onnx_path.parent, BuildOptions(backend="onnxruntime"), progress=False)
@@ -289,18 +289,17 @@ def test_half_precision_graphs_pass_the_gate_and_build_with_tensorrt_rtx(exporte
     """The GPU precisions, checked on the CPU: FP16 top-1 agreement with FP32 >= 0.999 (int8-fp16: the
     INT8 bar), the parity gate on the onnxruntime engine, and a strongly typed TensorRT-RTX plan."""
     from miaotui.engines import BuildOptions
-    from miaotui.engines.stage import run_build_stage
-    from miaotui.validation import validate_engine
+    from miaotui.stages import Build, Pipeline, validate_engine
 
     config, model, onnx_path = exported
     work = onnx_path.parent
-    built = run_build_stage(config, work, BuildOptions(backend="onnxruntime", precision=precision), progress=False)
-    half = next(r for r in built.earlier if r.stage == precision)
+    pipeline = Pipeline(config, work, progress=False)
+    built = pipeline.run(Build(BuildOptions(backend="onnxruntime", precision=precision)))
+    half = pipeline.result(precision)
     assert half.details["agreement"]["top1_agreement"] >= (0.999 if precision == "fp16" else 0.99)
     assert half.details["fp32_nodes"] == {"LayerNormalization": 13, "Softmax": 6, "ReduceSum": 2, "Clip": 1}
     report = validate_engine(built.path, config, work, progress=False)
     assert report.passed and report.from_work_dir, [c.sentence() for c in report.checks if not c.passed]
-    plan = run_build_stage(config, work, BuildOptions(backend="tensorrt-rtx", precision=precision), progress=False,
-                           earlier=built.earlier)
+    plan = pipeline.run(Build(BuildOptions(backend="tensorrt-rtx", precision=precision)))
     types = plan.details["network"]["tensorrt"]["by_output_type"]
     assert types["HALF"] > 300 and ("INT8" in types) == (precision == "int8-fp16")

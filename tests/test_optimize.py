@@ -12,7 +12,8 @@ from click.testing import CliRunner
 from miaotui.cli import main
 from miaotui.config import load_config
 from miaotui.errors import CheckFailed
-from miaotui.export import compare_onnx, run_export_stage, run_optimize_stage
+from miaotui.export import compare_onnx
+from miaotui.stages import run_export_stage, run_optimize_stage
 from miaotui.export.parity import parity_sizes
 
 from tensorrt_judge import build_with_tensorrt_rtx

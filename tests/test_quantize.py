@@ -18,7 +18,7 @@ from tensorrt_judge import build_with_tensorrt_rtx
 
 from miaotui.config import load_config
 from miaotui.errors import CheckFailed, InputError
-from miaotui.export import quantize_options, run_quantize_stage
+from miaotui.stages import quantize_options, run_quantize_stage
 from miaotui.export.calibration import Calibration, CalibrationKey
 from miaotui.export.quantize import check_qdq
 

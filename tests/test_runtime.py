@@ -21,7 +21,7 @@ from miaotui.config import load_config
 from miaotui.cuda import no_gpu_reason
 from miaotui.data.corpus import load_split
 from miaotui.engines import BuildOptions, build_engine, sidecar_path
-from miaotui.engines.stage import run_build_stage
+from miaotui.stages import run_build_stage
 from miaotui.errors import InputError
 from miaotui.models import resolve_config
 from miaotui.runtime import Classifier, Engine

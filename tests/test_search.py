@@ -80,8 +80,8 @@ def outlier(tmp_path_factory) -> Path:
 
 def _build_and_gate(config, work: Path):
     from miaotui.engines import BuildOptions
-    from miaotui.engines.stage import run_build_stage
-    from miaotui.validation import validate_engine
+    from miaotui.stages import run_build_stage
+    from miaotui.stages import validate_engine
 
     built = run_build_stage(config, work, BuildOptions(backend="onnxruntime"), progress=False)
     return validate_engine(built.path, config, work, progress=False)
@@ -129,7 +129,7 @@ def test_target_from_the_config_and_the_command_line(outlier: Path, tmp_path: Pa
 
 
 def test_inspect_layers_shows_where_the_int8_model_drifts(outlier: Path, tmp_path: Path):
-    from miaotui.export import run_quantize_stage
+    from miaotui.stages import run_quantize_stage
     from miaotui.models import resolve_config
 
     config = resolve_config(outlier / "config.toml")

@@ -91,7 +91,7 @@ def test_tensorrt_sidecar_becomes_a_tensorrt_plan_model(lstm_work: Path, tmp_pat
 
 def test_two_inputs_with_a_fixed_feature_dim(router: Path, tmp_path: Path):
     from miaotui.engines import BuildOptions
-    from miaotui.engines.stage import run_build_stage
+    from miaotui.stages import run_build_stage
     from miaotui.models import resolve_config
 
     config = resolve_config(router / "config.toml")

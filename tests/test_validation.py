@@ -161,7 +161,7 @@ def test_the_gate_fails_with_exit_1_naming_the_metric(lstm_work: Path, tmp_path:
 def router_engine(custom_model_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
     """The custom TicketRouter's fp32 onnxruntime engine, in its own work dir."""
     from miaotui.config import load_config
-    from miaotui.engines.stage import run_build_stage
+    from miaotui.stages import run_build_stage
 
     write_custom_config(custom_model_dir, DATA)
     write_data(custom_model_dir)

@@ -1,7 +1,5 @@
-"""The parity gate: an engine, run through the runtime on the validation split, against PyTorch.
-
-    report = validate_engine("build/m/engines/m.onnxruntime.int8.ort", config, "build/m")
-    report.passed, report.failures()
+"""The parity gate's judgement: an engine, run through the runtime on the validation split, against the
+PyTorch reference (miaotui.stages.validate_engine runs the reference stage and calls this).
 
 Bad usage (an engine and a config that do not belong together, data the engine cannot take, no
 labels where the config asks for accuracy) raises InputError before any metric is computed.
@@ -16,6 +14,7 @@ from pathlib import Path
 from miaotui.config import Config
 from miaotui.errors import InputError
 from miaotui.validation.metrics import OutputMetrics, output_metrics
+from miaotui.validation.reference import Reference
 from miaotui.validation.thresholds import Check, bars_for, judge
 
 
@@ -61,38 +60,13 @@ def check_engine_matches_config(engine, config: Config) -> None:
                          f"({text(config.model.outputs)}): the engine and the config do not belong together")
 
 
-def _built_from_work_dir(engine, work_dir: Path) -> bool:
-    from miaotui.artifacts import WorkDir
-    from miaotui.engines.stage import SOURCES
+def compare_engine(engine, config: Config, validation, has_labels: bool, bars: dict[str, float],
+                   reference: Reference, reference_path: Path, from_work_dir: bool, work_dir: Path,
+                   progress: bool = True) -> tuple[int, list[OutputMetrics], list[Check], list[str]]:
+    """Run `engine` (a loaded runtime Engine) over the validation set and judge it against the
+    PyTorch `reference`: (samples, metrics per output, checks, warnings)."""
+    from miaotui.validation.reference import collect_outputs
 
-    work = WorkDir(work_dir)
-    digests = {digest for stage, _ in SOURCES.values() if (record := work.record(stage))
-               for digest in record.outputs.values()}
-    return engine.metadata.onnx_sha256 in digests
-
-
-def validate_engine(engine_path: str | Path, config: Config, work_dir: str | Path, progress: bool = True,
-                    threads: int | None = None) -> ParityReport:
-    from miaotui.data.datasets import data_set, summarize
-    from miaotui.runtime import Engine
-    from miaotui.validation.reference import collect_outputs, load_reference, run_reference_stage
-
-    started = time.perf_counter()
-    engine = Engine.load(engine_path, threads)
-    check_engine_matches_config(engine, config)
-    validation = data_set(config, "validation")  # refuses a config without data.validation
-    precision = engine.metadata.precision
-    bars, own = bars_for(config, precision)
-    summary = summarize(validation)
-    has_labels = summary.has_labels
-    if not has_labels:
-        if "max_accuracy_drop" in own:
-            raise InputError(f"{validation.where}: no 'labels', but {config.path} [validate.{precision}] sets "
-                             "max_accuracy_drop: the accuracy bar needs labelled validation data")
-        bars.pop("max_accuracy_drop", None)
-
-    reference_stage = run_reference_stage(config, work_dir, progress=progress, summary=summary)
-    reference = load_reference(reference_stage.path)
     names = [o.name for o in engine.outputs]
 
     def run_engine(feed):
@@ -102,25 +76,31 @@ def validate_engine(engine_path: str | Path, config: Config, work_dir: str | Pat
             raise InputError(f"{validation.where}: {error}") from None
 
     outputs, labels = collect_outputs(run_engine, validation.batches(), names, validation.where, progress,
-                                      f"{engine.backend} {precision}")
+                                      f"{engine.backend} {engine.metadata.precision}")
     samples = len(outputs[names[0]])
     if samples != reference.samples:
-        raise InputError(f"{validation.where}: {samples} samples now, {reference.samples} in {reference_stage.path}; "
+        raise InputError(f"{validation.where}: {samples} samples now, {reference.samples} in {reference_path}; "
                          "rerun with the reference recomputed")
     metrics = [output_metrics(name, reference.outputs[name], outputs[name], reference.labels if has_labels else None,
                               classifier=index == 0) for index, name in enumerate(names)]
     checks = [check for m in metrics for check in judge(m, bars if m is metrics[0] else _elementwise(bars))]
     warnings = []
-    from_work_dir = _built_from_work_dir(engine, Path(work_dir))
     if not from_work_dir:
         warnings.append(f"{engine.path} was not built from one of {work_dir}'s ONNX graphs "
                         f"(ONNX sha256 {engine.metadata.onnx_sha256[:12]}...): the verdict is on that engine, "
                         "against this config's PyTorch model")
-    return ParityReport(
-        engine=str(engine.path), backend=engine.backend, precision=precision, provider=engine.provider,
-        config=str(config.path), validation_set=validation.where, samples=samples, from_work_dir=from_work_dir,
-        bars=bars, outputs=metrics, checks=checks, reference_cached=reference_stage.skipped,
-        seconds=round(time.perf_counter() - started, 3), warnings=warnings)
+    return samples, metrics, checks, warnings
+
+
+def bars_for_data(config: Config, precision: str, has_labels: bool, where: str) -> dict[str, float]:
+    """The bars for `precision`; without labels the accuracy bar is dropped, unless the config sets it."""
+    bars, own = bars_for(config, precision)
+    if not has_labels:
+        if "max_accuracy_drop" in own:
+            raise InputError(f"{where}: no 'labels', but {config.path} [validate.{precision}] sets "
+                             "max_accuracy_drop: the accuracy bar needs labelled validation data")
+        bars.pop("max_accuracy_drop", None)
+    return bars
 
 
 def _elementwise(bars: dict[str, float]) -> dict[str, float]:

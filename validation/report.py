@@ -10,6 +10,7 @@ from pathlib import Path
 
 from miaotui.artifacts import atomic_write_bytes, atomic_write_json
 from miaotui.validation.gate import ParityReport
+from miaotui.workdir import PARITY_REPORTS
 
 METRIC_ROWS = (  # (label, attribute, format) for the tables
     ("samples", "samples", "d"),
@@ -81,7 +82,8 @@ def junit_xml(report: ParityReport) -> bytes:
 
 def write_reports(report: ParityReport, folder: Path, junit: Path | None = None) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
-    written = [folder / "parity.json", folder / "parity.md", junit or folder / "parity.xml"]
+    json_name, markdown_name, junit_name = PARITY_REPORTS
+    written = [folder / json_name, folder / markdown_name, junit or folder / junit_name]
     atomic_write_json(written[0], asdict(report) | {"passed": report.passed, "verdict": verdict_line(report)})
     atomic_write_bytes(written[1], markdown(report).encode())
     atomic_write_bytes(written[2], junit_xml(report))

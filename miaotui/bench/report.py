@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from miaotui.artifacts import atomic_path, atomic_write_bytes, atomic_write_json
+from miaotui.workdir import BENCH_REPORTS
 
 
 def markdown(rows: list[dict], threads: int, machine: str) -> str:
@@ -46,7 +47,7 @@ def machine_text() -> str:
     import os
     import platform
 
-    from miaotui.engines.onnxruntime_engine import cpu_description
+    from miaotui.engines.onnxruntime_backend import cpu_description
 
     cpu = cpu_description()
     return f"{cpu['cpu']}, {os.cpu_count()} cores, {platform.machine()}"
@@ -55,7 +56,7 @@ def machine_text() -> str:
 def write_bench_reports(rows: list[dict], folder: Path, threads: int) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     machine = machine_text()
-    written = [folder / "bench.json", folder / "bench.md", folder / "bench.png"]
+    written = [folder / name for name in BENCH_REPORTS]
     atomic_write_json(written[0], {"threads": threads, "machine": machine, "rows": rows})
     atomic_write_bytes(written[1], markdown(rows, threads, machine).encode())
     plot(rows, written[2])

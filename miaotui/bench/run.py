@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from miaotui.errors import InputError
 
@@ -46,3 +47,37 @@ def run_bench(subjects: list[Subject], batches: list[int], seqs: list[int], thre
                 last = (process.stderr.read().strip().splitlines() or ["no message"])[-1]
                 raise InputError(f"benchmarking {subject.name} failed: {last}")
     return rows
+
+
+def engine_subjects(engines: list[Path]) -> list[Subject]:
+    """A subject per engine file, named by backend, precision and file (and work dir, where two share a name)."""
+    from miaotui.engines.metadata import read_metadata
+    from miaotui.workdir import WorkDir
+
+    subjects = []
+    same_names = len({engine.name for engine in engines}) < len(engines)
+    for engine in engines:
+        if not engine.is_file():
+            raise InputError(f"{engine}: engine file does not exist")
+        metadata = read_metadata(engine)
+        work = WorkDir.around(engine)
+        label = f"{work.root.name}/{engine.name}" if same_names else engine.name
+        subjects.append(Subject(f"{metadata.backend} {metadata.precision} ({label})", "engine",
+                                str(engine.resolve()), str(work.config.resolve()) if work.has_config() else None))
+    return subjects
+
+
+def torch_subject(config_path: Path) -> Subject:
+    return Subject("pytorch fp32 eager", "torch", None, str(config_path))
+
+
+def default_report_dir(engines: list[Path], torch_model: str | None) -> Path:
+    """reports/ of the first engine's work dir, else build/<model>/reports for PyTorch alone."""
+    from miaotui.workdir import REPORTS, WorkDir
+
+    if engines:
+        work = WorkDir.of_engine(engines[0])
+        return work.reports_dir if work is not None else Path(REPORTS)
+    from miaotui.models import resolve_config
+
+    return WorkDir(Path("build") / resolve_config(torch_model).name).reports_dir

@@ -51,7 +51,7 @@ def _shape(dims, batch: int, seq: int):
 
 def _feed(specs, batch: int, seq: int, config):
     """Inputs of shape (batch, seq, fixed dims), drawn like the build's checks draw them."""
-    from miaotui.engines.build import synthetic_feed
+    from miaotui.engines.shapes import synthetic_feed
     from miaotui.engines.metadata import TensorRange
 
     ranges = []

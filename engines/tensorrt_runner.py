@@ -1,4 +1,5 @@
-"""Runs a TensorRT or TensorRT-RTX plan on a CUDA GPU, with torch CUDA tensors as buffers.
+"""Runs a TensorRT or TensorRT-RTX plan on a CUDA GPU, with torch CUDA tensors as buffers, and lists
+its layers (TensorRT's engine inspector).
 
 TensorRT 10/11's name-based API: deserialize_cuda_engine, one execution context and CUDA stream per
 calling thread (a context holds shapes and addresses: sharing one between threads mixes their
@@ -7,8 +8,10 @@ calls), set_input_shape, set_tensor_address, outputs sized from the context, exe
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
+from typing import Any
 
 from miaotui.engines.metadata import EngineMetadata
 from miaotui.errors import InputError
@@ -43,7 +46,7 @@ def check_machine(path: Path, metadata: EngineMetadata):
     return trt
 
 
-class TensorRTBackend:
+class TensorRTRunner:
     def __init__(self, path: Path, metadata: EngineMetadata, trt):
         try:
             import torch
@@ -94,3 +97,40 @@ class TensorRTBackend:
         import numpy as np
 
         return np.empty(0, dtype=self.trt.nptype(self.engine.get_tensor_dtype(name)))
+
+
+def _layer_precision(entry: dict[str, Any]) -> str:
+    """The engine inspector's DETAILED JSON names formats like "Row major linear Int8"."""
+    outputs = entry.get("Outputs") or []
+    formats = [str(o.get("Format/Datatype", "")) for o in outputs if isinstance(o, dict)]
+    return ", ".join(dict.fromkeys(f.rsplit(" ", 1)[-1] for f in formats if f)) or "?"
+
+
+def plan_layers(metadata: EngineMetadata, engine_path: Path) -> tuple[list[dict[str, Any]], str | None]:
+    """(layers, None) from TensorRT's engine inspector, or ([], why not)."""
+    from miaotui.cuda import no_gpu_reason
+    from miaotui.engines.tensorrt_engine import import_tensorrt
+    from miaotui.errors import InputError
+
+    reason = no_gpu_reason()
+    if reason:
+        return [], f"listing a plan's layers needs a GPU to deserialize it, and {reason}"
+    try:
+        trt = import_tensorrt(metadata.backend)
+    except InputError as error:
+        return [], str(error)
+    logger = trt.Logger(trt.Logger.ERROR)
+    runtime = trt.Runtime(logger)
+    plan = runtime.deserialize_cuda_engine(engine_path.read_bytes())
+    if plan is None:
+        return [], f"{metadata.backend} {trt.__version__} could not deserialize the plan (built with {metadata.backend_version})"
+    inspector = plan.create_engine_inspector()
+    info = json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+    layers = []
+    for entry in info.get("Layers", []):  # plain JSON from here on, not TensorRT objects
+        if isinstance(entry, dict):
+            layers.append({"name": entry.get("Name", "?"), "type": entry.get("LayerType", "?"),
+                           "precision": _layer_precision(entry)})
+        else:  # built without detailed profiling verbosity: names only
+            layers.append({"name": str(entry), "type": "?", "precision": "?"})
+    return layers, None

@@ -1,0 +1,159 @@
+"""The backend interface and its registry: what an engine kind must say and do.
+
+A backend is one module that defines a `BACKEND` object (a subclass of `Backend`) and is named
+once in BACKEND_MODULES below. Everything else (the CLI's --backend choices, the build stage,
+Engine.load's dispatch, engine choice in a work dir, Triton packaging) asks this registry. A
+backend module imports its library lazily, inside its methods: the registry, and with it the
+runtime, loads with the standard library and numpy alone.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from miaotui.errors import InputError
+
+if TYPE_CHECKING:
+    from miaotui.config import Config
+    from miaotui.engines.build import BuildOptions
+    from miaotui.engines.metadata import EngineMetadata, TensorRange
+
+# One line per backend: the module that declares it (this order is the order of --help and of builds).
+BACKEND_MODULES = (
+    "miaotui.engines.onnxruntime_backend",
+    "miaotui.engines.tensorrt_backend",
+    "miaotui.engines.tensorrt_rtx_backend",
+)
+
+
+@dataclass
+class BuildJob:
+    """What a backend's build gets: the graph, where to write the engine, and the resolved shapes."""
+
+    onnx_path: Path
+    engine_path: Path  # a staging path: renamed into place by the caller when everything passed
+    engine_name: str  # the engine's final file name, for messages
+    options: "BuildOptions"
+    ranges: list["TensorRange"]
+    precision: str  # what the graph holds
+    foreign_domains: tuple[str, ...]  # op domains beyond plain ONNX (ONNX Runtime's contrib ops)
+    config: "Config | None"
+    cache_path: Path  # a timing cache's home, for backends that keep one
+
+
+@dataclass
+class BackendBuild:
+    """What a backend's build reports; the sidecar is written from it."""
+
+    version: str
+    device: dict[str, Any]  # what the engine was built for: CPU flags and provider, GPU, compute capabilities
+    settings: dict[str, Any]  # build settings
+    checks: dict[str, Any]  # what the build verified
+    session: dict[str, Any] = field(default_factory=dict)  # what the runtime must set when loading
+    network: dict[str, Any] = field(default_factory=dict)  # what the builder saw, beyond the ONNX node counts
+    warnings: list[str] = field(default_factory=list)
+
+
+class Runner(Protocol):
+    """A loaded engine: `run` takes arrays by input name and returns the outputs in sidecar order."""
+
+    provider: str  # what really runs it, e.g. CPUExecutionProvider
+
+    def run(self, arrays: dict[str, Any]) -> list: ...
+
+
+class Backend:
+    """One engine kind. Subclasses set the class attributes and implement build/open/check_machine."""
+
+    name: str = ""
+    suffix: str = ""  # the engine file's suffix
+    help: str = ""  # one line for --help
+    triton_platform: str | None = None  # Triton's platform for this engine kind; None: Triton cannot serve it
+    preference: int = 50  # lower first, when a work dir holds several engines that can run (GPU plans first)
+
+    def version(self) -> str:
+        """The library's version (recorded in the sidecar and the build stage's key)."""
+        raise NotImplementedError
+
+    def installed(self) -> bool:
+        """Its library imports here (cheap: no import is made)."""
+        return True
+
+    def builds_by_default(self) -> bool:
+        """Part of `miaotui run` when no --backend is given."""
+        return False
+
+    def check_options(self, options: "BuildOptions") -> None:
+        """Refuse options it cannot honour, before anything is built."""
+
+    def build(self, job: BuildJob) -> BackendBuild:
+        raise NotImplementedError
+
+    def cannot_run_here(self) -> str | None:
+        """Why this machine cannot run its engines at all (None: it may; check_machine says for one engine)."""
+        return None
+
+    def check_machine(self, path: Path, metadata: "EngineMetadata") -> None:
+        """Refuse, in one line that says what to rebuild, an engine this machine cannot run."""
+
+    def open(self, path: Path, metadata: "EngineMetadata", threads: int | None) -> Runner:
+        raise NotImplementedError
+
+    def describe(self, metadata: "EngineMetadata") -> str:
+        """One line: what was built and checked (the summary tables)."""
+        return f"{self.name} {metadata.backend_version}"
+
+    def layers(self, path: Path, metadata: "EngineMetadata") -> tuple[list[dict[str, Any]], str | None]:
+        """The engine's layers and their precisions, or ([], why not)."""
+        return [], None
+
+    def triton_model(self, engine: Path, metadata: "EngineMetadata", target: Path, config: "Config | None") -> str:
+        """Write what Triton's backend for `triton_platform` loads into `target` (a version folder);
+        returns the file name."""
+        raise InputError(f"{engine}: a {self.name} engine; Triton serves {' and '.join(triton_backends())} engines")
+
+    def on_gpu(self, metadata: "EngineMetadata") -> bool:
+        """Its Triton instances run on a GPU."""
+        return metadata.device.get("kind") == "gpu"
+
+
+@functools.cache
+def registry() -> dict[str, Backend]:
+    backends = {}
+    for module_name in BACKEND_MODULES:
+        backend = importlib.import_module(module_name).BACKEND
+        backends[backend.name] = backend
+    return backends
+
+
+def get_backend(name: str) -> Backend:
+    try:
+        return registry()[name]
+    except KeyError:
+        raise InputError(f"--backend {name}: expected one of {', '.join(backend_names())}") from None
+
+
+def backend_names() -> tuple[str, ...]:
+    return tuple(registry())
+
+
+def engine_suffixes() -> tuple[str, ...]:
+    return tuple(dict.fromkeys(b.suffix for b in registry().values()))
+
+
+def default_backends() -> list[str]:
+    """What `miaotui run` builds when no --backend is given."""
+    return [b.name for b in registry().values() if b.builds_by_default()]
+
+
+def preference_order() -> tuple[str, ...]:
+    """Backend names, the one to prefer first (WorkDir.choose_engine's order)."""
+    return tuple(sorted(registry(), key=lambda name: registry()[name].preference))
+
+
+def triton_backends() -> tuple[str, ...]:
+    return tuple(b.name for b in registry().values() if b.triton_platform)

@@ -1,0 +1,282 @@
+"""The onnxruntime backend: an ORT-format model with the graph optimizations for one execution provider
+applied ahead of time, plus the session settings the runtime must load it with.
+
+ONNX Runtime writes the optimized graph itself (SessionOptions.optimized_model_filepath); saving at
+ORT_ENABLE_ALL bakes in layout choices for this CPU, so the sidecar records the CPU it was built on.
+On the CPU an INT8 graph is first rewritten into the form ONNX Runtime's fast kernels take
+(engines/cpu_int8.py). One InferenceSession serves every thread: ONNX Runtime's run() is safe to
+call concurrently.
+"""
+
+from __future__ import annotations
+
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from miaotui.engines.backend import Backend, BackendBuild, BuildJob
+from miaotui.engines.metadata import EngineMetadata, TensorRange
+from miaotui.errors import CheckFailed, InputError
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+ENGINE_ATOL = 1e-5  # an onnxruntime engine must answer like ONNX Runtime on its source file
+# Instruction sets that change which ONNX Runtime kernels run (and how INT8 rounds).
+_CPU_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16",
+              "asimd", "asimddp", "i8mm", "sve")
+
+
+def cpu_description() -> dict[str, Any]:
+    """The CPU model and the instruction-set flags that matter to ONNX Runtime's kernels."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                model = value.strip()
+            elif key.strip() in ("flags", "Features"):
+                flags.update(value.split())
+    except OSError:
+        pass
+    return {"kind": "cpu", "cpu": model, "machine": platform.machine(),
+            "isa": [flag for flag in _CPU_FLAGS if flag in flags]}
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def _save_ort(onnx_path: Path, engine_path: Path, provider: str):
+    """Write `engine_path` (.ort) from `onnx_path` with every graph optimization for `provider` applied;
+    returns (provider that really runs, session settings, device, warnings)."""
+    import onnxruntime
+
+    requested = PROVIDERS[provider]
+    if requested not in onnxruntime.get_available_providers():
+        raise InputError(f"--provider {provider}: this onnxruntime {onnxruntime.__version__} has no {requested} "
+                         f"(it has {', '.join(onnxruntime.get_available_providers())}; for CUDA: pip install onnxruntime-gpu)")
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(engine_path)
+    options.add_session_config_entry("session.save_model_format", "ORT")
+    options.log_severity_level = 3  # its "hardware specific optimizations" notice is recorded in the sidecar instead
+    providers = [requested] + (["CPUExecutionProvider"] if requested != "CPUExecutionProvider" else [])
+    try:
+        session = onnxruntime.InferenceSession(str(onnx_path), options, providers=providers)
+    except Exception as error:  # ORT raises its own exception types for invalid graphs
+        raise InputError(f"{onnx_path}: ONNX Runtime could not load the model ({_first_line(error)})") from None
+    actual = session.get_providers()[0]
+    warnings = []
+    if actual != requested:  # onnxruntime-gpu falls back to CPU without a word
+        warnings.append(f"asked for {requested}, but ONNX Runtime runs this model on {actual}: the engine is built for {actual}")
+    del session
+    device = cpu_description() if actual == "CPUExecutionProvider" else {"kind": "gpu", "provider": actual}
+    device |= {"provider": actual, "hardware_specific": True}
+    session_settings = {
+        # Every optimization is already in the file: loading must not redo them (or undo the ones baked in).
+        "graph_optimization_level": "ORT_DISABLE_ALL",
+        "providers": [actual] + (["CPUExecutionProvider"] if actual != "CPUExecutionProvider" else []),
+        "format": "ORT",
+    }
+    return actual, requested, session_settings, device, warnings
+
+
+def check_engine(onnx_path: Path, engine: Path, name: str, session_settings: dict,
+                 ranges: list[TensorRange], config) -> dict:
+    """The engine runs at the min and max shapes, and at opt answers like ONNX Runtime on the source."""
+    import onnxruntime
+
+    from miaotui.engines.shapes import max_diff, synthetic_feed
+
+    def session(path: Path, engine_format: bool):
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3
+        if engine_format:
+            options.graph_optimization_level = getattr(onnxruntime.GraphOptimizationLevel,
+                                                       session_settings["graph_optimization_level"])
+            options.add_session_config_entry("session.load_model_format", "ORT")
+        return onnxruntime.InferenceSession(str(path), options, providers=session_settings["providers"])
+
+    built = session(engine, True)
+    for which in ("min", "max"):
+        feed = synthetic_feed(ranges, which, config)
+        try:
+            built.run(None, feed)
+        except Exception as error:
+            shape = "; ".join(f"{name} {list(value.shape)}" for name, value in feed.items())
+            raise InputError(f"{onnx_path}: the model fails at the {which} shapes ({shape}): {_first_line(error)}; "
+                             "narrow the shape ranges") from None
+    feed = synthetic_feed(ranges, "opt", config)
+    expected = session(onnx_path, False).run(None, feed)
+    actual = built.run(None, feed)
+    worst = max(max_diff(e, a) for e, a in zip(expected, actual))
+    if not worst <= ENGINE_ATOL:
+        raise CheckFailed(f"{name}: the built engine differs from ONNX Runtime on {onnx_path.name} by {worst:.2e} "
+                          f"(bar {ENGINE_ATOL:g}) at the opt shapes")
+    return {"vs_onnx_max_abs_diff": worst, "atol": ENGINE_ATOL, "ran_at": ["min", "opt", "max"]}
+
+
+def cpu_int8_form(onnx_path: Path, folder: Path, activations: str) -> tuple[Path, dict]:
+    """The INT8 graph in the form ONNX Runtime's CPU kernels run fastest (engines/cpu_int8.py)."""
+    import onnx
+
+    from miaotui.engines.cpu_int8 import activations_to_uint8, drop_unused_initializers, gather_before_dequantize
+
+    if activations not in ("uint8", "int8"):
+        raise InputError(f"--cpu-activations {activations}: expected uint8 or int8")
+    model = onnx.load(str(onnx_path))
+    rewrites = {"gather_before_dequantize": gather_before_dequantize(model)}
+    if activations == "uint8":
+        rewrites["uint8_activations"] = activations_to_uint8(model)
+    if not any(rewrites.values()):
+        return onnx_path, rewrites
+    drop_unused_initializers(model)
+    target = folder / onnx_path.name
+    large = model.ByteSize() > 1_800_000_000  # protobuf's 2 GB limit, with room
+    onnx.save(model, str(target), save_as_external_data=large, location=target.name + ".data")
+    return target, rewrites
+
+
+def _compare_sources(original: Path, rewritten: Path, ranges: list[TensorRange], config) -> float:
+    """Max |difference| of ONNX Runtime on the original graph and on its CPU form, at the opt shapes."""
+    from miaotui.engines.shapes import max_diff, synthetic_feed
+    from miaotui.export.parity import onnxruntime_session
+
+    feed = synthetic_feed(ranges, "opt", config)
+    outputs = [onnxruntime_session(path).run(None, feed) for path in (original, rewritten)]
+    return max(max_diff(a, b) for a, b in zip(*outputs))
+
+
+def _version(text: str) -> tuple[int, ...]:
+    parts = []
+    for part in text.split(".")[:3]:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+class OnnxRuntimeRunner:
+    def __init__(self, path: Path, metadata: EngineMetadata, threads: int | None = None):
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        level = metadata.session.get("graph_optimization_level", "ORT_DISABLE_ALL")
+        options.graph_optimization_level = getattr(onnxruntime.GraphOptimizationLevel, level)
+        options.add_session_config_entry("session.load_model_format", metadata.session.get("format", "ORT"))
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        providers = metadata.session.get("providers", ["CPUExecutionProvider"])
+        try:
+            self.session = onnxruntime.InferenceSession(str(path), options, providers=providers)
+        except Exception as error:  # ORT raises its own exception types for unreadable files
+            raise InputError(f"{path}: ONNX Runtime cannot load this engine ({_first_line(error)}): rebuild it") from None
+        self.provider = self.session.get_providers()[0]  # what really runs (onnxruntime-gpu may fall back to CPU)
+        self.threads = threads
+        self.output_names = [o.name for o in metadata.outputs]
+
+    def run(self, arrays: dict[str, object]) -> list[np.ndarray]:
+        feed = {name: value.cpu().numpy() if type(value).__module__.startswith("torch") else value
+                for name, value in arrays.items()}
+        return self.session.run(self.output_names, feed)
+
+
+class OnnxRuntime(Backend):
+    name = "onnxruntime"
+    suffix = ".ort"
+    help = "onnxruntime (any machine)"
+    triton_platform = "onnxruntime_onnx"
+    preference = 40
+
+    def version(self) -> str:
+        import onnxruntime
+
+        return onnxruntime.__version__
+
+    def builds_by_default(self) -> bool:
+        return True
+
+    def build(self, job: BuildJob) -> BackendBuild:
+        options = job.options
+        with tempfile.TemporaryDirectory(prefix="miaotui-cpu-") as folder:
+            source, rewrites = job.onnx_path, {}
+            if options.provider == "cpu" and job.precision.startswith("int8"):
+                source, rewrites = cpu_int8_form(job.onnx_path, Path(folder), options.cpu_activations)
+            actual, requested, session, device, warnings = _save_ort(source, job.engine_path, options.provider)
+            settings = {"graph_optimization_level": "ORT_ENABLE_ALL", "provider": actual,
+                        "requested_provider": requested, "cpu_rewrites": rewrites}
+            if rewrites:  # what re-deriving the engine's graph from the source takes (Triton packaging)
+                settings["cpu_activations"] = options.cpu_activations
+            checks = check_engine(source, job.engine_path, job.engine_name, session, job.ranges, job.config)
+            if source != job.onnx_path:  # the rewritten graph is checked above; how far it is from the source:
+                checks["vs_source_onnx_max_abs_diff"] = _compare_sources(job.onnx_path, source, job.ranges, job.config)
+        return BackendBuild(self.version(), device, settings, checks, session=session, warnings=warnings)
+
+    def check_machine(self, path: Path, metadata: EngineMetadata) -> None:
+        """The engine was built for an instruction set and provider this machine must have."""
+        import onnxruntime
+
+        built, here = metadata.backend_version, onnxruntime.__version__
+        if _version(here) < _version(built):
+            raise InputError(f"{path}: built with onnxruntime {built}, this machine has {here}, which cannot read newer "
+                             "engines: upgrade onnxruntime or rebuild the engine here (miaotui build)")
+        provider = metadata.device.get("provider", "CPUExecutionProvider")
+        if provider not in onnxruntime.get_available_providers():
+            raise InputError(f"{path}: built for {provider}, which this onnxruntime {here} lacks "
+                             f"(it has {', '.join(onnxruntime.get_available_providers())}): rebuild the engine with --provider cpu")
+        if metadata.device.get("kind") == "cpu":
+            lacking = [flag for flag in metadata.device.get("isa", []) if flag not in cpu_description()["isa"]]
+            if lacking:
+                raise InputError(f"{path}: built on a CPU with {', '.join(lacking)}, which this CPU lacks; the engine holds "
+                                 "kernels chosen for that CPU: rebuild it here (miaotui build)")
+
+    def open(self, path: Path, metadata: EngineMetadata, threads: int | None) -> OnnxRuntimeRunner:
+        return OnnxRuntimeRunner(path, metadata, threads)
+
+    def describe(self, metadata: EngineMetadata) -> str:
+        checks = metadata.checks
+        text = (f"onnxruntime {metadata.backend_version} on {metadata.device.get('provider')}; ran at min/opt/max shapes; "
+                f"vs ONNX Runtime on the .onnx max |diff| {checks.get('vs_onnx_max_abs_diff', float('nan')):.0e}")
+        rewrites = {k: v for k, v in metadata.settings.get("cpu_rewrites", {}).items() if v}
+        if rewrites:
+            text += f" (CPU form: {', '.join(f'{k.replace(chr(95), chr(32))} {v}' for k, v in rewrites.items())}"
+            if "vs_source_onnx_max_abs_diff" in checks:
+                text += f"; vs the source graph {checks['vs_source_onnx_max_abs_diff']:.0e}"
+            text += ")"
+        return text
+
+    def triton_model(self, engine: Path, metadata: EngineMetadata, target: Path, config) -> str:
+        """The graph the engine was built from, re-derived from its source and checked to answer like
+        the engine (the engine file itself is ORT format, which Triton's onnxruntime backend does not load)."""
+        import shutil
+
+        from miaotui.artifacts import sha256_file
+
+        source = Path(metadata.onnx_file)
+        if not source.is_file():
+            raise InputError(f"{source}: the engine's source ONNX file (sidecar key 'onnx_file') is missing; "
+                             "Triton runs the ONNX graph, so package where it was built")
+        if sha256_file(source) != metadata.onnx_sha256:
+            raise InputError(f"{source}: changed since {engine.name} was built from it (sha256 differs); rebuild the engine")
+        rewrites = {k: v for k, v in metadata.settings.get("cpu_rewrites", {}).items() if v}
+        model_file = target / "model.onnx"  # the file name Triton's onnxruntime backend loads
+        with tempfile.TemporaryDirectory(prefix="miaotui-triton-") as folder:
+            graph = source
+            if rewrites:
+                activations = metadata.settings.get("cpu_activations", "uint8" if "uint8_activations" in rewrites else "int8")
+                graph, _ = cpu_int8_form(source, Path(folder), activations)
+            try:
+                check_engine(graph, engine, engine.name, metadata.session, metadata.inputs, config)
+            except CheckFailed as error:
+                raise CheckFailed(f"the ONNX graph for Triton does not answer like {engine.name}: {error}") from None
+            shutil.copyfile(graph, model_file)
+            data = graph.with_name(graph.name + ".data")
+            if data.is_file():  # external weights keep the name the graph points at
+                shutil.copyfile(data, target / data.name)
+        return model_file.name
+
+
+BACKEND = OnnxRuntime()

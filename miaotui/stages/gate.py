@@ -1,0 +1,138 @@
+"""The parity gate as the pipeline runs it: the reference stage, then an engine judged against it.
+
+    report = validate_engine("build/m/engines/m.onnxruntime.int8.ort", config, "build/m")
+    report.passed, report.failures()
+    flow = run_flow(config, "build/m", RunOptions(backends=("onnxruntime",)))   # `miaotui run`
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from miaotui.config import Config
+from miaotui.errors import InputError
+from miaotui.validation.gate import ParityReport
+from miaotui.workdir import WorkDir
+
+
+def validate_engine(engine_path: str | Path, config: Config, work_dir: str | Path, progress: bool = True,
+                    threads: int | None = None) -> ParityReport:
+    from miaotui.data.datasets import data_set, summarize
+    from miaotui.runtime import Engine
+    from miaotui.stages.reference import Reference
+    from miaotui.stages.runner import Pipeline
+    from miaotui.validation.gate import bars_for_data, check_engine_matches_config, compare_engine
+    from miaotui.validation.reference import load_reference
+
+    started = time.perf_counter()
+    engine = Engine.load(engine_path, threads)
+    check_engine_matches_config(engine, config)
+    validation = data_set(config, "validation")  # refuses a config without data.validation
+    precision = engine.metadata.precision
+    summary = summarize(validation)
+    bars = bars_for_data(config, precision, summary.has_labels, validation.where)
+    reference_stage = Pipeline(config, work_dir, progress).run(Reference(summary=summary))
+    reference = load_reference(reference_stage.path)
+    from_work_dir = engine.metadata.onnx_sha256 in WorkDir(work_dir).graph_digests()
+    samples, metrics, checks, warnings = compare_engine(engine, config, validation, summary.has_labels, bars, reference,
+                                                        reference_stage.path, from_work_dir, Path(work_dir), progress)
+    return ParityReport(
+        engine=str(engine.path), backend=engine.backend, precision=precision, provider=engine.provider,
+        config=str(config.path), validation_set=validation.where, samples=samples, from_work_dir=from_work_dir,
+        bars=bars, outputs=metrics, checks=checks, reference_cached=reference_stage.skipped,
+        seconds=round(time.perf_counter() - started, 3), warnings=warnings)
+
+
+@dataclass
+class GateResult:
+    report: ParityReport
+    written: list[Path]  # parity.json, parity.md, the JUnit XML
+
+    @property
+    def passed(self) -> bool:
+        return self.report.passed
+
+
+def config_for_engine(engine: Path, config_or_model: str | None) -> Config:
+    """`config_or_model`, else the config.toml of the work dir the engine sits in."""
+    from miaotui.models import resolve_config
+
+    if config_or_model:
+        return resolve_config(config_or_model)
+    work = WorkDir.around(engine)
+    if work.has_config():
+        return resolve_config(work.config)
+    raise InputError(f"{engine}: no {work.config.name} in its work dir; give --config CONFIG|MODEL")
+
+
+def work_dir_for_engine(engine: Path, config: Config) -> WorkDir:
+    """The work dir the engine sits in when it has a config, else build/<name> (where reference.npz goes)."""
+    work = WorkDir.of_engine(engine)
+    return work if work is not None and work.has_config() else WorkDir(Path("build") / config.name)
+
+
+def gate_engine(engine: Path, config: Config, work_dir: str | Path | None = None, report_dir: Path | None = None,
+                junit: Path | None = None, threads: int | None = None, progress: bool = True) -> GateResult:
+    """Validate `engine` and write its reports (default: <work dir>/reports/<engine name>)."""
+    from miaotui.validation import write_reports
+
+    work = WorkDir(work_dir) if work_dir is not None else work_dir_for_engine(engine, config)
+    if junit is not None and not junit.parent.is_dir():
+        raise InputError(f"--junit {junit}: folder {junit.parent} does not exist")
+    report = validate_engine(engine, config, work.root, progress=progress, threads=threads)
+    return GateResult(report, write_reports(report, report_dir or work.report_dir(engine), junit))
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    backends: tuple[str, ...] = ()  # default: every backend that builds by default here
+    precision: str = "int8"
+    build: object = None  # BuildOptions the backend and precision are set on (TensorRT options); None: defaults
+
+
+@dataclass
+class FlowResult:
+    """What `miaotui run` did: every stage's result in run order, and the gate on each engine that runs here."""
+
+    stages: list = field(default_factory=list)
+    gates: list[GateResult] = field(default_factory=list)
+    not_gated: list[tuple[Path, str]] = field(default_factory=list)  # (engine, why it cannot run here)
+
+    @property
+    def passed(self) -> bool:
+        return all(gate.passed for gate in self.gates)
+
+
+def build_engines(config: Config, work_dir: str | Path, options: RunOptions, force: bool = False,
+                  progress: bool = True, on_stage=None):
+    """Every stage up to an engine per backend; returns the pipeline (its `ran` lists the results)."""
+    from dataclasses import replace
+
+    from miaotui.engines import BuildOptions, default_backends
+    from miaotui.stages.build import Build
+    from miaotui.stages.runner import Pipeline
+
+    pipeline = Pipeline(config, work_dir, progress)
+    base = options.build or BuildOptions()
+    for backend in options.backends or default_backends():
+        unit = Build(replace(base, backend=backend, precision=options.precision))
+        if on_stage is not None:
+            on_stage(f"build {config.name} {backend} {options.precision}")
+        pipeline.run(unit, force=force)
+    return pipeline
+
+
+def gate_built(config: Config, work_dir: str | Path, built: list, progress: bool = True) -> FlowResult:
+    """The parity gate on every engine just built whose backend can run on this machine."""
+    from miaotui.engines import get_backend
+
+    flow = FlowResult()
+    for result in built:
+        reason = get_backend(result.backend).cannot_run_here()
+        if reason:
+            flow.not_gated.append((result.path, reason))
+            continue
+        flow.gates.append(gate_engine(result.path, config, work_dir, progress=progress))
+    return flow

@@ -1,0 +1,234 @@
+"""The work directory, build/<name>/: the one module that knows its file names.
+
+    config.toml                       the resolved config the run used
+    model.onnx  model.opt.onnx  model.int8.onnx  (model.fp16.onnx  model.int8-fp16.onnx)
+    calibration.json  quantization.json
+    engines/<name>.<backend>.<precision><suffix>  + a .json sidecar each
+    reference.npz                     PyTorch outputs on the validation split
+    reports/...                       parity, bench, layers reports
+    manifest.json                     per stage: input sha256s, options, tool versions, outputs, seconds
+
+It also keeps the manifest (make-like skipping: a stage is current when the manifest records the
+same key and every output it recorded still has the same sha256) and the one rule that picks a
+work dir's engine for a purpose (the runtime, the gate and Triton packaging use it alike).
+Standard library only: the runtime imports it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from miaotui.artifacts import atomic_write_json, sha256_file
+from miaotui.errors import InputError
+
+CONFIG = "config.toml"
+MANIFEST = "manifest.json"
+EXPORTED = "model.onnx"
+# The graph each precision's engines are built from, and the stage that writes it.
+GRAPHS = {"fp32": "model.opt.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx",
+          "int8-fp16": "model.int8-fp16.onnx"}
+GRAPH_STAGES = {"fp32": "optimize", "int8": "quantize", "fp16": "fp16", "int8-fp16": "int8-fp16"}
+CALIBRATION = "calibration.json"
+QUANTIZATION = "quantization.json"
+REFERENCE = "reference.npz"
+ENGINES = "engines"
+REPORTS = "reports"
+SIDECAR_SUFFIX = ".json"  # an engine's sidecar is ENGINE + ".json"
+# What reports/ holds: per engine reports/<engine>/parity.*, and bench.* and layers.* beside them.
+PARITY_REPORTS = ("parity.json", "parity.md", "parity.xml")
+BENCH_REPORTS = ("bench.json", "bench.md", "bench.png")
+LAYERS_REPORT = "layers.json"
+LAYERS_PLOT = "layers.png"
+# Which precision to prefer when nothing is asked for: the fastest that passes the gate first.
+PRECISION_PREFERENCE = ("int8", "int8-fp16", "fp16", "fp32")
+
+
+def sidecar_path(engine: str | Path) -> Path:
+    engine = Path(engine)
+    return engine.with_name(engine.name + SIDECAR_SUFFIX)
+
+
+def engine_file_name(model: str, backend: str, precision: str, suffix: str) -> str:
+    return f"{model}.{backend}.{precision}{suffix}"
+
+
+@dataclass
+class StageRecord:
+    """What the manifest keeps of one stage run."""
+
+    key: str
+    inputs: dict[str, str]  # name -> sha256 of each input file
+    options: dict[str, Any]
+    tool_versions: dict[str, str]
+    outputs: dict[str, str]  # file name in the work dir -> sha256
+    seconds: float
+    finished: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    details: dict[str, Any] = field(default_factory=dict)  # what the stage measured
+
+
+class WorkDir:
+    """build/<name>/: every stage reads its predecessor's files here and writes its own."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"WorkDir({str(self.root)!r})"
+
+    # -- where things are --------------------------------------------------------------------
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    @property
+    def config(self) -> Path:
+        return self.root / CONFIG
+
+    @property
+    def exported(self) -> Path:
+        return self.root / EXPORTED
+
+    def graph(self, precision: str) -> Path:
+        """The ONNX graph engines of `precision` are built from."""
+        if precision not in GRAPHS:
+            raise InputError(f"--precision {precision}: expected one of {', '.join(GRAPHS)}")
+        return self.root / GRAPHS[precision]
+
+    @property
+    def optimized(self) -> Path:
+        return self.graph("fp32")
+
+    @property
+    def calibration(self) -> Path:
+        return self.root / CALIBRATION
+
+    @property
+    def quantization(self) -> Path:
+        return self.root / QUANTIZATION
+
+    @property
+    def reference(self) -> Path:
+        return self.root / REFERENCE
+
+    @property
+    def engines_dir(self) -> Path:
+        return self.root / ENGINES
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.root / REPORTS
+
+    def engine_name(self, model: str, backend: str, precision: str, suffix: str) -> str:
+        """The engine's path relative to the work dir (what the manifest records)."""
+        return f"{ENGINES}/{engine_file_name(model, backend, precision, suffix)}"
+
+    def report_dir(self, engine: str | Path) -> Path:
+        """reports/<engine file name without its suffix>: the parity reports of one engine."""
+        return self.reports_dir / Path(engine).name.rsplit(".", 1)[0]
+
+    def has_config(self) -> bool:
+        return self.config.is_file()
+
+    @classmethod
+    def of_engine(cls, engine: str | Path) -> "WorkDir | None":
+        """The work dir holding `engine` when it sits in one's engines/ folder, else None."""
+        engine = Path(engine)
+        return cls(engine.parent.parent) if engine.parent.name == ENGINES else None
+
+    @classmethod
+    def around(cls, path: str | Path) -> "WorkDir":
+        """The work dir of an engine inside one, else the folder the file sits in."""
+        return cls.of_engine(path) or cls(Path(path).parent)
+
+    # -- the manifest ------------------------------------------------------------------------
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / MANIFEST
+
+    def manifest(self) -> dict[str, Any]:
+        if not self.manifest_path.is_file():
+            return {"stages": {}}
+        try:
+            data = json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return {"stages": {}}  # a damaged manifest only costs a rerun
+        return data if isinstance(data.get("stages"), dict) else {"stages": {}}
+
+    def record(self, stage: str) -> StageRecord | None:
+        entry = self.manifest()["stages"].get(stage)
+        try:
+            return StageRecord(**entry) if entry else None
+        except TypeError:
+            return None
+
+    def is_current(self, stage: str, key: str) -> bool:
+        record = self.record(stage)
+        if record is None or record.key != key:
+            return False
+        for name, digest in record.outputs.items():
+            path = self.path(name)
+            if not path.is_file() or sha256_file(path) != digest:
+                return False
+        return True
+
+    def save_record(self, stage: str, record: StageRecord) -> None:
+        manifest = self.manifest()
+        manifest["stages"][stage] = asdict(record)
+        atomic_write_json(self.manifest_path, manifest)
+
+    def graph_digests(self) -> set[str]:
+        """sha256s of the ONNX graphs the manifest says this work dir made (any precision)."""
+        return {digest for stage in GRAPH_STAGES.values() if (record := self.record(stage))
+                for digest in record.outputs.values()}
+
+    @contextlib.contextmanager
+    def staging(self) -> Iterator[Path]:
+        """A scratch folder inside the work dir for a stage's outputs; removed afterwards, and the
+        work dir itself too when this run created it and a failure left it empty."""
+        created = not self.root.exists()
+        self.root.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.root))
+        try:
+            yield scratch
+        except BaseException:
+            shutil.rmtree(scratch, ignore_errors=True)
+            if created and not any(self.root.iterdir()):
+                self.root.rmdir()
+            raise
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    # -- engines -----------------------------------------------------------------------------
+    def engines(self, suffixes: tuple[str, ...]) -> list[Path]:
+        """Engine files (with their sidecars) in engines/, by name."""
+        folder = self.engines_dir
+        if not folder.is_dir():
+            return []
+        return sorted(p for p in folder.iterdir() if p.suffix in suffixes and sidecar_path(p).is_file())
+
+    def choose_engine(self, candidates: list[tuple[Path, str, str]], backend: str | None, precision: str | None,
+                      backend_order: tuple[str, ...], purpose: str, usable: Callable[[str], bool]) -> Path:
+        """The one engine-choice rule. `candidates` are (path, backend, precision) of this work dir's
+        engines (`purpose` ends the message when none fits, e.g. " that Triton serves"); those asked for (`backend`, `precision`) are kept; of them the ones `usable` for the
+        purpose come first, then by `backend_order` and PRECISION_PREFERENCE (INT8 first). When none is
+        usable the best of the rest is returned: loading it then says why it cannot run here."""
+        kept = [c for c in candidates if backend in (None, c[1]) and precision in (None, c[2])]
+        if not kept:
+            wanted = " ".join(filter(None, (backend, precision)))
+            have = ", ".join(f"{b} {p}" for _, b, p in sorted(candidates, key=lambda c: c[1:])) or "none"
+            raise InputError(f"{self.engines_dir}: no {wanted + ' ' if wanted else ''}engine there{purpose} (it has: "
+                             f"{have}); build one with 'miaotui run' or 'miaotui build'")
+
+        def rank(candidate: tuple[Path, str, str]) -> tuple[int, int, int]:
+            _, name, prec = candidate
+            return (0 if usable(name) else 1,
+                    backend_order.index(name) if name in backend_order else len(backend_order),
+                    PRECISION_PREFERENCE.index(prec) if prec in PRECISION_PREFERENCE else len(PRECISION_PREFERENCE))
+
+        return min(kept, key=rank)[0]
