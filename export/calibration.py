@@ -28,7 +28,6 @@ from miaotui.artifacts import atomic_write_json
 from miaotui.config import QUANTIZE_METHODS
 from miaotui.errors import InputError, MiaotuiError
 
-CALIBRATION_NAME = "calibration.json"
 # Histogram methods estimate a distribution's tail: with a handful of samples the estimate is noise.
 MIN_SAMPLES = {"minmax": 1, "entropy": 16, "percentile": 16}
 # Below this many samples the ranges are usable but may miss what real traffic holds: a warning.

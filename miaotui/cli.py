@@ -547,7 +547,7 @@ def _sizes(option: str, text: str) -> list[int]:
 
 
 @main.command()
-@click.argument("engines", nargs=-1, metavar="ENGINE...", type=click.Path(path_type=Path))
+@click.argument("engine_files", nargs=-1, metavar="ENGINE...", type=click.Path(path_type=Path))
 @click.option("--torch", "torch_config", default=None, metavar="CONFIG|MODEL",
               help="Also time the PyTorch FP32 eager model of this config (the reference).")
 @click.option("--batch", "batch_text", default="1,8,32", show_default=True, help="Batch sizes.")
@@ -558,7 +558,7 @@ def _sizes(option: str, text: str) -> list[int]:
 @click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder for bench.json, bench.md, bench.png (default: <work dir of the first engine>/reports).")
 @reports_errors
-def bench(engines, torch_config, batch_text, seq_text, threads, seconds, report_dir) -> None:
+def bench(engine_files, torch_config, batch_text, seq_text, threads, seconds, report_dir) -> None:
     """Latency (p50/p90/p99) and throughput of engines and, with --torch, of the PyTorch model, each in
     its own process with the thread count set."""
     import os
@@ -568,14 +568,14 @@ def bench(engines, torch_config, batch_text, seq_text, threads, seconds, report_
     from miaotui.bench import default_report_dir, engine_subjects, run_bench, torch_subject, write_bench_reports
     from miaotui.models import resolve_config
 
-    if not engines and not torch_config:
+    if not engine_files and not torch_config:
         raise InputError("nothing to time: give ENGINE files and/or --torch CONFIG|MODEL")
-    subjects = engine_subjects(list(engines))
+    subjects = engine_subjects(list(engine_files))
     if torch_config:
         subjects.insert(0, torch_subject(resolve_config(torch_config).path))
     threads = threads or os.cpu_count() or 1
     rows = run_bench(subjects, _sizes("--batch", batch_text), _sizes("--seq", seq_text), threads, min_seconds=seconds)
-    written = write_bench_reports(rows, report_dir or default_report_dir(list(engines), torch_config), threads)
+    written = write_bench_reports(rows, report_dir or default_report_dir(list(engine_files), torch_config), threads)
     table = Table(title=f"miaotui bench: {threads} thread(s), each subject in its own process", title_justify="left")
     for column, justify in (("subject", "left"), ("batch", "right"), ("seq", "right"), ("p50 ms", "right"),
                             ("p90 ms", "right"), ("p99 ms", "right"), ("samples/s", "right")):

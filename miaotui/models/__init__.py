@@ -6,11 +6,12 @@ from pathlib import Path
 
 from miaotui.config import Config, load_config
 from miaotui.errors import InputError
+from miaotui.workdir import CONFIG  # a built-in model ships its config as a work dir holds it
 
 HERE = Path(__file__).parent
 BUILTIN_MODELS = {
-    "lstm-sentiment": HERE / "lstm_sentiment" / "config.toml",
-    "minilm-sentiment": HERE / "minilm_sentiment" / "config.toml",
+    "lstm-sentiment": HERE / "lstm_sentiment" / CONFIG,
+    "minilm-sentiment": HERE / "minilm_sentiment" / CONFIG,
 }
 DEFAULT_MODEL = "lstm-sentiment"
 
