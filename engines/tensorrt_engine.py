@@ -40,14 +40,17 @@ class Flavour:
     timing_cache: bool
     compute_capabilities: bool
     version_compatible: bool
+    hardware_compatibility: bool
+    plan_version_parts: int  # how many leading version parts a plan and the library running it must share
 
 
 FLAVOURS = {
     "tensorrt": Flavour("tensorrt", ("tensorrt",), "tensorrt", needs_gpu_to_build=True, timing_cache=True,
-                        compute_capabilities=False, version_compatible=True),
+                        compute_capabilities=False, version_compatible=True, hardware_compatibility=True,
+                        plan_version_parts=3),
     "tensorrt-rtx": Flavour("tensorrt-rtx", ("tensorrt_rtx", "tensorrt_rtx_bindings"), "tensorrt-rtx",
                             needs_gpu_to_build=False, timing_cache=False, compute_capabilities=True,
-                            version_compatible=False),
+                            version_compatible=False, hardware_compatibility=False, plan_version_parts=2),
 }
 
 
@@ -102,7 +105,7 @@ def check_options(backend: str, options: TensorRTOptions) -> None:
                          "(see --hardware-compatibility)")
     if options.version_compatible and not flavour.version_compatible:
         raise InputError(f"--version-compatible: {backend} cannot build version-compatible plans (it ships no lean runtime)")
-    if options.hardware_compatibility and backend == "tensorrt-rtx":
+    if options.hardware_compatibility and not flavour.hardware_compatibility:
         raise InputError("--hardware-compatibility is for --backend tensorrt; tensorrt-rtx chooses GPUs with --compute-capability")
     if options.hardware_compatibility and options.hardware_compatibility not in HARDWARE_COMPATIBILITY:
         raise InputError(f"--hardware-compatibility {options.hardware_compatibility}: expected one of "

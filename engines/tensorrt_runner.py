@@ -20,7 +20,7 @@ from miaotui.errors import InputError
 def check_machine(path: Path, metadata: EngineMetadata):
     """The library, its version and a GPU the plan was built for; returns the TensorRT module."""
     from miaotui.cuda import cuda_devices, no_gpu_reason
-    from miaotui.engines.tensorrt_engine import import_tensorrt
+    from miaotui.engines.tensorrt_engine import FLAVOURS, import_tensorrt
 
     reason = no_gpu_reason()
     if reason:
@@ -28,8 +28,8 @@ def check_machine(path: Path, metadata: EngineMetadata):
                          "on this machine use the onnxruntime engine (miaotui build --backend onnxruntime)")
     trt = import_tensorrt(metadata.backend)
     built, here = metadata.backend_version, trt.__version__
-    same = built.split(".")[:3] == here.split(".")[:3] if metadata.backend == "tensorrt" else \
-        built.split(".")[:2] == here.split(".")[:2]
+    parts = FLAVOURS[metadata.backend].plan_version_parts
+    same = built.split(".")[:parts] == here.split(".")[:parts]
     if not same and not metadata.settings.get("version_compatible"):
         raise InputError(f"{path}: built with {metadata.backend} {built}, this machine has {here}; plans are tied to "
                          "the version that built them: rebuild the engine here (miaotui build)")

@@ -65,9 +65,10 @@ def _stage_command(name: str, summary: str, options=(), spinner: bool = True, af
         @reports_errors
         def command(config_or_model: str, out_dir: Path | None, force: bool, **extra) -> None:
             from miaotui.models import resolve_config
+            from miaotui.workdir import WorkDir
 
             config = resolve_config(config_or_model)
-            work_dir = out_dir or Path("build") / config.name
+            work_dir = out_dir or WorkDir.for_model(config.name).root
             if spinner:
                 with _console(stderr=True).status(f"{name} {config.name}"):
                     results = run(config, work_dir, force, **extra)
@@ -196,11 +197,9 @@ def _gate_built_engines(config, work_dir: Path, results) -> None:
     from miaotui.stages import gate_built
     from miaotui.validation.report import verdict_line
 
-    built = [result for result in results if result.stage == "build"]
-    flow = gate_built(config, work_dir, built)
+    flow = gate_built(config, work_dir, results)
     for engine, reason in flow.not_gated:
-        _console(stderr=True).print(f"validate {escape(engine.name)}: skipped, running it needs what this machine "
-                                    f"lacks ({escape(reason)})")
+        _console(stderr=True).print(f"validate {escape(engine.name)}: skipped, this machine cannot run it ({escape(reason)})")
     for gate in flow.gates:
         _render_gate(gate)
     failed = [f"{Path(gate.report.engine).name}: {verdict_line(gate.report)}" for gate in flow.gates if not gate.passed]

@@ -29,6 +29,7 @@ from typing import Any
 from miaotui.artifacts import atomic_write_json, sha256_file
 from miaotui.errors import InputError
 
+BUILD_ROOT = "build"  # work dirs default to build/<model name>, relative to where the command runs
 CONFIG = "config.toml"
 MANIFEST = "manifest.json"
 EXPORTED = "model.onnx"
@@ -135,6 +136,11 @@ class WorkDir:
 
     def has_config(self) -> bool:
         return self.config.is_file()
+
+    @classmethod
+    def for_model(cls, name: str) -> "WorkDir":
+        """The default work dir of a model: build/<name>."""
+        return cls(Path(BUILD_ROOT) / name)
 
     @classmethod
     def of_engine(cls, engine: str | Path) -> "WorkDir | None":

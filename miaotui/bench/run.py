@@ -80,4 +80,4 @@ def default_report_dir(engines: list[Path], torch_model: str | None) -> Path:
         return work.reports_dir if work is not None else Path(REPORTS)
     from miaotui.models import resolve_config
 
-    return WorkDir(Path("build") / resolve_config(torch_model).name).reports_dir
+    return WorkDir.for_model(resolve_config(torch_model).name).reports_dir

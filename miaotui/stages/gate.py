@@ -70,7 +70,7 @@ def config_for_engine(engine: Path, config_or_model: str | None) -> Config:
 def work_dir_for_engine(engine: Path, config: Config) -> WorkDir:
     """The work dir the engine sits in when it has a config, else build/<name> (where reference.npz goes)."""
     work = WorkDir.of_engine(engine)
-    return work if work is not None and work.has_config() else WorkDir(Path("build") / config.name)
+    return work if work is not None and work.has_config() else WorkDir.for_model(config.name)
 
 
 def gate_engine(engine: Path, config: Config, work_dir: str | Path | None = None, report_dir: Path | None = None,
@@ -124,12 +124,15 @@ def build_engines(config: Config, work_dir: str | Path, options: RunOptions, for
     return pipeline
 
 
-def gate_built(config: Config, work_dir: str | Path, built: list, progress: bool = True) -> FlowResult:
-    """The parity gate on every engine just built whose backend can run on this machine."""
+def gate_built(config: Config, work_dir: str | Path, results: list, progress: bool = True) -> FlowResult:
+    """The parity gate on every engine among `results` (a pipeline's) whose backend can run on this machine."""
     from miaotui.engines import get_backend
+    from miaotui.stages.build import BuildStageResult
 
-    flow = FlowResult()
-    for result in built:
+    flow = FlowResult(stages=list(results))
+    for result in results:
+        if not isinstance(result, BuildStageResult):
+            continue
         reason = get_backend(result.backend).cannot_run_here()
         if reason:
             flow.not_gated.append((result.path, reason))
