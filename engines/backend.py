@@ -13,6 +13,7 @@ import functools
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from miaotui.errors import InputError
@@ -27,6 +28,7 @@ BACKEND_MODULES = (
     "miaotui.engines.onnxruntime_backend",
     "miaotui.engines.tensorrt_backend",
     "miaotui.engines.tensorrt_rtx_backend",
+    "miaotui.engines.openvino_backend",
 )
 
 
@@ -43,6 +45,9 @@ class BuildJob:
     foreign_domains: tuple[str, ...]  # op domains beyond plain ONNX (ONNX Runtime's contrib ops)
     config: "Config | None"
     cache_path: Path  # a timing cache's home, for backends that keep one
+    # Another file of the engine (weights beside it), by its name in the engine's folder: the staging
+    # path to write; renamed into place with the engine when the build succeeds, removed when it fails.
+    stage_file: Callable[[str], Path]
 
 
 @dataclass
@@ -72,7 +77,8 @@ class Backend:
     name: str = ""
     suffix: str = ""  # the engine file's suffix
     help: str = ""  # one line for --help
-    triton_platform: str | None = None  # Triton's platform for this engine kind; None: Triton cannot serve it
+    triton_platform: str | None = None  # Triton's platform for this engine kind (config.pbtxt `platform`)
+    triton_backend: str | None = None  # ... or Triton's backend for it (config.pbtxt `backend`); neither: not served
     preference: int = 50  # lower first, when a work dir holds several engines that can run (GPU plans first)
 
     def version(self) -> str:
@@ -156,4 +162,4 @@ def preference_order() -> tuple[str, ...]:
 
 
 def triton_backends() -> tuple[str, ...]:
-    return tuple(b.name for b in registry().values() if b.triton_platform)
+    return tuple(b.name for b in registry().values() if b.triton_platform or b.triton_backend)

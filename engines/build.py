@@ -9,6 +9,7 @@ compiles and checks what it compiled.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,10 +100,15 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, options: BuildO
 
     started = time.perf_counter()
     sidecar = sidecar_path(engine_path)
-    with atomic_path(engine_path) as staged_engine, atomic_path(sidecar) as staged_sidecar:
+    # Every file is staged beside its final name and renamed only when the block succeeds: a backend's
+    # other files (stage_file) first, then the sidecar, then the engine (an ExitStack unwinds in reverse).
+    with contextlib.ExitStack() as staged:
+        staged_engine = staged.enter_context(atomic_path(engine_path))
+        staged_sidecar = staged.enter_context(atomic_path(sidecar))
         onnx_sha = sha256_file(onnx_path)
         job = BuildJob(onnx_path, staged_engine, engine_path.name, options, ranges, summary.precision,
-                       tuple(summary.foreign_domains), config, cache_path or timing_cache_path(engine_path))
+                       tuple(summary.foreign_domains), config, cache_path or timing_cache_path(engine_path),
+                       lambda name: staged.enter_context(atomic_path(engine_path.with_name(name))))
         built = backend.build(job)
         network = {"onnx_nodes": sum(summary.op_counts.values()), "int8_nodes": summary.int8_nodes,
                    "float_nodes": summary.float_nodes} | built.network

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from miaotui.engines.backend import engine_suffixes, get_backend, preference_order, registry
+from miaotui.engines.backend import engine_suffixes, get_backend, preference_order, triton_backends
 from miaotui.engines.metadata import read_metadata
 from miaotui.workdir import WorkDir
 
@@ -27,7 +27,7 @@ def choose_engine(work_dir: str | Path, backend: str | None = None, precision: s
     runs (a TensorRT plan where a GPU is, the CPU engine otherwise), "for Triton" only takes engines
     Triton serves; then GPU plans before CPU engines, INT8 first."""
     if purpose == "for Triton":
-        candidates = [c for c in work_dir_engines(work_dir) if registry()[c[1]].triton_platform]
+        candidates = [c for c in work_dir_engines(work_dir) if c[1] in triton_backends()]
         usable = lambda name: True  # noqa: E731
     else:
         candidates = work_dir_engines(work_dir)

@@ -4,7 +4,7 @@
                                     the engine's shape ranges, dynamic batching, instance groups
     REPO/<name>/labels.txt          class names (the first output's label_filename), when the config has them
     REPO/<name>/engine.json         the engine's sidecar: what it was built with and for
-    REPO/<name>/1/model.plan        a TensorRT plan (platform tensorrt_plan), or
+    REPO/<name>/1/model.plan        a TensorRT plan (platform tensorrt_plan), model.xml + model.bin (backend openvino), or
     REPO/<name>/1/model.onnx        the graph the onnxruntime engine was built from (onnxruntime_onnx)
 
 config.pbtxt is written from Triton's own schema (serving/model_config.py) and parsed back before the
@@ -80,13 +80,17 @@ def model_config(metadata: EngineMetadata, name: str, options: TritonOptions, la
 
     pb = schema()
     backend = get_backend(metadata.backend)
-    if not backend.triton_platform:
+    if not (backend.triton_platform or backend.triton_backend):
         raise InputError(f"{metadata.engine_file}: a {metadata.backend} engine; Triton serves "
                          f"{' and '.join(triton_backends())} engines (TensorRT-RTX plans need TensorRT-RTX, which Triton's "
                          "TensorRT backend does not link)")
     max_batch, _ = _batch_dim(metadata)
     skip = 1 if max_batch else 0
-    config = pb.ModelConfig(name=name, platform=backend.triton_platform, max_batch_size=max_batch)
+    config = pb.ModelConfig(name=name, max_batch_size=max_batch)
+    if backend.triton_platform:
+        config.platform = backend.triton_platform
+    else:
+        config.backend = backend.triton_backend
     for tensor in metadata.inputs:
         if tensor.dtype not in TRITON_TYPES:
             raise InputError(f"{metadata.engine_file}: input {tensor.name} is {tensor.dtype}, which Triton has no type for")
@@ -176,5 +180,5 @@ def package_triton(path: str | Path, repository: str | Path, options: TritonOpti
             repository.rmdir()
         raise
     return TritonPackage(entry, entry / "config.pbtxt", entry / str(options.version) / model_file.name,
-                         config.platform, config.max_batch_size, engine,
+                         config.platform or config.backend, config.max_batch_size, engine,
                          entry / "labels.txt" if (entry / "labels.txt").exists() else None, text)

@@ -182,7 +182,7 @@ def test_cli_choices_and_runtime_dispatch_come_from_the_registry():
     help_text = CliRunner().invoke(main, ["build", "--help"], env={"COLUMNS": "300"}).output
     for name in backend_names():
         assert name in help_text
-    assert set(triton_backends()) == {"onnxruntime", "tensorrt"}
-    assert {b.suffix for b in registry().values()} == {".ort", ".plan"}
+    assert set(triton_backends()) == {"onnxruntime", "tensorrt", "openvino"}
+    assert {b.suffix for b in registry().values()} == {".ort", ".plan", ".xml"}
     engine_py = (REPO / "runtime" / "engine.py").read_text()
     assert "onnxruntime" not in engine_py.split('"""', 2)[2], "the runtime dispatches by registry, not by name"

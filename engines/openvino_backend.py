@@ -1,0 +1,194 @@
+"""The openvino backend: the work dir's ONNX graph (model.int8.onnx's Q/DQ nodes are OpenVINO's INT8
+input as they are) converted to an OpenVINO IR, compiled for the CPU when loaded.
+
+The engine is the IR's .xml; its weights are the .bin beside it (ENGINE with .bin for .xml), written
+with it atomically and checked by sha256 on load like the engine itself. Weights stay in the graph's
+precision (save_model would compress them to FP16 by default), and the CPU plugin is told to compute
+in FP32 where the graph is float (on CPUs with AMX or AVX512-BF16 its default is BF16, a precision
+the graph does not hold; precision lives in the graph). The IR itself holds no
+CPU-specific kernels: it is compiled on the machine that loads it, one compiled model per engine and
+one infer request per calling thread.
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from miaotui.engines.backend import Backend, BackendBuild, BuildJob
+from miaotui.engines.metadata import EngineMetadata, TensorRange
+from miaotui.errors import InputError
+
+WEIGHTS_SUFFIX = ".bin"
+PRECISION_HINT = "f32"
+
+
+def weights_path(engine: Path) -> Path:
+    return engine.with_suffix(WEIGHTS_SUFFIX)
+
+
+def _import_openvino():
+    try:
+        import openvino
+    except ImportError:
+        raise InputError("--backend openvino: openvino is not installed here; pip install 'miaotui[openvino]'") from None
+    return openvino
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def compile_ir(xml: Path, weights: Path, precision_hint: str, threads: int | None):
+    """The IR compiled for this CPU, or one line saying why not."""
+    ov = _import_openvino()
+    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision_hint}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    try:
+        core = ov.Core()
+        return core.compile_model(core.read_model(str(xml), str(weights)), "CPU", config)
+    except Exception as error:  # OpenVINO raises its own RuntimeError for unreadable IR
+        raise InputError(f"{xml}: OpenVINO cannot load this engine ({_first_line(error)}): rebuild it") from None
+
+
+class OpenVINORunner:
+    """One compiled model; an infer request per calling thread (a request holds its tensors)."""
+
+    def __init__(self, compiled, output_names: list[str]):
+        self.compiled = compiled
+        self.provider = f"OpenVINO CPU ({compiled.get_property('INFERENCE_PRECISION_HINT').to_string()})"
+        self.output_names = output_names
+        self._ports = {name: compiled.output(name) for name in output_names}
+        self._local = threading.local()
+
+    def run(self, arrays: dict[str, object]) -> list[np.ndarray]:
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self.compiled.create_infer_request()
+        feed = {name: value.cpu().numpy() if type(value).__module__.startswith("torch") else value
+                for name, value in arrays.items()}
+        results = request.infer(feed)
+        return [np.array(results[self._ports[name]]) for name in self.output_names]  # copies: the request reuses its buffers
+
+
+def _convert(ov, onnx_path: Path, ranges: list[TensorRange]):
+    """The ONNX graph as an OpenVINO model whose dynamic dims are bounded by the engine's shape ranges."""
+    try:
+        model = ov.convert_model(str(onnx_path))
+    except Exception as error:
+        raise InputError(f"{onnx_path}: OpenVINO could not convert the graph ({_first_line(error)})") from None
+    shapes = {}
+    for tensor in ranges:
+        dims = [ov.Dimension(lo) if lo == hi else ov.Dimension(lo, hi) for lo, hi in zip(tensor.min, tensor.max)]
+        shapes[tensor.name] = ov.PartialShape(dims)
+    try:
+        model.reshape(shapes)
+    except Exception as error:
+        raise InputError(f"{onnx_path}: OpenVINO cannot take the shape ranges ({_first_line(error)}); narrow them") from None
+    return model
+
+
+def _check(onnx_path: Path, runner: OpenVINORunner, ranges: list[TensorRange], config) -> dict:
+    """The compiled IR runs at the min and max shapes, and at opt answers like ONNX Runtime on the graph."""
+    from miaotui.engines.shapes import max_diff, synthetic_feed
+    from miaotui.export.parity import onnxruntime_session
+
+    for which in ("min", "max"):
+        feed = synthetic_feed(ranges, which, config)
+        try:
+            runner.run(feed)
+        except Exception as error:
+            shape = "; ".join(f"{n} {list(v.shape)}" for n, v in feed.items())
+            raise InputError(f"{onnx_path}: OpenVINO fails at the {which} shapes ({shape}): {_first_line(error)}; "
+                             "narrow the shape ranges") from None
+    feed = synthetic_feed(ranges, "opt", config)
+    expected = onnxruntime_session(onnx_path).run(runner.output_names, feed)
+    worst = max(max_diff(e, a) for e, a in zip(expected, runner.run(feed)))
+    return {"vs_onnxruntime_max_abs_diff": worst, "ran_at": ["min", "opt", "max"]}
+
+
+class OpenVINO(Backend):
+    name = "openvino"
+    suffix = ".xml"
+    help = "openvino (x86-64 and ARM CPUs; the same graphs as OpenVINO IR)"
+    triton_backend = "openvino"
+    preference = 30
+
+    def version(self) -> str:
+        return _import_openvino().get_version()
+
+    def installed(self) -> bool:
+        import importlib.util
+
+        return importlib.util.find_spec("openvino") is not None
+
+    def builds_by_default(self) -> bool:
+        return self.installed()
+
+    def build(self, job: BuildJob) -> BackendBuild:
+        from miaotui.artifacts import sha256_file
+        from miaotui.engines.onnxruntime_backend import cpu_description
+
+        ov = _import_openvino()
+        if job.foreign_domains:
+            raise InputError(f"{job.onnx_path}: ops from {', '.join(job.foreign_domains)} are ONNX Runtime's own; "
+                             "OpenVINO cannot convert them")
+        model = _convert(ov, job.onnx_path, job.ranges)
+        weights = job.stage_file(weights_path(Path(job.engine_name)).name)
+        with tempfile.TemporaryDirectory(prefix="miaotui-openvino-") as folder:
+            xml = Path(folder) / "model.xml"
+            ov.save_model(model, str(xml), compress_to_fp16=False)  # the graph's precision, not FP16 weights
+            shutil.copyfile(xml, job.engine_path)
+            shutil.copyfile(xml.with_suffix(WEIGHTS_SUFFIX), weights)
+        # The staged files, compiled as the runtime will compile them.
+        runner = OpenVINORunner(compile_ir(job.engine_path, weights, PRECISION_HINT, None),
+                                [o.get_any_name() for o in model.outputs])
+        settings = {"precision_hint": PRECISION_HINT, "performance_hint": "LATENCY",
+                    "weights_sha256": sha256_file(weights), "weights_bytes": weights.stat().st_size}
+        checks = _check(job.onnx_path, runner, job.ranges, job.config)
+        return BackendBuild(self.version(), cpu_description(), settings, checks)
+
+    def check_machine(self, path: Path, metadata: EngineMetadata) -> None:
+        from miaotui.artifacts import sha256_file
+        from miaotui.engines.onnxruntime_backend import _version
+
+        ov = _import_openvino()
+        here = ov.get_version().split("-")[0]
+        if _version(here) < _version(metadata.backend_version.split("-")[0]):
+            raise InputError(f"{path}: built with OpenVINO {metadata.backend_version}, this machine has {here}, which "
+                             "may not read newer IR: upgrade openvino or rebuild the engine here (miaotui build)")
+        weights = weights_path(path)
+        if not weights.is_file():
+            raise InputError(f"{weights}: the engine's weights are missing (rebuild with 'miaotui build')")
+        if weights.stat().st_size != metadata.settings.get("weights_bytes") or \
+                sha256_file(weights) != metadata.settings.get("weights_sha256"):
+            raise InputError(f"{weights}: not the weights the sidecar describes (sha256 differs: truncated, damaged "
+                             "or replaced): rebuild the engine with 'miaotui build'")
+        built_on = metadata.device.get("machine")
+        if built_on and built_on != platform.machine():
+            raise InputError(f"{path}: built on {built_on}, this machine is {platform.machine()}: rebuild it here")
+
+    def open(self, path: Path, metadata: EngineMetadata, threads: int | None) -> OpenVINORunner:
+        compiled = compile_ir(path, weights_path(path), metadata.settings.get("precision_hint", PRECISION_HINT), threads)
+        return OpenVINORunner(compiled, [o.name for o in metadata.outputs])
+
+    def describe(self, metadata: EngineMetadata) -> str:
+        diff = metadata.checks.get("vs_onnxruntime_max_abs_diff", float("nan"))
+        return (f"openvino {metadata.backend_version.split('-')[0]} IR, CPU in {metadata.settings.get('precision_hint')}; "
+                f"ran at min/opt/max shapes; vs ONNX Runtime on the .onnx max |diff| {diff:.0e}")
+
+    def triton_model(self, engine: Path, metadata: EngineMetadata, target: Path, config) -> str:
+        """Triton's OpenVINO backend loads model.xml and model.bin from the version folder."""
+        shutil.copyfile(engine, target / "model.xml")
+        shutil.copyfile(weights_path(engine), target / "model.bin")
+        return "model.xml"
+
+
+BACKEND = OpenVINO()

@@ -1,0 +1,129 @@
+"""The openvino backend: an OpenVINO IR (.xml + .bin) from the work dir's ONNX graph, compiled on load."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+
+from miaotui.errors import InputError
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("openvino") is None,
+                                reason="openvino is not installed (pip install -e '.[openvino]'; in [dev])")
+
+
+@pytest.fixture(scope="module")
+def openvino_work(tmp_path_factory, lstm_work: Path) -> Path:
+    """A copy of the default model's work dir with an openvino engine of its FP32 graph."""
+    from miaotui.engines import BuildOptions
+    from miaotui.models import resolve_config
+    from miaotui.stages import run_build_stage
+
+    work = tmp_path_factory.mktemp("openvino") / "work"
+    shutil.copytree(lstm_work, work)
+    run_build_stage(resolve_config("lstm-sentiment"), work, BuildOptions(backend="openvino", precision="fp32"),
+                    progress=False)
+    return work
+
+
+def _engine(work: Path) -> Path:
+    return work / "engines" / "lstm-sentiment.openvino.fp32.xml"
+
+
+def _ids(rows: int, length: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(1, 3000, (rows, length)).astype(np.int64)
+
+
+def test_the_ir_and_its_weights_answer_like_onnxruntime_on_the_graph(openvino_work: Path):
+    from miaotui.engines import read_metadata
+    from miaotui.runtime import Engine
+
+    engine_path = _engine(openvino_work)
+    weights = engine_path.with_suffix(".bin")
+    assert engine_path.is_file() and weights.is_file()
+    metadata = read_metadata(engine_path)
+    assert metadata.backend == "openvino" and metadata.precision == "fp32"
+    assert metadata.settings["precision_hint"] == "f32" and metadata.settings["weights_bytes"] == weights.stat().st_size
+    assert metadata.checks["vs_onnxruntime_max_abs_diff"] < 1e-4 and metadata.checks["ran_at"] == ["min", "opt", "max"]
+    engine = Engine.load(engine_path, threads=2)
+    assert engine.provider == "OpenVINO CPU (f32)"
+    ids = _ids(100, 33)  # more rows than the engine's 64: run in two slices
+    expected = ort.InferenceSession(str(openvino_work / "model.opt.onnx"),
+                                    providers=["CPUExecutionProvider"]).run(None, {"input_ids": ids})[0]
+    np.testing.assert_allclose(engine(input_ids=ids)["logits"], expected, atol=1e-4)
+    with pytest.raises(InputError, match="dim 1 is 300, the engine takes 1..256"):
+        engine(input_ids=_ids(2, 300))
+
+
+def test_threads_share_one_compiled_model(openvino_work: Path):
+    from miaotui.runtime import Engine
+
+    engine = Engine.load(_engine(openvino_work))
+    inputs = [_ids(1 + i % 7, 5 + 3 * i, seed=i) for i in range(16)]
+    expected = [engine(input_ids=ids)["logits"] for ids in inputs]
+    mismatches = []
+
+    def worker(offset: int) -> None:
+        for step in range(40):
+            index = (offset + step) % len(inputs)
+            if not np.array_equal(engine(input_ids=inputs[index])["logits"], expected[index]):
+                mismatches.append(index)
+
+    threads = [threading.Thread(target=worker, args=(offset,)) for offset in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not mismatches
+
+
+def test_damaged_or_missing_weights_are_refused_in_one_line(openvino_work: Path, tmp_path: Path):
+    from miaotui.runtime import Engine
+
+    for case in ("damaged", "missing"):
+        folder = tmp_path / case
+        folder.mkdir()
+        for path in _engine(openvino_work).parent.glob("lstm-sentiment.openvino.fp32.*"):
+            shutil.copy(path, folder / path.name)
+        weights = folder / "lstm-sentiment.openvino.fp32.bin"
+        if case == "damaged":
+            data = bytearray(weights.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            weights.write_bytes(bytes(data))
+        else:
+            weights.unlink()
+        with pytest.raises(InputError) as error:
+            Engine.load(folder / "lstm-sentiment.openvino.fp32.xml")
+        message = str(error.value)
+        assert ("sha256 differs" if case == "damaged" else "weights are missing") in message and "\n" not in message
+
+
+def test_the_gate_passes_on_the_fp32_ir(openvino_work: Path):
+    from miaotui.models import resolve_config
+    from miaotui.stages import validate_engine
+
+    report = validate_engine(_engine(openvino_work), resolve_config("lstm-sentiment"), openvino_work, progress=False)
+    assert report.passed, [c.sentence() for c in report.failures()]
+    assert report.backend == "openvino" and report.from_work_dir
+    assert report.outputs[0].top1_agreement == 1.0
+
+
+def test_triton_serves_it_with_its_openvino_backend(openvino_work: Path, tmp_path: Path):
+    from miaotui.cli import main
+    from miaotui.serving.model_config import parse
+
+    repo = tmp_path / "repo"
+    result = CliRunner().invoke(main, ["package", str(openvino_work), "--triton", str(repo), "--backend", "openvino"],
+                                env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    entry = repo / "lstm-sentiment"
+    config = parse((entry / "config.pbtxt").read_text(), str(entry))
+    assert config.backend == "openvino" and not config.platform and config.max_batch_size == 64
+    assert (entry / "1" / "model.xml").read_bytes() == _engine(openvino_work).read_bytes()
+    assert (entry / "1" / "model.bin").read_bytes() == _engine(openvino_work).with_suffix(".bin").read_bytes()
