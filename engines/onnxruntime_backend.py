@@ -88,7 +88,7 @@ def check_engine(onnx_path: Path, engine: Path, name: str, session_settings: dic
     """The engine runs at the min and max shapes, and at opt answers like ONNX Runtime on the source."""
     import onnxruntime
 
-    from miaotui.engines.shapes import max_diff, synthetic_feed
+    from miaotui.engines.shapes import max_diff, run_at_extremes, synthetic_feed
 
     def session(path: Path, engine_format: bool):
         options = onnxruntime.SessionOptions()
@@ -100,14 +100,7 @@ def check_engine(onnx_path: Path, engine: Path, name: str, session_settings: dic
         return onnxruntime.InferenceSession(str(path), options, providers=session_settings["providers"])
 
     built = session(engine, True)
-    for which in ("min", "max"):
-        feed = synthetic_feed(ranges, which, config)
-        try:
-            built.run(None, feed)
-        except Exception as error:
-            shape = "; ".join(f"{name} {list(value.shape)}" for name, value in feed.items())
-            raise InputError(f"{onnx_path}: the model fails at the {which} shapes ({shape}): {_first_line(error)}; "
-                             "narrow the shape ranges") from None
+    run_at_extremes(lambda feed: built.run(None, feed), ranges, config, str(onnx_path), "the model")
     feed = synthetic_feed(ranges, "opt", config)
     expected = session(onnx_path, False).run(None, feed)
     actual = built.run(None, feed)

@@ -97,17 +97,10 @@ def _convert(ov, onnx_path: Path, ranges: list[TensorRange]):
 
 def _check(onnx_path: Path, runner: OpenVINORunner, ranges: list[TensorRange], config) -> dict:
     """The compiled IR runs at the min and max shapes, and at opt answers like ONNX Runtime on the graph."""
-    from miaotui.engines.shapes import max_diff, synthetic_feed
+    from miaotui.engines.shapes import max_diff, run_at_extremes, synthetic_feed
     from miaotui.export.parity import onnxruntime_session
 
-    for which in ("min", "max"):
-        feed = synthetic_feed(ranges, which, config)
-        try:
-            runner.run(feed)
-        except Exception as error:
-            shape = "; ".join(f"{n} {list(v.shape)}" for n, v in feed.items())
-            raise InputError(f"{onnx_path}: OpenVINO fails at the {which} shapes ({shape}): {_first_line(error)}; "
-                             "narrow the shape ranges") from None
+    run_at_extremes(runner.run, ranges, config, str(onnx_path), "OpenVINO")
     feed = synthetic_feed(ranges, "opt", config)
     expected = onnxruntime_session(onnx_path).run(runner.output_names, feed)
     worst = max(max_diff(e, a) for e, a in zip(expected, runner.run(feed)))

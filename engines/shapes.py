@@ -129,3 +129,16 @@ def max_diff(expected: np.ndarray, actual: np.ndarray) -> float:
     diff = np.abs(expected.astype(np.float64) - actual.astype(np.float64))
     diff[np.isnan(expected) & np.isnan(actual)] = 0.0
     return float(np.max(diff, initial=0.0)) if not np.isnan(diff).any() else float("nan")
+
+
+def run_at_extremes(run, ranges: list[TensorRange], config: Config | None, where: str, engine: str) -> None:
+    """`run(feed)` at the min and max shapes of every range: a model that fails there is refused in one line."""
+    for which in ("min", "max"):
+        feed = synthetic_feed(ranges, which, config)
+        try:
+            run(feed)
+        except Exception as error:
+            shape = "; ".join(f"{name} {list(value.shape)}" for name, value in feed.items())
+            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise InputError(f"{where}: {engine} fails at the {which} shapes ({shape}): {message}; "
+                             "narrow the shape ranges") from None
