@@ -122,9 +122,6 @@ class OpenVINO(Backend):
 
         return importlib.util.find_spec("openvino") is not None
 
-    def builds_by_default(self) -> bool:
-        return self.installed()
-
     def build(self, job: BuildJob) -> BackendBuild:
         from miaotui.artifacts import sha256_file
         from miaotui.engines.onnxruntime_backend import cpu_description

@@ -120,6 +120,9 @@ def calibrate(model_path: Path, batches: Iterable[dict[str, np.ndarray]], reques
     key = request.key
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="miaotui-calibrate-") as scratch, quiet_onnxruntime():
+        # ONNX Runtime writes a shape-inferred copy beside the model it calibrates (NAME-inferred.onnx):
+        # it gets links to the model in the scratch folder, so nothing lands beside the work dir's graph.
+        model_path = _linked(model_path, Path(scratch))
         common = {"augmented_model_path": str(Path(scratch) / "augmented.onnx"),
                   "use_external_data_format": _has_external_data(model_path),
                   # Symmetric: TensorRT takes symmetric INT8 only, so histograms are of |x| too.
@@ -182,6 +185,14 @@ class _OneBatch:
     def get_next(self) -> dict[str, np.ndarray] | None:
         feed, self.feed = self.feed, None
         return feed
+
+
+def _linked(model_path: Path, folder: Path) -> Path:
+    """`model_path` (and its external weights) as symbolic links in `folder`."""
+    for source in (model_path, Path(str(model_path) + ".data")):
+        if source.is_file():
+            (folder / source.name).symlink_to(source.resolve())
+    return folder / model_path.name
 
 
 def _has_external_data(model_path: Path) -> bool:

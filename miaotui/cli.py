@@ -32,6 +32,17 @@ def _console(stderr: bool = False):
     return Console(stderr=stderr, highlight=False)
 
 
+def os_error_line(error: OSError) -> str:
+    """"PATH: reason" for an OSError, whichever library raised it."""
+    import os
+
+    reason = error.strerror or (os.strerror(error.errno) if error.errno else str(error))
+    path = error.filename or ""
+    if error.filename2:
+        path = f"{path} -> {error.filename2}"
+    return f"{path}: {reason}" if path else f"{reason} ({type(error).__name__})"
+
+
 def reports_errors(command):
     """One line on stderr and the error's exit status instead of a traceback."""
 
@@ -42,6 +53,9 @@ def reports_errors(command):
         except MiaotuiError as error:
             click.echo(f"error: {error}", err=True)
             sys.exit(error.exit_code)
+        except OSError as error:  # the environment (a full disk, a read-only folder): exit 2 like bad input
+            click.echo(f"error: {os_error_line(error)}", err=True)
+            sys.exit(InputError.exit_code)
 
     return wrapper
 
@@ -63,7 +77,7 @@ def _stage_command(name: str, summary: str, options=(), spinner: bool = True, af
 
     def decorate(run):
         @reports_errors
-        def command(config_or_model: str, out_dir: Path | None, force: bool, **extra) -> None:
+        def command(config_or_model: str, out_dir: Path | None, force: bool, no_wait: bool, **extra) -> None:
             from miaotui.models import resolve_config
             from miaotui.workdir import WorkDir
 
@@ -71,9 +85,9 @@ def _stage_command(name: str, summary: str, options=(), spinner: bool = True, af
             work_dir = out_dir or WorkDir.for_model(config.name).root
             if spinner:
                 with _console(stderr=True).status(f"{name} {config.name}"):
-                    results = run(config, work_dir, force, **extra)
+                    results = run(config, work_dir, force, wait=not no_wait, **extra)
             else:  # the stage draws its own progress bars
-                results = run(config, work_dir, force, **extra)
+                results = run(config, work_dir, force, wait=not no_wait, **extra)
             for result in results:
                 for warning in getattr(result, "warnings", []):
                     _console(stderr=True).print(f"[yellow]warning:[/yellow] {escape(warning)}")
@@ -83,6 +97,8 @@ def _stage_command(name: str, summary: str, options=(), spinner: bool = True, af
 
         for option in reversed(options):
             command = option(command)
+        command = click.option("--no-wait", is_flag=True, help="Fail at once when another run is using the work "
+                               "dir (default: wait for it).")(command)
         command = click.option("--force", is_flag=True, help="Redo this stage even when the manifest says it is "
                                "current (earlier stages are redone only when stale).")(command)
         command = click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -94,19 +110,19 @@ def _stage_command(name: str, summary: str, options=(), spinner: bool = True, af
 
 
 @_stage_command("export", "Export the PyTorch model to ONNX and check it against PyTorch (model.onnx).")
-def export(config, work_dir: Path, force: bool):
+def export(config, work_dir: Path, force: bool, wait: bool):
     from miaotui.stages import Export, Pipeline
 
-    pipeline = Pipeline(config, work_dir)
+    pipeline = Pipeline(config, work_dir, wait=wait)
     pipeline.run(Export(), force)
     return pipeline.ran
 
 
 @_stage_command("optimize", "Fold constants, infer shapes, drop dead nodes (model.opt.onnx), after export.")
-def optimize(config, work_dir: Path, force: bool):
+def optimize(config, work_dir: Path, force: bool, wait: bool):
     from miaotui.stages import Optimize, Pipeline
 
-    pipeline = Pipeline(config, work_dir)
+    pipeline = Pipeline(config, work_dir, wait=wait)
     pipeline.run(Optimize(), force)
     return pipeline.ran
 
@@ -142,7 +158,7 @@ def optimize(config, work_dir: Path, force: bool):
     ),
     spinner=False,
 )
-def quantize(config, work_dir: Path, force: bool, precision, method, samples, smooth_alpha, calibration_data, include,
+def quantize(config, work_dir: Path, force: bool, wait: bool, precision, method, samples, smooth_alpha, calibration_data, include,
              exclude, target_agreement, bias_correction):
     from miaotui.stages import Half, Pipeline, Quantize, quantize_options
 
@@ -150,7 +166,7 @@ def quantize(config, work_dir: Path, force: bool, precision, method, samples, sm
     if precision == "fp16" and any(o not in (None, ()) for o in int8_options):
         raise InputError("--precision fp16: --method, --samples, --smooth-alpha, --calibration, --include, --exclude, "
                          "--target-agreement and --bias-correction are INT8 options; fp16 has no calibration")
-    pipeline = Pipeline(config, work_dir)
+    pipeline = Pipeline(config, work_dir, wait=wait)
     if precision != "fp16":
         options = quantize_options(config, method, samples, include, exclude, calibration_data, smooth_alpha,
                                    target_agreement, bias_correction)
@@ -223,12 +239,12 @@ def _gate_built_engines(config, work_dir: Path, results) -> None:
     spinner=False,
     after=lambda config, work_dir, results: _gate_built_engines(config, work_dir, results),
 )
-def run(config, work_dir: Path, force: bool, backends, precision, **tensorrt):
+def run(config, work_dir: Path, force: bool, wait: bool, backends, precision, **tensorrt):
     from miaotui.engines import BuildOptions
     from miaotui.stages import RunOptions, build_engines
 
     options = RunOptions(tuple(backends), precision, BuildOptions(tensorrt=_tensorrt_options(**tensorrt)))
-    return build_engines(config, work_dir, options, force=force).ran
+    return build_engines(config, work_dir, options, force=force, wait=wait).ran
 
 
 @main.command()

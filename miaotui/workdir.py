@@ -17,8 +17,11 @@ Standard library only: the runtime imports it.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -43,6 +46,9 @@ REFERENCE = "reference.npz"
 ENGINES = "engines"
 REPORTS = "reports"
 SIDECAR_SUFFIX = ".json"  # an engine's sidecar is ENGINE + ".json"
+STAGING_PREFIX = ".staging-"  # a stage's scratch folder inside the work dir
+LOCK_SUFFIX = ".lock"  # build/.<name>.lock beside the work dir: one run at a time
+_HELD_LOCKS: dict[str, int] = {}  # lock path -> depth, for this process (flock is per open file)
 # What reports/ holds: per engine reports/<engine>/parity.*, and bench.* and layers.* beside them.
 PARITY_REPORTS = ("parity.json", "parity.md", "parity.xml")
 BENCH_REPORTS = ("bench.json", "bench.md", "bench.png")
@@ -50,6 +56,10 @@ LAYERS_REPORT = "layers.json"
 LAYERS_PLOT = "layers.png"
 # Which precision to prefer when nothing is asked for: the fastest that passes the gate first.
 PRECISION_PREFERENCE = ("int8", "int8-fp16", "fp16", "fp32")
+
+
+def _tell_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def sidecar_path(engine: str | Path) -> Path:
@@ -200,7 +210,7 @@ class WorkDir:
         work dir itself too when this run created it and a failure left it empty."""
         created = not self.root.exists()
         self.root.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.root))
+        scratch = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.root))
         try:
             yield scratch
         except BaseException:
@@ -209,6 +219,56 @@ class WorkDir:
                 self.root.rmdir()
             raise
         shutil.rmtree(scratch, ignore_errors=True)
+
+    def remove_stale_staging(self) -> list[Path]:
+        """Scratch folders a killed run left behind (only call with the lock held: then none is in use)."""
+        stale = sorted(self.root.glob(STAGING_PREFIX + "*")) if self.root.is_dir() else []
+        for folder in stale:
+            shutil.rmtree(folder, ignore_errors=True)
+        return stale
+
+    @property
+    def lock_path(self) -> Path:
+        return self.root.parent / f".{self.root.name}{LOCK_SUFFIX}"
+
+    @contextlib.contextmanager
+    def lock(self, wait: bool = True, on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
+        """One run at a time in this work dir: a second waits for the first (`on_wait` is told once),
+        or with `wait=False` fails at once. Held, it removes the scratch folders a killed run left.
+        Re-entrant within a process. Where the lock file cannot be written (a read-only folder) no
+        other run can write either, and the block runs unlocked."""
+        key = str(self.lock_path.absolute())
+        if _HELD_LOCKS.get(key):
+            _HELD_LOCKS[key] += 1
+            try:
+                yield
+            finally:
+                _HELD_LOCKS[key] -= 1
+            return
+        try:
+            self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(self.lock_path, "a")
+        except OSError as error:
+            if error.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+            yield
+            return
+        try:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not wait:
+                    raise InputError(f"{self.root}: another miaotui run is using this work dir (lock {self.lock_path}); "
+                                     "let it finish, or run without --no-wait to wait for it") from None
+                (on_wait or _tell_stderr)(f"{self.root}: another miaotui run is using this work dir; waiting for it "
+                                          f"(lock {self.lock_path})")
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            _HELD_LOCKS[key] = 1
+            self.remove_stale_staging()
+            yield
+        finally:
+            _HELD_LOCKS.pop(key, None)
+            handle.close()  # closing the file releases the lock
 
     # -- engines -----------------------------------------------------------------------------
     def engines(self, suffixes: tuple[str, ...]) -> list[Path]:

@@ -11,10 +11,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from miaotui.config import Config
 from miaotui.errors import InputError
 from miaotui.validation.gate import ParityReport
 from miaotui.workdir import WorkDir
+
+if TYPE_CHECKING:
+    from miaotui.engines import BuildOptions
 
 
 def validate_engine(engine_path: str | Path, config: Config, work_dir: str | Path, progress: bool = True,
@@ -89,7 +94,7 @@ def gate_engine(engine: Path, config: Config, work_dir: str | Path | None = None
 class RunOptions:
     backends: tuple[str, ...] = ()  # default: every backend that builds by default here
     precision: str = "int8"
-    build: object = None  # BuildOptions the backend and precision are set on (TensorRT options); None: defaults
+    build: "BuildOptions | None" = None  # the options backend and precision are set on (TensorRT's); None: defaults
 
 
 @dataclass
@@ -106,7 +111,7 @@ class FlowResult:
 
 
 def build_engines(config: Config, work_dir: str | Path, options: RunOptions, force: bool = False,
-                  progress: bool = True, on_stage=None):
+                  progress: bool = True, on_stage=None, wait: bool = True):
     """Every stage up to an engine per backend; returns the pipeline (its `ran` lists the results)."""
     from dataclasses import replace
 
@@ -114,7 +119,7 @@ def build_engines(config: Config, work_dir: str | Path, options: RunOptions, for
     from miaotui.stages.build import Build
     from miaotui.stages.runner import Pipeline
 
-    pipeline = Pipeline(config, work_dir, progress)
+    pipeline = Pipeline(config, work_dir, progress, wait)
     base = options.build or BuildOptions()
     for backend in options.backends or default_backends():
         unit = Build(replace(base, backend=backend, precision=options.precision))

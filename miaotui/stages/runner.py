@@ -103,10 +103,11 @@ def default_unit(name: str, config: Config) -> Unit:
 class Pipeline:
     """One config and one work dir; runs units and the units they need, each at most once."""
 
-    def __init__(self, config: Config, work_dir: str | Path, progress: bool = True):
+    def __init__(self, config: Config, work_dir: str | Path, progress: bool = True, wait: bool = True):
         self.config = config
         self.work = WorkDir(work_dir)
         self.progress = progress
+        self.wait = wait  # another run holds the work dir: wait for it (else fail at once)
         self.units: dict[str, Unit] = {}
         self.results: dict[str, StageResult] = {}
         self.ran: list[StageResult] = []  # results in the order they were produced or found current
@@ -147,10 +148,11 @@ class Pipeline:
         for unit in plan:  # every unit's data is read and checked before any stage runs
             if unit.name not in self.results:
                 unit.prepare(self)
-        for unit in plan:
-            if unit.name not in self.results or (force and unit.name == name):
-                self.results[unit.name] = self._execute(unit, force and unit.name == name)
-                self.ran.append(self.results[unit.name])
+        with self.work.lock(self.wait):
+            for unit in plan:
+                if unit.name not in self.results or (force and unit.name == name):
+                    self.results[unit.name] = self._execute(unit, force and unit.name == name)
+                    self.ran.append(self.results[unit.name])
         return self.results[name]
 
     def _execute(self, unit: Unit, force: bool) -> StageResult:
@@ -164,6 +166,16 @@ class Pipeline:
             return unit.result_type(stage, work.path(unit.primary), files, record.seconds, skipped=True,
                                     details=record.details, warnings=list(record.details.get("warnings", [])))
 
+        try:
+            return self._produce(unit, stage, key, inputs, options, tools)
+        except OSError as error:
+            if error.filename:
+                raise
+            # A library that writes (onnx, torch) says "No space left on device" without a path: name the work dir.
+            raise OSError(error.errno, error.strerror or str(error), str(work.root)) from error
+
+    def _produce(self, unit: Unit, stage: str, key: str, inputs: dict, options: dict, tools: dict) -> StageResult:
+        work = self.work
         started = time.perf_counter()
         with work.staging() as scratch:
             details = unit.produce(self, scratch)

@@ -1,0 +1,137 @@
+"""A hostile environment: a full disk, a read-only folder, a second run on the same work dir, a run
+killed mid-stage. Each ends in one line and exit 2 (or waits), with nothing invalid under a final name."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+MIAOTUI = [sys.executable, "-m", "miaotui.cli"]
+
+
+def _mount(*args: str) -> bool:
+    return os.geteuid() == 0 and subprocess.run(["mount", *args], capture_output=True).returncode == 0
+
+
+@contextlib.contextmanager
+def small_disk(folder: Path, size: str):
+    folder.mkdir(parents=True)
+    if not _mount("-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)):
+        pytest.skip("mounting a small tmpfs needs root (the disk-full test)")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+@contextlib.contextmanager
+def read_only(folder: Path):
+    if not (_mount("--bind", str(folder), str(folder)) and _mount("-o", "remount,bind,ro", str(folder))):
+        subprocess.run(["umount", str(folder)], capture_output=True)
+        pytest.skip("a read-only bind mount needs root (the read-only test)")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def _one_error_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    return lines[0]
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_file(tmp_path: Path):
+    with small_disk(tmp_path / "disk", "2m") as disk:  # model.onnx is 3.5 MB
+        result = subprocess.run([*MIAOTUI, "export", "lstm-sentiment", "--out", str(disk / "work")],
+                                capture_output=True, text=True)
+        line = _one_error_line(result)
+        assert "No space left on device" in line and str(disk / "work") in line
+        leftovers = [p.relative_to(disk) for p in disk.rglob("*") if p.is_file() and not p.name.endswith(".lock")]
+        assert leftovers == [], leftovers
+
+
+def test_a_read_only_work_dir_is_one_line_and_keeps_its_files(tmp_path: Path):
+    work = tmp_path / "work"
+    first = subprocess.run([*MIAOTUI, "export", "lstm-sentiment", "--out", str(work)], capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = {p.name: p.read_bytes() for p in work.iterdir() if p.is_file()}
+    with read_only(work):
+        current = subprocess.run([*MIAOTUI, "export", "lstm-sentiment", "--out", str(work)], capture_output=True,
+                                 text=True)
+        assert current.returncode == 0, current.stderr[-2000:]  # nothing to write: the manifest says current
+        forced = subprocess.run([*MIAOTUI, "export", "lstm-sentiment", "--out", str(work), "--force"],
+                                capture_output=True, text=True)
+        line = _one_error_line(forced)
+        assert "Read-only file system" in line and str(work) in line
+    assert {p.name: p.read_bytes() for p in work.iterdir() if p.is_file()} == before
+
+
+def test_calibration_writes_nothing_beside_the_graph_it_reads(router: Path, tmp_path: Path):
+    """ONNX Runtime's calibrator writes NAME-inferred.onnx beside the model it is given; in a
+    read-only folder that failed before the graph was handed over as a link in a scratch folder."""
+    from miaotui.config import load_config
+    from miaotui.stages import run_optimize_stage, run_quantize_stage
+
+    config = load_config(router / "config.toml")
+    work = tmp_path / "work"
+    run_optimize_stage(config, work)
+    graphs = tmp_path / "graphs"
+    graphs.mkdir()
+    shutil.copy(work / "model.opt.onnx", graphs / "model.opt.onnx")
+    from miaotui.data.datasets import data_set, summarize
+    from miaotui.export.calibration import METHOD_SETTINGS, CalibrationKey, CalibrationRequest, calibrate
+
+    calibration = data_set(config, "calibration")
+    key = CalibrationKey("x", summarize(calibration).fingerprint, 200, "minmax", "y", 0.5, "z")
+    with read_only(graphs):
+        result = calibrate(graphs / "model.opt.onnx", calibration.batches(), CalibrationRequest(key, ("scores",)),
+                           progress=False)
+    assert set(result.ranges) == {"scores"} and sorted(p.name for p in graphs.iterdir()) == ["model.opt.onnx"]
+    assert run_quantize_stage(config, work, progress=False).path.is_file()
+    assert not list(work.glob("*-inferred*"))
+
+
+def test_a_second_run_waits_for_the_first_or_fails_at_once(tmp_path: Path):
+    from miaotui.workdir import WorkDir
+
+    work = WorkDir(tmp_path / "work")
+    with work.lock():  # this process holds the work dir, as a run would
+        refused = subprocess.run([*MIAOTUI, "export", "lstm-sentiment", "--out", str(work.root), "--no-wait"],
+                                 capture_output=True, text=True)
+        assert "another miaotui run is using this work dir" in _one_error_line(refused)
+        waiting = subprocess.Popen([*MIAOTUI, "export", "lstm-sentiment", "--out", str(work.root)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        told = ""
+        deadline = time.monotonic() + 120
+        while "waiting for it" not in told and time.monotonic() < deadline:
+            told += waiting.stderr.readline()
+        assert "waiting for it" in told and waiting.poll() is None
+        assert not work.exported.exists()  # it has written nothing while it waits
+    out, err = waiting.communicate(timeout=300)
+    assert waiting.returncode == 0, err[-2000:]
+    assert work.exported.is_file() and "export" in out
+
+
+def test_scratch_folders_a_killed_run_left_are_removed_by_the_next(tmp_path: Path):
+    work = tmp_path / "work"
+    run = subprocess.Popen([*MIAOTUI, "export", "lstm-sentiment", "--out", str(work)], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(work.glob(".staging-*")) and time.monotonic() < deadline and run.poll() is None:
+        time.sleep(0.02)
+    run.kill()  # kill -9 in the middle of the export stage
+    run.wait()
+    assert list(work.glob(".staging-*")), "the run finished before it could be killed in its stage"
+    assert not work.joinpath("model.onnx").exists()
+    again = subprocess.run([*MIAOTUI, "export", "lstm-sentiment", "--out", str(work)], capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert not list(work.glob(".staging-*")) and work.joinpath("model.onnx").is_file()
