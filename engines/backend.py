@@ -63,12 +63,25 @@ class BackendBuild:
     warnings: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class TensorSignature:
+    """What a loaded engine itself says of one input or output: what the sidecar must agree with."""
+
+    name: str
+    dtype: str  # numpy name
+    dims: tuple[int | None, ...]  # fixed sizes; None where the engine takes a range
+    bounds: tuple[tuple[int, int] | None, ...] | None = None  # per dim [min, max] where the engine knows them
+
+
 class Runner(Protocol):
-    """A loaded engine: `run` takes arrays by input name and returns the outputs in sidecar order."""
+    """A loaded engine: `run` takes arrays by input name and returns the outputs in sidecar order;
+    `signature` is what the engine itself reports of its inputs and outputs."""
 
     provider: str  # what really runs it, e.g. CPUExecutionProvider
 
     def run(self, arrays: dict[str, Any]) -> list: ...
+
+    def signature(self) -> tuple[list[TensorSignature], list[TensorSignature]]: ...
 
 
 class Backend:

@@ -27,6 +27,9 @@ class TensorRange:
     min: tuple[int, ...]
     opt: tuple[int, ...]
     max: tuple[int, ...]
+    # The half-open [low, high) its values must lie in (the config's [inputs] range: token ids below the
+    # vocabulary size); None: unchecked.
+    values: tuple[float, float] | None = None
 
     def accepts(self, shape: tuple[int, ...]) -> bool:
         return len(shape) == len(self.min) and all(lo <= n <= hi for n, lo, hi in zip(shape, self.min, self.max))
@@ -114,8 +117,13 @@ def read_metadata(engine: str | Path) -> EngineMetadata:
         if not len(ranges["min"]) == len(ranges["opt"]) == len(ranges["max"]) or any(
                 not lo <= mid <= hi for lo, mid, hi in zip(ranges["min"], ranges["opt"], ranges["max"])):
             raise InputError(f"{where}: key '{key}' needs min <= opt <= max of one rank, got {ranges}")
+        values = entry.get("values")
+        if values is not None and not (isinstance(values, list) and len(values) == 2 and values[0] < values[1]
+                                       and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
+            raise InputError(f"{where}: key '{key}.values' should be [low, high) with low < high, got {values!r}")
         inputs.append(TensorRange(_require(entry, "name", str, where), _require(entry, "dtype", str, where),
-                                  tuple(entry.get("dims", ranges["max"])), **ranges))
+                                  tuple(entry.get("dims", ranges["max"])), **ranges,
+                                  values=tuple(values) if values is not None else None))
     if not inputs:
         raise InputError(f"{where}: key 'inputs' is empty: the engine's shape ranges are unknown (rebuild the engine)")
     outputs = [TensorInfo(_require(o, "name", str, where), _require(o, "dtype", str, where), tuple(o.get("dims", ())))

@@ -17,11 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from miaotui.engines.backend import Backend, BackendBuild, BuildJob
+from miaotui.engines.backend import Backend, BackendBuild, BuildJob, TensorSignature
 from miaotui.engines.metadata import EngineMetadata, TensorRange
 from miaotui.errors import CheckFailed, InputError
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+             "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8", "tensor(uint8)": "uint8",
+             "tensor(bool)": "bool"}
 ENGINE_ATOL = 1e-5  # an onnxruntime engine must answer like ONNX Runtime on its source file
 # Instruction sets that change which ONNX Runtime kernels run (and how INT8 rounds).
 _CPU_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16",
@@ -174,7 +177,18 @@ class OnnxRuntimeRunner:
     def run(self, arrays: dict[str, object]) -> list[np.ndarray]:
         feed = {name: value.cpu().numpy() if type(value).__module__.startswith("torch") else value
                 for name, value in arrays.items()}
-        return self.session.run(self.output_names, feed)
+        try:
+            return self.session.run(self.output_names, feed)
+        except Exception as error:  # ORT's own exception types; the inputs passed the sidecar's checks
+            shapes = ", ".join(f"{name} {list(value.shape)}" for name, value in feed.items())
+            raise InputError(f"ONNX Runtime failed on inputs {shapes}: {_first_line(error)}") from None
+
+    def signature(self):
+        def describe(args):
+            return [TensorSignature(a.name, ORT_TYPES.get(a.type, a.type),
+                                    tuple(d if isinstance(d, int) else None for d in a.shape)) for a in args]
+
+        return describe(self.session.get_inputs()), describe(self.session.get_outputs())
 
 
 class OnnxRuntime(Backend):

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from miaotui.engines.backend import Backend, BackendBuild, BuildJob
+from miaotui.engines.backend import Backend, BackendBuild, BuildJob, TensorSignature
 from miaotui.engines.metadata import EngineMetadata, TensorRange
 from miaotui.errors import InputError
 
@@ -74,8 +74,24 @@ class OpenVINORunner:
             request = self._local.request = self.compiled.create_infer_request()
         feed = {name: value.cpu().numpy() if type(value).__module__.startswith("torch") else value
                 for name, value in arrays.items()}
-        results = request.infer(feed)
+        try:
+            results = request.infer(feed)
+        except Exception as error:  # OpenVINO's RuntimeError; the inputs passed the sidecar's checks
+            shapes = ", ".join(f"{name} {list(value.shape)}" for name, value in feed.items())
+            raise InputError(f"OpenVINO failed on inputs {shapes}: {_first_line(error)}") from None
         return [np.array(results[self._ports[name]]) for name in self.output_names]  # copies: the request reuses its buffers
+
+    def signature(self):
+        def describe(ports):
+            described = []
+            for port in ports:
+                shape = port.get_partial_shape()
+                bounds = tuple((d.get_min_length(), d.get_max_length()) for d in shape)
+                described.append(TensorSignature(port.get_any_name(), port.get_element_type().to_dtype().name,
+                                                 tuple(d.get_length() if d.is_static else None for d in shape), bounds))
+            return described
+
+        return describe(self.compiled.inputs), describe(self.compiled.outputs)
 
 
 def _convert(ov, onnx_path: Path, ranges: list[TensorRange]):

@@ -76,7 +76,8 @@ def resolve_shapes(onnx_inputs, config: Config | None, overrides: Sequence[str] 
                 if lo < bounds.min or hi > bounds.max:
                     raise InputError(f"{where} dim {axis} ('{spec.shape[axis]}'): {lo}..{hi} is outside what the model "
                                      f"was exported and checked for, {bounds.min}..{bounds.max} ({config.path} [dims])")
-        ranges.append(TensorRange(tensor.name, tensor.dtype, dims, tuple(low), tuple(mid), tuple(high)))
+        values = tuple(spec.range) if spec is not None and spec.range is not None else None
+        ranges.append(TensorRange(tensor.name, tensor.dtype, dims, tuple(low), tuple(mid), tuple(high), values))
     _check_shared_dims(ranges)
     return ranges
 

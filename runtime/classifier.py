@@ -94,8 +94,16 @@ class Classifier:
         texts = list(texts)
         if not texts:
             return []
-        if not all(isinstance(t, str) for t in texts):
-            raise InputError("predict() takes texts (str)")
+        for position, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise InputError(f"texts[{position}]: got {type(text).__name__}; predict() takes texts (str)")
+            if not text.strip():
+                raise InputError(f"texts[{position}] is empty: there is nothing to classify")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as error:  # a lone surrogate: tokenizers would raise a TypeError
+                raise InputError(f"texts[{position}]: not valid Unicode at character {error.start} "
+                                 f"({text[error.start]!r}, a lone surrogate)") from None
         size = min(batch_size or self.engine.max_batch or 32, self.engine.max_batch or 32)
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         names = [t.name for t in self.engine.inputs]

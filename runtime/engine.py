@@ -49,7 +49,9 @@ class Engine:
             raise InputError(f"threads={threads}: expected a positive number of threads")
         backend = get_backend(metadata.backend)
         backend.check_machine(path, metadata)
-        return cls(path, metadata, backend.open(path, metadata, threads))
+        runner = backend.open(path, metadata, threads)
+        check_signature(path, metadata, runner)
+        return cls(path, metadata, runner)
 
     @property
     def inputs(self) -> list[TensorRange]:
@@ -88,6 +90,42 @@ class Engine:
             parts = [result[index] for result in results]
             outputs[info.name] = _deliver(parts, feed.torch_device)
         return outputs
+
+
+def check_signature(path: Path, metadata: EngineMetadata, runner) -> None:
+    """The sidecar's sha256 guards the engine file, not the sidecar: what the loaded engine itself
+    reports of its inputs and outputs (names, dtypes, ranks, fixed sizes and, where it knows them,
+    dim bounds) must be what the sidecar says, or the runtime's input checks would guard the wrong
+    contract. Backends that cannot say (a TensorRT plan before its first call) are not checked."""
+    signature = getattr(runner, "signature", None)
+    if signature is None:
+        return
+    inputs, outputs = signature()
+    fix = "the sidecar was edited or belongs to another engine: rebuild with 'miaotui build'"
+
+    def refuse(what: str) -> None:
+        raise InputError(f"{path}: {what}; {fix}")
+
+    found = {t.name: t for t in inputs}
+    if sorted(found) != sorted(t.name for t in metadata.inputs):
+        refuse(f"the sidecar names inputs {', '.join(t.name for t in metadata.inputs)}, the engine takes "
+               f"{', '.join(found)}")
+    for spec in metadata.inputs:
+        actual = found[spec.name]
+        if actual.dtype != spec.dtype or len(actual.dims) != len(spec.min):
+            refuse(f"the sidecar says input '{spec.name}' is {spec.dtype} of rank {len(spec.min)}, the engine takes "
+                   f"{actual.dtype} of rank {len(actual.dims)}")
+        for axis, (size, low, high) in enumerate(zip(actual.dims, spec.min, spec.max)):
+            bound = actual.bounds[axis] if actual.bounds else None
+            if (size is not None and not low == high == size) or (bound and not bound[0] <= low <= high <= bound[1]):
+                takes = size if size is not None else f"{bound[0]}..{bound[1]}"
+                refuse(f"the sidecar says input '{spec.name}' dim {axis} is {low}..{high}, the engine takes {takes}")
+    produced = {t.name: t for t in outputs}
+    for info in metadata.outputs:
+        if info.name not in produced or produced[info.name].dtype != info.dtype:
+            got = produced.get(info.name)
+            refuse(f"the sidecar says output '{info.name}' is {info.dtype}, the engine gives "
+                   f"{got.dtype if got else 'no such output'}")
 
 
 def _deliver(parts: list, device: str | None):

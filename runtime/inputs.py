@@ -70,11 +70,24 @@ def to_feed(inputs: list[TensorRange], given: Mapping[str, object]) -> Feed:
             if not low <= size <= high:
                 raise InputError(f"input '{spec.name}': shape {list(value.shape)}, dim {axis} is {size}, the engine "
                                  f"takes {low}..{high} there ({spec.range_text()})")
+        if spec.values is not None and np.dtype(spec.dtype).kind in "iu":
+            _check_values(spec, value)
         batches.add(value.shape[0] if value.ndim else 1)
         arrays[spec.name] = value.detach().contiguous() if is_torch(value) else np.ascontiguousarray(value)
     if splittable and len(batches) > 1:
         raise InputError(f"inputs disagree on the batch size: {', '.join(f'{n} {a.shape[0]}' for n, a in arrays.items())}")
     return Feed(arrays, batches.pop() if batches else 1, next(iter(devices)) if devices else None)
+
+
+def _check_values(spec: TensorRange, value) -> None:
+    """Integer inputs (token ids) inside the model's [low, high): an id past the vocabulary would index
+    outside the embedding table (a raw backend error, or on some backends another row's answer)."""
+    low, high = spec.values
+    outside = (value < low) | (value >= high)  # numpy or torch alike, on the tensor's own device
+    if bool(outside.any()):
+        where = tuple(int(i) for i in (outside.nonzero()[0] if is_torch(value) else np.argwhere(outside)[0]))
+        raise InputError(f"input '{spec.name}': value {value[where].item()} at {list(where)} is outside "
+                         f"[{low:g}, {high:g}), the values the model takes (its config's [inputs] range)")
 
 
 def batch_slices(feed: Feed, size: int) -> Iterator[dict[str, object]]:

@@ -127,3 +127,18 @@ def test_triton_serves_it_with_its_openvino_backend(openvino_work: Path, tmp_pat
     assert config.backend == "openvino" and not config.platform and config.max_batch_size == 64
     assert (entry / "1" / "model.xml").read_bytes() == _engine(openvino_work).read_bytes()
     assert (entry / "1" / "model.bin").read_bytes() == _engine(openvino_work).with_suffix(".bin").read_bytes()
+
+
+def test_a_sidecar_claiming_longer_sequences_than_the_ir_takes_is_refused(openvino_work: Path, tmp_path: Path):
+    import json
+
+    from miaotui.runtime import Engine
+
+    for path in _engine(openvino_work).parent.glob("lstm-sentiment.openvino.fp32.*"):
+        shutil.copy(path, tmp_path / path.name)
+    sidecar = tmp_path / "lstm-sentiment.openvino.fp32.xml.json"
+    data = json.loads(sidecar.read_text())
+    data["inputs"][0]["max"] = [64, 100000]
+    sidecar.write_text(json.dumps(data))
+    with pytest.raises(InputError, match=r"input 'input_ids' dim 1 is 1\.\.100000, the engine takes 1\.\.256"):
+        Engine.load(tmp_path / "lstm-sentiment.openvino.fp32.xml")

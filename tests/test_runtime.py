@@ -108,6 +108,8 @@ BAD_CALLS = {
     "too long": ({"input_ids": _ids(2, 300)}, "dim 1 is 300, the engine takes 1..256 there"),
     "empty batch": ({"input_ids": _ids(2, 5)[:0]}, "empty batch"),
     "not an array": ({"input_ids": [[1, 2, 3]]}, "got list, expected a numpy array or torch tensor of int64"),
+    "negative id": ({"input_ids": np.array([[5, 6, -1]])}, "value -1 at [0, 2] is outside [0, 3651)"),
+    "id past the vocabulary": ({"input_ids": np.array([[5, 3651]])}, "value 3651 at [0, 1] is outside [0, 3651)"),
 }
 
 
@@ -224,7 +226,7 @@ def test_classifier_predicts_labels_in_order_like_the_engine(lstm_work: Path):
     classifier = Classifier.load(lstm_work)
     assert classifier.engine.backend == "onnxruntime" and classifier.labels == ["negative", "positive"]
     examples = load_split("test")[:200]
-    texts = [e.text for e in examples] + ["", "好" * 1000]  # an empty text and one beyond seq max
+    texts = [e.text for e in examples] + ["好" * 1000]  # one beyond the engine's longest sequence
     predictions = classifier.predict(texts, batch_size=16)
     assert len(predictions) == len(texts)
     assert all(p.label in ("negative", "positive") and 0.5 <= p.score <= 1 for p in predictions)
@@ -236,6 +238,11 @@ def test_classifier_predicts_labels_in_order_like_the_engine(lstm_work: Path):
     assert all(abs(a.score - b.score) < 1e-4 for a, b in zip(alone, predictions[:30]))
     same = Classifier.load(classifier.engine.path)  # an engine file inside a work dir works too
     assert [p.label for p in same.predict(texts[:10])] == [p.label for p in predictions[:10]]
+    # Nothing to classify, or not text: one line naming the position, not a confident label or a TypeError.
+    for bad, message in (("  ", "texts[1] is empty"), ("好\ud800", "texts[1]: not valid Unicode at character 1"),
+                         (3, "texts[1]: got int")):
+        with pytest.raises(InputError, match=re.escape(message)):
+            classifier.predict(["好", bad])
 
 
 def test_cli_predict_prints_a_table_and_refuses_a_dir_without_engines(lstm_work: Path, tmp_path: Path):
@@ -280,3 +287,21 @@ def test_the_readme_runtime_example_runs_as_written(lstm_work: Path, tmp_path: P
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "(100, 2)" in result.stdout and "Prediction(label='positive'" in result.stdout
+
+
+def test_a_sidecar_that_disagrees_with_its_engine_is_refused(lstm_engine: Path, tmp_path: Path):
+    def refused(changes: dict, message: str) -> None:
+        engine = _copy_engine(lstm_engine, tmp_path / str(len(list(tmp_path.iterdir()))))
+        data = json.loads(sidecar_path(engine).read_text())
+        for key, value in changes.items():
+            section, index, field = key.split(".")
+            data[section][int(index)][field] = value
+        sidecar_path(engine).write_text(json.dumps(data))
+        with pytest.raises(InputError) as error:
+            Engine.load(engine)
+        assert message in str(error.value) and "sidecar was edited" in str(error.value) and "\n" not in str(error.value)
+
+    refused({"inputs.0.name": "ids"}, "the sidecar names inputs ids, the engine takes input_ids")
+    refused({"inputs.0.dtype": "int32"}, "the sidecar says input 'input_ids' is int32 of rank 2, the engine takes int64")
+    refused({"inputs.0.min": [1, 1, 1], "inputs.0.opt": [8, 128, 1], "inputs.0.max": [64, 256, 1]}, "of rank 3")
+    refused({"outputs.0.dtype": "float16"}, "output 'logits' is float16, the engine gives float32")
