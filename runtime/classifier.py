@@ -30,6 +30,34 @@ class Prediction:
     index: int  # class index
 
 
+# What one engine call costs beyond its tokens, in tokens: a batch is worth splitting when the padding
+# it saves exceeds this (chosen on lstm-sentiment's and minilm-sentiment's CPU engines with
+# benchmarks/predict_texts.py; 16, 64, 128 and 256 tried).
+CALL_OVERHEAD_TOKENS = 128
+ATTENTION_TOKENS = 384  # a row of L tokens costs L + L^2 / this: attention grows with the square of the length
+
+
+def batches_by_cost(lengths: Sequence[int], max_batch: int, overhead: int = CALL_OVERHEAD_TOKENS) -> list[slice]:
+    """Cut `lengths` (ascending) into consecutive batches of at most `max_batch` that minimize the cost
+    of the padded rows (each row of a batch as long as its longest, L tokens costing L + L^2 /
+    ATTENTION_TOKENS) plus `overhead` per call: one batch when lengths are alike, several when a few
+    long texts would pad many short ones. Dynamic programming over the sorted lengths, O(n x max_batch)."""
+    count = len(lengths)
+    best = [0.0] + [float("inf")] * count  # best[j]: cheapest cut of the first j lengths
+    cut = [0] * (count + 1)
+    for end in range(1, count + 1):
+        longest = lengths[end - 1]
+        for start in range(max(0, end - max_batch), end):
+            cost = best[start] + overhead + (end - start) * (longest + longest * longest / ATTENTION_TOKENS)
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    batches, end = [], count
+    while end > 0:
+        batches.append(slice(cut[end], end))
+        end = cut[end]
+    return batches[::-1]
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Probabilities over the last axis (shifted by the max: no overflow)."""
     shifted = logits - logits.max(axis=-1, keepdims=True)
@@ -85,8 +113,8 @@ class Classifier:
         return cls(engine, tokenizer, model.get("labels"), outputs[0])
 
     def predict(self, texts: str | Sequence[str], batch_size: int | None = None) -> list[Prediction]:
-        """Label and score per text, in the order given. Texts of similar length are batched together
-        (less padding), each batch padded to its longest text."""
+        """Label and score per text, in the order given. The texts are tokenized once and cut into
+        batches of similar length by cost (batches_by_cost), each padded to its longest text."""
         from miaotui.data.tokenizers import encode
 
         if isinstance(texts, str):
@@ -105,19 +133,21 @@ class Classifier:
                 raise InputError(f"texts[{position}]: not valid Unicode at character {error.start} "
                                  f"({text[error.start]!r}, a lone surrogate)") from None
         size = min(batch_size or self.engine.max_batch or 32, self.engine.max_batch or 32)
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        encoded = encode(self.tokenizer, texts)  # once, padded to the longest; each batch takes its columns
+        lengths = encoded["attention_mask"].sum(axis=1) if "attention_mask" in encoded else \
+            np.full(len(texts), encoded["input_ids"].shape[1])
+        order = np.argsort(lengths, kind="stable")
         names = [t.name for t in self.engine.inputs]
         dtypes = {t.name: np.dtype(t.dtype) for t in self.engine.inputs}
         predictions: list[Prediction | None] = [None] * len(texts)
-        for start in range(0, len(order), size):
-            chunk = order[start:start + size]
-            encoded = encode(self.tokenizer, [texts[i] for i in chunk])
-            short = self._seq_min - encoded["input_ids"].shape[1]
-            if short > 0:  # an empty text tokenizes to nothing; the engine takes at least seq_min tokens
-                encoded = {k: np.pad(v, ((0, 0), (0, short))) for k, v in encoded.items()}
-            feed = {name: encoded[name].astype(dtypes[name], copy=False) for name in names}
+        for chunk in batches_by_cost([int(lengths[i]) for i in order], size):
+            rows = order[chunk]
+            width = max(int(lengths[rows].max()), self._seq_min)  # the engine takes at least seq_min tokens
+            feed = {name: encoded[name][rows, :width].astype(dtypes[name], copy=False) for name in names}
+            if feed[names[0]].shape[1] < width:
+                feed = {k: np.pad(v, ((0, 0), (0, width - v.shape[1]))) for k, v in feed.items()}
             probabilities = softmax(self.engine.run(feed)[self.output].astype(np.float64))
-            for row, index in enumerate(chunk):
+            for row, index in enumerate(rows):
                 best = int(probabilities[row].argmax())
                 label = self.labels[best] if self.labels and best < len(self.labels) else str(best)
                 predictions[index] = Prediction(label, float(probabilities[row, best]), best)

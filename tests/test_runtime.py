@@ -305,3 +305,19 @@ def test_a_sidecar_that_disagrees_with_its_engine_is_refused(lstm_engine: Path, 
     refused({"inputs.0.dtype": "int32"}, "the sidecar says input 'input_ids' is int32 of rank 2, the engine takes int64")
     refused({"inputs.0.min": [1, 1, 1], "inputs.0.opt": [8, 128, 1], "inputs.0.max": [64, 256, 1]}, "of rank 3")
     refused({"outputs.0.dtype": "float16"}, "output 'logits' is float16, the engine gives float32")
+
+
+def test_batches_are_cut_by_padded_cost():
+    from miaotui.runtime.classifier import batches_by_cost
+
+    def cut(lengths, max_batch=64):
+        batches = batches_by_cost(lengths, max_batch)
+        assert [i for b in batches for i in range(len(lengths))[b]] == list(range(len(lengths)))  # all, in order
+        assert all(b.stop - b.start <= max_batch for b in batches)
+        return [b.stop - b.start for b in batches]
+
+    assert cut([20] * 40) == [40]  # alike: one call
+    assert len(cut([20] * 100)) == 2  # no more calls than the engine's largest batch makes necessary
+    assert cut([5] * 30 + [250, 256]) == [30, 2]  # two long texts would pad thirty short ones 50-fold
+    assert cut([10, 11, 12, 13]) == [4]  # small differences are not worth a call
+    assert cut([]) == []
