@@ -135,3 +135,56 @@ def test_scratch_folders_a_killed_run_left_are_removed_by_the_next(tmp_path: Pat
     again = subprocess.run([*MIAOTUI, "export", "lstm-sentiment", "--out", str(work)], capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-2000:]
     assert not list(work.glob(".staging-*")) and work.joinpath("model.onnx").is_file()
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _recorded(work: Path) -> set[str]:
+    import json
+
+    try:
+        return set(json.loads((work / "manifest.json").read_text())["stages"])
+    except (OSError, ValueError, KeyError):
+        return set()  # not written yet (it is only ever replaced whole)
+
+
+def test_a_run_killed_inside_each_stage_recovers_with_the_same_graphs(tmp_path: Path):
+    """SIGKILL once each stage has its scratch folder (found by watching the work dir, not by timing),
+    then: no file under its final name disagrees with the manifest, and a rerun writes the graphs an
+    uninterrupted run writes, bit for bit."""
+    import json
+
+    command = [*MIAOTUI, "run", "lstm-sentiment", "--backend", "onnxruntime", "--out"]
+    reference = tmp_path / "uninterrupted"
+    subprocess.run([*command, str(reference)], capture_output=True, check=True)
+    graphs = ("model.onnx", "model.opt.onnx", "model.int8.onnx")
+    expected = {name: _sha256(reference / name) for name in graphs}
+    stages = ("export", "optimize", "quantize", "build:onnxruntime:int8")
+    killed = []
+    for index, stage in enumerate(stages):
+        work = tmp_path / stage.replace(":", "-")
+        run = subprocess.Popen([*command, str(work)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 300
+        while run.poll() is None and time.monotonic() < deadline:
+            done = _recorded(work)
+            if set(stages[:index]) <= done and stage not in done and list(work.glob(".staging-*")):
+                run.kill()
+                killed.append(stage)
+                break
+            time.sleep(0.002)
+        run.wait()
+        assert killed[-1:] == [stage], f"the run got past {stage} before it could be killed there"
+        manifest = json.loads((work / "manifest.json").read_text()) if (work / "manifest.json").exists() else {"stages": {}}
+        for record in manifest["stages"].values():  # what the manifest says is there, is there, intact
+            for name, digest in record["outputs"].items():
+                assert _sha256(work / name) == digest, name
+        assert stage not in manifest["stages"]
+        again = subprocess.run([*command, str(work)], capture_output=True, text=True)
+        assert again.returncode == 0, again.stderr[-2000:]
+        assert {name: _sha256(work / name) for name in graphs} == expected
+        assert not list(work.glob(".staging-*"))
+    assert killed == list(stages)
