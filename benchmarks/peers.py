@@ -10,7 +10,12 @@ validation split (top-1 agreement with PyTorch FP32, accuracy):
 - ONNX Runtime quantize_static, default settings: what Optimum's ORTQuantizer or a first try with
   onnxruntime.quantization gives (QDQ, uint8 activations, int8 weights, per-tensor, MinMax), on the
   same 512 calibration samples.
-- miaotui INT8: the onnxruntime engine `miaotui run` builds.
+- OpenVINO FP32: model.opt.onnx compiled by OpenVINO with the CPU plugin's defaults (on CPUs with AMX
+  or AVX512-BF16 that computes in BF16).
+- NNCF INT8: nncf.quantize with its defaults on the same 512 calibration samples, run by OpenVINO
+  with its defaults: what an OpenVINO user gets (needs `pip install nncf`).
+- miaotui INT8: the onnxruntime engine `miaotui run` builds, and the openvino engine
+  (`--backend openvino`) from the same model.int8.onnx.
 The floor column: the model's multiply-accumulates at that shape over this machine's measured INT8
 GEMM rate (ONNX Runtime MatMulInteger, same threads): no INT8 engine can beat it.
 Writes benchmarks/results/<model>/peers.{json,md} and bench.png. Needs nothing but the work dir it builds.
@@ -50,6 +55,27 @@ def ort_static_default(config, work: Path) -> Path:
     return target
 
 
+def nncf_int8(config, work: Path) -> Path:
+    """nncf.quantize with its defaults on the config's first 512 calibration samples, saved as IR."""
+    target = work / "peers" / "model.nncf-int8.xml"
+    if target.is_file():
+        return target
+    import itertools
+
+    import nncf
+    import openvino
+
+    from miaotui.data.datasets import data_set, sample_rows, without_labels
+
+    rows = [without_labels(row) for row in itertools.islice(sample_rows(data_set(config, "calibration").batches(512)),
+                                                            512)]
+    quantized = nncf.quantize(openvino.convert_model(str(work / "model.opt.onnx")), nncf.Dataset(rows),
+                              subset_size=len(rows))
+    target.parent.mkdir(exist_ok=True)
+    openvino.save_model(quantized, str(target))
+    return target
+
+
 def validation_outputs(config, work: Path, peers: dict[str, tuple[str, str | None]]) -> dict[str, dict]:
     """Top-1 agreement with PyTorch FP32 and accuracy of every peer on the validation split."""
     import numpy as np
@@ -75,9 +101,18 @@ def validation_outputs(config, work: Path, peers: dict[str, tuple[str, str | Non
         return lambda feed: session.run(None, feed)[0]
 
     calls = {"pytorch fp32 eager": torch_call(fp32), "pytorch dynamic int8": torch_call(dynamic)}
+    def openvino_call(path):
+        import openvino
+
+        core = openvino.Core()
+        compiled = core.compile_model(core.read_model(path), "CPU")
+        return lambda feed: compiled(feed)[compiled.output(0)]
+
     for name, (kind, path) in peers.items():
         if kind == "onnx":
             calls[name] = session_call(path)
+        elif kind == "openvino":
+            calls[name] = openvino_call(path)
         elif kind == "engine":
             engine = Engine.load(path)
             calls[name] = lambda feed, engine=engine: engine.run(feed)[config.model.outputs[0]]
@@ -172,9 +207,13 @@ def main() -> None:
     config = resolve_config(args.model)
     work = REPO / "build" / config.name
     engine = run_build_stage(config, work, BuildOptions(backend="onnxruntime")).path
+    openvino_engine = run_build_stage(config, work, BuildOptions(backend="openvino")).path
     peers = {"onnxruntime fp32": ("onnx", str(work / "model.opt.onnx")),
              "onnxruntime quantize_static default": ("onnx", str(ort_static_default(config, work))),
-             "miaotui int8": ("engine", str(engine))}
+             "openvino fp32 (defaults)": ("openvino", str(work / "model.opt.onnx")),
+             "nncf int8 (openvino, defaults)": ("openvino", str(nncf_int8(config, work))),
+             "miaotui int8 (onnxruntime)": ("engine", str(engine)),
+             "miaotui int8 (openvino)": ("engine", str(openvino_engine))}
     batches = [int(b) for b in args.batch.split(",")]
     seqs = [int(s) for s in args.seq.split(",")]
     subjects = [Subject("pytorch fp32 eager", "torch", None, str(config.path)),
@@ -188,9 +227,12 @@ def main() -> None:
     out = REPO / "benchmarks" / "results" / config.name
     write_bench_reports(rows, out, args.threads)
     reference = {(r["batch"], r["seq"]): r for r in rows if r["name"] == "pytorch fp32 eager"}
+    from miaotui.engines.onnxruntime_backend import cpu_description
+
+    cpu = cpu_description()
     lines = [f"{config.name}, {args.threads} threads, `python benchmarks/peers.py --model {config.name} --batch {args.batch} "
-             f"--seq {args.seq} --threads {args.threads}` ({time.time() - started:.0f} s). INT8 GEMM rate here: "
-             f"{rate / 1e9:.0f} GMAC/s.", "",
+             f"--seq {args.seq} --threads {args.threads}` ({time.time() - started:.0f} s). {cpu['cpu']} "
+             f"({', '.join(cpu['isa'])}). INT8 GEMM rate here: {rate / 1e9:.0f} GMAC/s.", "",
              "| peer | top-1 agreement | accuracy | " + " | ".join(
                  f"b{b} s{s} p50 ms (speed-up)" for s in seqs for b in batches) + " |",
              "|---|---|---|" + "---|" * (len(batches) * len(seqs))]

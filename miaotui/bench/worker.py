@@ -89,6 +89,16 @@ def _runner(spec: dict):
         session = onnxruntime.InferenceSession(spec["path"], options, providers=["CPUExecutionProvider"])
         specs = [(i.name, _onnx_dtype(i.type), tuple(i.shape)) for i in session.get_inputs()]
         return (lambda feed: session.run(None, feed)), specs, config, (lambda feed: True)
+    if kind == "openvino":  # an ONNX file or IR as an OpenVINO user runs it: the CPU plugin's defaults, our threads
+        import openvino
+
+        core = openvino.Core()
+        compiled = core.compile_model(core.read_model(spec["path"]), "CPU", {"INFERENCE_NUM_THREADS": threads})
+        request = compiled.create_infer_request()
+        specs = [(port.get_any_name(), port.get_element_type().to_dtype().name,
+                  tuple(d.get_length() if d.is_static else "dynamic" for d in port.get_partial_shape()))
+                 for port in compiled.inputs]
+        return (lambda feed: request.infer(feed)), specs, config, (lambda feed: True)
     if kind in ("torch", "torch-dynamic-int8"):
         import torch
 
