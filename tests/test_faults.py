@@ -188,3 +188,25 @@ def test_a_run_killed_inside_each_stage_recovers_with_the_same_graphs(tmp_path: 
         assert {name: _sha256(work / name) for name in graphs} == expected
         assert not list(work.glob(".staging-*"))
     assert killed == list(stages)
+
+
+def test_two_real_runs_on_one_work_dir_take_turns(tmp_path: Path):
+    """Two `miaotui run` processes started together on one work dir take turns (the lock is held per
+    pipeline run: stages, then the gate's reference): what one built the other finds current, every
+    stage is produced once, the manifest agrees with the files, and both pass the gate."""
+    import json
+
+    work = tmp_path / "work"
+    command = [*MIAOTUI, "run", "lstm-sentiment", "--backend", "onnxruntime", "--out", str(work)]
+    runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [run.communicate(timeout=600) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], [err[-2000:] for _, err in results]
+    assert any("waiting for it" in err for _, err in results)
+    # export, optimize, quantize and build ran once: the run that waited for them found them current
+    assert max(out.count("cached") for out, _ in results) >= 4
+    assert all("PASSED" in out for out, _ in results)
+    manifest = json.loads((work / "manifest.json").read_text())
+    assert {"export", "optimize", "quantize", "build:onnxruntime:int8", "reference"} <= set(manifest["stages"])
+    for record in manifest["stages"].values():
+        for name, digest in record["outputs"].items():
+            assert _sha256(work / name) == digest, name
