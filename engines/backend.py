@@ -140,6 +140,33 @@ class Backend:
         return metadata.device.get("kind") == "gpu"
 
 
+def is_torch(value) -> bool:
+    """A torch tensor, known without importing torch."""
+    return type(value).__module__.startswith("torch")
+
+
+def numpy_feed(arrays: dict[str, Any]) -> dict[str, Any]:
+    """The inputs as numpy arrays, for a runner that takes no torch tensors."""
+    return {name: value.cpu().numpy() if is_torch(value) else value for name, value in arrays.items()}
+
+
+def run_failed(backend: str, feed: dict[str, Any], error: Exception) -> InputError:
+    """One line for a backend error on inputs that passed the sidecar's checks."""
+    from miaotui.errors import first_line
+
+    shapes = ", ".join(f"{name} {list(value.shape)}" for name, value in feed.items())
+    return InputError(f"{backend} failed on inputs {shapes}: {first_line(error)}")
+
+
+def version_tuple(text: str) -> tuple[int, ...]:
+    """"1.23.2" -> (1, 23, 2); "2026.4.1-22982-..." -> (2026, 4, 1): for not-older-than checks."""
+    parts = []
+    for part in text.split("-")[0].split(".")[:3]:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
 @functools.cache
 def registry() -> dict[str, Backend]:
     backends = {}

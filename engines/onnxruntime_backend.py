@@ -17,9 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from miaotui.engines.backend import Backend, BackendBuild, BuildJob, TensorSignature
+from miaotui.engines.backend import (Backend, BackendBuild, BuildJob, TensorSignature, numpy_feed, run_failed,
+                                     version_tuple)
 from miaotui.engines.metadata import EngineMetadata, TensorRange
-from miaotui.errors import CheckFailed, InputError
+from miaotui.errors import CheckFailed, InputError, first_line
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
@@ -47,10 +48,6 @@ def cpu_description() -> dict[str, Any]:
             "isa": [flag for flag in _CPU_FLAGS if flag in flags]}
 
 
-def _first_line(error: Exception) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-
-
 def _save_ort(onnx_path: Path, engine_path: Path, provider: str):
     """Write `engine_path` (.ort) from `onnx_path` with every graph optimization for `provider` applied;
     returns (provider that really runs, session settings, device, warnings)."""
@@ -69,7 +66,7 @@ def _save_ort(onnx_path: Path, engine_path: Path, provider: str):
     try:
         session = onnxruntime.InferenceSession(str(onnx_path), options, providers=providers)
     except Exception as error:  # ORT raises its own exception types for invalid graphs
-        raise InputError(f"{onnx_path}: ONNX Runtime could not load the model ({_first_line(error)})") from None
+        raise InputError(f"{onnx_path}: ONNX Runtime could not load the model ({first_line(error)})") from None
     actual = session.get_providers()[0]
     warnings = []
     if actual != requested:  # onnxruntime-gpu falls back to CPU without a word
@@ -145,14 +142,6 @@ def _compare_sources(original: Path, rewritten: Path, ranges: list[TensorRange],
     return max(max_diff(a, b) for a, b in zip(*outputs))
 
 
-def _version(text: str) -> tuple[int, ...]:
-    parts = []
-    for part in text.split(".")[:3]:
-        digits = "".join(ch for ch in part if ch.isdigit())
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts)
-
-
 class OnnxRuntimeRunner:
     def __init__(self, path: Path, metadata: EngineMetadata, threads: int | None = None):
         import onnxruntime
@@ -169,19 +158,17 @@ class OnnxRuntimeRunner:
         try:
             self.session = onnxruntime.InferenceSession(str(path), options, providers=providers)
         except Exception as error:  # ORT raises its own exception types for unreadable files
-            raise InputError(f"{path}: ONNX Runtime cannot load this engine ({_first_line(error)}): rebuild it") from None
+            raise InputError(f"{path}: ONNX Runtime cannot load this engine ({first_line(error)}): rebuild it") from None
         self.provider = self.session.get_providers()[0]  # what really runs (onnxruntime-gpu may fall back to CPU)
         self.threads = threads
         self.output_names = [o.name for o in metadata.outputs]
 
     def run(self, arrays: dict[str, object]) -> list[np.ndarray]:
-        feed = {name: value.cpu().numpy() if type(value).__module__.startswith("torch") else value
-                for name, value in arrays.items()}
+        feed = numpy_feed(arrays)
         try:
             return self.session.run(self.output_names, feed)
         except Exception as error:  # ORT's own exception types; the inputs passed the sidecar's checks
-            shapes = ", ".join(f"{name} {list(value.shape)}" for name, value in feed.items())
-            raise InputError(f"ONNX Runtime failed on inputs {shapes}: {_first_line(error)}") from None
+            raise run_failed("ONNX Runtime", feed, error) from None
 
     def signature(self):
         def describe(args):
@@ -227,7 +214,7 @@ class OnnxRuntime(Backend):
         import onnxruntime
 
         built, here = metadata.backend_version, onnxruntime.__version__
-        if _version(here) < _version(built):
+        if version_tuple(here) < version_tuple(built):
             raise InputError(f"{path}: built with onnxruntime {built}, this machine has {here}, which cannot read newer "
                              "engines: upgrade onnxruntime or rebuild the engine here (miaotui build)")
         provider = metadata.device.get("provider", "CPUExecutionProvider")

@@ -21,9 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from miaotui.engines.backend import Backend, BackendBuild, BuildJob, TensorSignature
+from miaotui.engines.backend import (Backend, BackendBuild, BuildJob, TensorSignature, numpy_feed, run_failed,
+                                     version_tuple)
 from miaotui.engines.metadata import EngineMetadata, TensorRange
-from miaotui.errors import InputError
+from miaotui.errors import InputError, first_line
 
 WEIGHTS_SUFFIX = ".bin"
 PRECISION_HINT = "f32"
@@ -41,10 +42,6 @@ def _import_openvino():
     return openvino
 
 
-def _first_line(error: Exception) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-
-
 def compile_ir(xml: Path, weights: Path, precision_hint: str, threads: int | None):
     """The IR compiled for this CPU, or one line saying why not."""
     ov = _import_openvino()
@@ -55,7 +52,7 @@ def compile_ir(xml: Path, weights: Path, precision_hint: str, threads: int | Non
         core = ov.Core()
         return core.compile_model(core.read_model(str(xml), str(weights)), "CPU", config)
     except Exception as error:  # OpenVINO raises its own RuntimeError for unreadable IR
-        raise InputError(f"{xml}: OpenVINO cannot load this engine ({_first_line(error)}): rebuild it") from None
+        raise InputError(f"{xml}: OpenVINO cannot load this engine ({first_line(error)}): rebuild it") from None
 
 
 class OpenVINORunner:
@@ -72,13 +69,11 @@ class OpenVINORunner:
         request = getattr(self._local, "request", None)
         if request is None:
             request = self._local.request = self.compiled.create_infer_request()
-        feed = {name: value.cpu().numpy() if type(value).__module__.startswith("torch") else value
-                for name, value in arrays.items()}
+        feed = numpy_feed(arrays)
         try:
             results = request.infer(feed)
         except Exception as error:  # OpenVINO's RuntimeError; the inputs passed the sidecar's checks
-            shapes = ", ".join(f"{name} {list(value.shape)}" for name, value in feed.items())
-            raise InputError(f"OpenVINO failed on inputs {shapes}: {_first_line(error)}") from None
+            raise run_failed("OpenVINO", feed, error) from None
         return [np.array(results[self._ports[name]]) for name in self.output_names]  # copies: the request reuses its buffers
 
     def signature(self):
@@ -99,7 +94,7 @@ def _convert(ov, onnx_path: Path, ranges: list[TensorRange]):
     try:
         model = ov.convert_model(str(onnx_path))
     except Exception as error:
-        raise InputError(f"{onnx_path}: OpenVINO could not convert the graph ({_first_line(error)})") from None
+        raise InputError(f"{onnx_path}: OpenVINO could not convert the graph ({first_line(error)})") from None
     shapes = {}
     for tensor in ranges:
         dims = [ov.Dimension(lo) if lo == hi else ov.Dimension(lo, hi) for lo, hi in zip(tensor.min, tensor.max)]
@@ -107,7 +102,7 @@ def _convert(ov, onnx_path: Path, ranges: list[TensorRange]):
     try:
         model.reshape(shapes)
     except Exception as error:
-        raise InputError(f"{onnx_path}: OpenVINO cannot take the shape ranges ({_first_line(error)}); narrow them") from None
+        raise InputError(f"{onnx_path}: OpenVINO cannot take the shape ranges ({first_line(error)}); narrow them") from None
     return model
 
 
@@ -179,11 +174,10 @@ class OpenVINO(Backend):
 
     def check_machine(self, path: Path, metadata: EngineMetadata) -> None:
         from miaotui.artifacts import sha256_file
-        from miaotui.engines.onnxruntime_backend import _version
 
         ov = _import_openvino()
         here = ov.get_version().split("-")[0]
-        if _version(here) < _version(metadata.backend_version.split("-")[0]):
+        if version_tuple(here) < version_tuple(metadata.backend_version):
             raise InputError(f"{path}: built with OpenVINO {metadata.backend_version}, this machine has {here}, which "
                              "may not read newer IR: upgrade openvino or rebuild the engine here (miaotui build)")
         weights = weights_path(path)

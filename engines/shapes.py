@@ -15,7 +15,7 @@ import numpy as np
 
 from miaotui.config import Config
 from miaotui.engines.metadata import TensorRange
-from miaotui.errors import InputError
+from miaotui.errors import InputError, first_line
 
 _SHAPE = re.compile(r"^\d+(x\d+)*$")
 
@@ -140,6 +140,5 @@ def run_at_extremes(run, ranges: list[TensorRange], config: Config | None, where
             run(feed)
         except Exception as error:
             shape = "; ".join(f"{name} {list(value.shape)}" for name, value in feed.items())
-            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise InputError(f"{where}: {engine} fails at the {which} shapes ({shape}): {message}; "
+            raise InputError(f"{where}: {engine} fails at the {which} shapes ({shape}): {first_line(error)}; "
                              "narrow the shape ranges") from None

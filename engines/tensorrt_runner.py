@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from miaotui.engines.backend import is_torch
 from miaotui.engines.metadata import EngineMetadata
 from miaotui.errors import InputError
 
@@ -75,7 +76,7 @@ class TensorRTRunner:
         torch = self.torch
         context, stream = self._context()
         with torch.cuda.stream(stream):
-            inputs = {name: (value if type(value).__module__.startswith("torch") else torch.from_numpy(value))
+            inputs = {name: (value if is_torch(value) else torch.from_numpy(value))
                       .to("cuda", non_blocking=True).contiguous() for name, value in arrays.items()}
             for name, tensor in inputs.items():
                 context.set_input_shape(name, tuple(tensor.shape))

@@ -6,7 +6,7 @@ import collections
 from dataclasses import dataclass
 from pathlib import Path
 
-from miaotui.errors import InputError
+from miaotui.errors import InputError, first_line
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ def summarize_onnx(path: str | Path) -> OnnxSummary:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as error:
-        raise InputError(f"{path}: not an ONNX model ({str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__})") from error
+        raise InputError(f"{path}: not an ONNX model ({first_line(error)})") from error
     if not model.HasField("graph") or not model.opset_import:
         raise InputError(f"{path}: not an ONNX model (no graph or opset in it)")
     data_files = {

@@ -247,6 +247,17 @@ class Agreement:
             return None
         return self.reference_accuracy - self.candidate_accuracy
 
+    @classmethod
+    def from_details(cls, data: dict) -> "Agreement":
+        """From what a stage recorded (asdict plus the set's name)."""
+        return cls(data["samples"], data["top1_agreement"], data.get("reference_accuracy"), data.get("candidate_accuracy"))
+
+    def text(self) -> str:
+        text = f"top-1 agreement with FP32 {self.top1_agreement:.4f} on {self.samples}"
+        if self.reference_accuracy is not None:
+            text += f"; accuracy {self.reference_accuracy:.4f} -> {self.candidate_accuracy:.4f}"
+        return text
+
 
 # FP32 top-1 answers on an agreement set, by (reference file sha256, data fingerprint, output): the
 # quantize and FP16 stages of one process (`miaotui run`, a test module) compare against the same

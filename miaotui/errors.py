@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (libraries raise pages), or its type when it has none."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class MiaotuiError(Exception):
     """A failure worth one line to the user; `exit_code` is what the CLI exits with."""
 

@@ -134,8 +134,7 @@ class Classifier:
                                  f"({text[error.start]!r}, a lone surrogate)") from None
         size = min(batch_size or self.engine.max_batch or 32, self.engine.max_batch or 32)
         encoded = encode(self.tokenizer, texts)  # once, padded to the longest; each batch takes its columns
-        lengths = encoded["attention_mask"].sum(axis=1) if "attention_mask" in encoded else \
-            np.full(len(texts), encoded["input_ids"].shape[1])
+        lengths = encoded["attention_mask"].sum(axis=1)  # real tokens per text
         order = np.argsort(lengths, kind="stable")
         names = [t.name for t in self.engine.inputs]
         dtypes = {t.name: np.dtype(t.dtype) for t in self.engine.inputs}

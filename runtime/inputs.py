@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from miaotui.engines.backend import is_torch
 from miaotui.engines.metadata import TensorRange
 from miaotui.errors import InputError
 
@@ -21,10 +22,6 @@ class Feed:
     arrays: dict[str, object]  # contiguous numpy arrays, or torch tensors (left on their device)
     batch: int  # rows along axis 0
     torch_device: str | None  # the device of torch inputs ("cpu", "cuda:0"); None for numpy
-
-
-def is_torch(value) -> bool:
-    return type(value).__module__.startswith("torch")
 
 
 def _dtype_name(value) -> str:

@@ -60,7 +60,7 @@ def check_engine_matches_config(engine, config: Config) -> None:
                          f"({text(config.model.outputs)}): the engine and the config do not belong together")
 
 
-def compare_engine(engine, config: Config, validation, has_labels: bool, bars: dict[str, float],
+def compare_engine(engine, validation, has_labels: bool, bars: dict[str, float],
                    reference: Reference, reference_path: Path, from_work_dir: bool, work_dir: Path,
                    progress: bool = True) -> tuple[int, list[OutputMetrics], list[Check], list[str]]:
     """Run `engine` (a loaded runtime Engine) over the validation set and judge it against the

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from miaotui.config import Config
-from miaotui.errors import InputError
+from miaotui.errors import InputError, first_line
 
 
 def factory_sources(factory: str) -> list[Path]:
@@ -80,8 +80,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InputError(f"{path}: not a weights-only torch checkpoint ({first_line})") from error
+        raise InputError(f"{path}: not a weights-only torch checkpoint ({first_line(error)})") from error
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

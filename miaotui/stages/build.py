@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from miaotui.artifacts import sha256_json
 from miaotui.engines import BuildOptions, build_engine, get_backend, read_metadata
 from miaotui.engines.build import timing_cache_path
 from miaotui.engines.metadata import EngineMetadata
@@ -61,11 +62,9 @@ class Build(Unit):
                                                  self.build_options.precision, self.backend.suffix)
 
     def inputs(self, pipeline: Pipeline) -> dict[str, str]:
-        config = pipeline.config
+        view = pipeline.config.to_dict()
         source = GRAPHS[self.build_options.precision]
-        dims_view = {"inputs": config.to_dict()["inputs"], "dims": config.to_dict()["dims"]}
-        from miaotui.artifacts import sha256_json
-
+        dims_view = {"inputs": view["inputs"], "dims": view["dims"]}
         return {source: pipeline.work.record(self.source_stage).outputs[source], "shapes": sha256_json(dims_view)}
 
     def options(self) -> dict[str, Any]:

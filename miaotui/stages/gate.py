@@ -41,7 +41,7 @@ def validate_engine(engine_path: str | Path, config: Config, work_dir: str | Pat
     reference_stage = Pipeline(config, work_dir, progress).run(Reference(summary=summary))
     reference = load_reference(reference_stage.path)
     from_work_dir = engine.metadata.onnx_sha256 in WorkDir(work_dir).graph_digests()
-    samples, metrics, checks, warnings = compare_engine(engine, config, validation, summary.has_labels, bars, reference,
+    samples, metrics, checks, warnings = compare_engine(engine, validation, summary.has_labels, bars, reference,
                                                         reference_stage.path, from_work_dir, Path(work_dir), progress)
     return ParityReport(
         engine=str(engine.path), backend=engine.backend, precision=precision, provider=engine.provider,
@@ -99,9 +99,8 @@ class RunOptions:
 
 @dataclass
 class FlowResult:
-    """What `miaotui run` did: every stage's result in run order, and the gate on each engine that runs here."""
+    """The gate on each engine `miaotui run` built that runs here, and the engines that cannot run here."""
 
-    stages: list = field(default_factory=list)
     gates: list[GateResult] = field(default_factory=list)
     not_gated: list[tuple[Path, str]] = field(default_factory=list)  # (engine, why it cannot run here)
 
@@ -111,7 +110,7 @@ class FlowResult:
 
 
 def build_engines(config: Config, work_dir: str | Path, options: RunOptions, force: bool = False,
-                  progress: bool = True, on_stage=None, wait: bool = True):
+                  progress: bool = True, wait: bool = True):
     """Every stage up to an engine per backend; returns the pipeline (its `ran` lists the results)."""
     from dataclasses import replace
 
@@ -122,10 +121,7 @@ def build_engines(config: Config, work_dir: str | Path, options: RunOptions, for
     pipeline = Pipeline(config, work_dir, progress, wait)
     base = options.build or BuildOptions()
     for backend in options.backends or default_backends():
-        unit = Build(replace(base, backend=backend, precision=options.precision))
-        if on_stage is not None:
-            on_stage(f"build {config.name} {backend} {options.precision}")
-        pipeline.run(unit, force=force)
+        pipeline.run(Build(replace(base, backend=backend, precision=options.precision)), force=force)
     return pipeline
 
 
@@ -134,7 +130,7 @@ def gate_built(config: Config, work_dir: str | Path, results: list, progress: bo
     from miaotui.engines import get_backend
     from miaotui.stages.build import BuildStageResult
 
-    flow = FlowResult(stages=list(results))
+    flow = FlowResult()
     for result in results:
         if not isinstance(result, BuildStageResult):
             continue

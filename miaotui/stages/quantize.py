@@ -8,32 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from miaotui.errors import CheckFailed, InputError
+from miaotui.export.quantize import Agreement
 from miaotui.export.recipe import DataPlan, Int8Plan, QuantizeOptions, quantize_options
 from miaotui.stages.export import tool_versions
 from miaotui.stages.runner import Pipeline, StageResult, Unit
 from miaotui.workdir import GRAPH_STAGES, GRAPHS
-
-
-@dataclass(frozen=True)
-class Agreement:
-    """Top-1 agreement of a graph with FP32 on a data set (and accuracy, where it has labels)."""
-
-    samples: int
-    top1_agreement: float
-    reference_accuracy: float | None
-    candidate_accuracy: float | None
-    where: str
-
-    @classmethod
-    def from_details(cls, data: dict) -> "Agreement":
-        return cls(data["samples"], data["top1_agreement"], data.get("reference_accuracy"),
-                   data.get("candidate_accuracy"), data.get("set", ""))
-
-    def text(self) -> str:
-        text = f"top-1 agreement with FP32 {self.top1_agreement:.4f} on {self.samples}"
-        if self.reference_accuracy is not None:
-            text += f"; accuracy {self.reference_accuracy:.4f} -> {self.candidate_accuracy:.4f}"
-        return text
 
 
 @dataclass(frozen=True)
