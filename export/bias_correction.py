@@ -91,8 +91,14 @@ def apply_corrections(int8_model, corrections: dict[str, np.ndarray]) -> list[Bi
         shift = shift.reshape(values.shape)  # a Gemm's C may be (1, N)
         corrected = (values.astype(np.float64) - shift).astype(values.dtype)
         if readers[bias] > 1:
-            copy = bias + CORRECTED_SUFFIX
+            # A constant deduplicated by the exporter (equal zero biases of a fresh model) may feed
+            # many nodes: each corrected copy needs a name of its own.
+            copy, number = bias + CORRECTED_SUFFIX, 1
+            while copy in initializers:
+                number += 1
+                copy = f"{bias}{CORRECTED_SUFFIX}{number}"
             int8_model.graph.initializer.append(numpy_helper.from_array(corrected, copy))
+            initializers[copy] = int8_model.graph.initializer[-1]
             node = consumers[consumer]
             node.input[list(node.input).index(bias)] = copy
             readers[bias] -= 1

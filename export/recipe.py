@@ -233,7 +233,7 @@ def _smooth(plan: Int8Plan) -> _Smoothing:
         ranges = {name: np.asarray(cached.channel_ranges[name], np.float32) for name in targets}
     else:
         cached = None  # new channel ranges: the ranges after smoothing are new too
-        ranges = channel_ranges(plan.model, list(targets), plan.data.calibration_set.batches(options.samples)) if targets else {}
+        ranges = channel_ranges(plan.model, list(targets), plan.data.calibration_set.feeds(options.samples)) if targets else {}
     smoothed = smooth(plan.model, targets, ranges, options.smooth_alpha) if targets else []
     plan.channel_ranges = ranges
     return _Smoothing(smoothed, cached)
@@ -249,7 +249,7 @@ def _calibrate(plan: Int8Plan, smoothing: _Smoothing, calibrated: Path, scratch:
     cached = smoothing.cached
     calibration = cached if cached and cached.covers(request) else None
     if calibration is None:
-        calibration = calibrate(calibrated, plan.data.calibration_set.batches(plan.options.samples), request, plan.progress)
+        calibration = calibrate(calibrated, plan.data.calibration_set.feeds(plan.options.samples), request, plan.progress)
         calibration.channel_ranges = {name: value.tolist() for name, value in plan.channel_ranges.items()}
         save(calibration, scratch / CALIBRATION)
     calibration.ranges.update(shifted_ranges(smoothing.inputs))
@@ -264,7 +264,7 @@ def _bias_corrections(plan: Int8Plan, probe: Path) -> tuple[dict, float]:
     from miaotui.export.bias_correction import BIAS_SAMPLES, measure_corrections
 
     started = time.perf_counter()
-    rows = itertools.islice(sample_rows(plan.data.calibration_set.batches(plan.options.samples)), BIAS_SAMPLES)
+    rows = itertools.islice(sample_rows(plan.data.calibration_set.feeds(plan.options.samples)), BIAS_SAMPLES)
     corrections = measure_corrections(plan.model, onnx.load(str(probe)), rebatch(rows), plan.config.padding_mask)
     return corrections, time.perf_counter() - started
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from miaotui.config import DEFAULT_OPSET, Config
+from miaotui.data.samples import trace_sizes
 from miaotui.errors import InputError, MiaotuiError
 
 # The protobuf limit: ONNX files whose weights pass it must keep them in an external data file.
@@ -27,18 +28,6 @@ class ExportOptions:
     opset: int = DEFAULT_OPSET
     # Weights above this many bytes go to model.onnx.data (lowered in tests to exercise the path).
     external_data_threshold: int = PROTOBUF_LIMIT
-
-
-def trace_sizes(config: Config) -> dict[str, int]:
-    """The sizes the model is traced at: opt, but never 1 for a dynamic dim, since torch.export
-    specializes sizes 0 and 1 into constants."""
-    sizes = {}
-    for name, dim in config.dims.items():
-        size = dim.opt
-        if not dim.is_static and size == 1:
-            size = min(2, dim.max)
-        sizes[name] = size
-    return sizes
 
 
 def dynamic_shapes(config: Config) -> dict[str, dict[int, object]]:

@@ -8,7 +8,9 @@ Paths in a config are relative to the config file's folder and are resolved on l
 from __future__ import annotations
 
 import re
+import sys
 import tomllib
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,17 +55,24 @@ class InputSpec:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    factory: str  # "file.py:function" (resolved to an absolute path) or "package.module:function"
+    factory: str | None  # "file.py:function" (resolved to an absolute path) or "package.module:function"
     checkpoint: Path | None = None
     outputs: tuple[str, ...] = ("logits",)
     labels: tuple[str, ...] | None = None
     tokenizer: Path | None = None
+    huggingface: Path | None = None  # a save_pretrained folder, instead of a factory
+
+
+TEXT_SUFFIXES = (".csv", ".tsv", ".jsonl", ".parquet")
 
 
 @dataclass(frozen=True)
 class DataSpec:
-    calibration: str | None = None  # an absolute .npz path, or "module:function"
+    calibration: str | None = None  # an absolute .npz or text file path (TEXT_SUFFIXES), or "module:function"
     validation: str | None = None
+    text_column: str = "text"  # the columns of a text file
+    text_pair_column: str | None = None  # the second text of a pair classifier
+    label_column: str = "label"  # optional in the file; class names (model.labels) or integers
 
 
 @dataclass(frozen=True)
@@ -120,7 +129,11 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain TOML-ready data (absolute paths), as written to a work dir."""
-        model: dict[str, Any] = {"factory": self.model.factory, "outputs": list(self.model.outputs)}
+        model: dict[str, Any] = {"outputs": list(self.model.outputs)}
+        if self.model.factory:
+            model["factory"] = self.model.factory
+        if self.model.huggingface:
+            model["huggingface"] = str(self.model.huggingface)
         if self.model.checkpoint:
             model["checkpoint"] = str(self.model.checkpoint)
         if self.model.labels:
@@ -135,7 +148,12 @@ class Config:
             if spec.padding_mask:
                 entry["padding_mask"] = True
             inputs[spec.name] = entry
-        data = {k: v for k, v in (("calibration", self.data.calibration), ("validation", self.data.validation)) if v}
+        data: dict[str, Any] = {k: v for k, v in (("calibration", self.data.calibration),
+                                                  ("validation", self.data.validation)) if v}
+        defaults = DataSpec()
+        for key in ("text_column", "text_pair_column", "label_column"):
+            if getattr(self.data, key) != getattr(defaults, key):
+                data[key] = getattr(self.data, key)
         out: dict[str, Any] = {
             "name": self.name,
             "model": model,
@@ -217,6 +235,19 @@ def is_callable_reference(raw: str) -> bool:
     return bool(sep) and not head.endswith(".py") and "/" not in head and bool(tail)
 
 
+@contextmanager
+def folder_importable(config: Config):
+    """The config's folder first on the import path while its factory or data function runs, so that
+    a model.py can import the modules beside it."""
+    folder = str(config.folder)
+    sys.path.insert(0, folder)
+    try:
+        yield
+    finally:
+        with suppress(ValueError):
+            sys.path.remove(folder)
+
+
 def load_config(path: str | Path) -> Config:
     path = Path(path).resolve()
     if not path.is_file():
@@ -235,8 +266,21 @@ def parse_config(raw: dict, path: Path) -> Config:
     if not NAME_PATTERN.match(name):
         raise r.fail("name", f"expected letters, digits, '.', '_' or '-' (it names a folder), got {name!r}")
 
+    model_table = r.table(raw, "model", "model")
+    folder = _huggingface_folder(r, model_table)
     dims = _parse_dims(r, r.table(raw, "dims", "dims", required=False))
-    inputs = _parse_inputs(r, r.table(raw, "inputs", "inputs"), dims)
+    inputs_table = r.table(raw, "inputs", "inputs", required=folder is None)
+    if folder is not None:
+        from miaotui.huggingface_folder import default_dims, default_inputs
+
+        # The folder describes the model; [dims] and [inputs] entries, where given, override it.
+        dims = {name: Dim(name, *sizes) for name, sizes in default_dims(folder).items()} | dims
+        inputs_table = inputs_table or default_inputs(folder)
+        if dims["seq"].max > folder.max_positions:
+            raise r.fail("dims.seq.max", f"{folder.path} covers {folder.max_positions} positions "
+                         f"(max_position_embeddings), got {dims['seq'].max}")
+    model = _parse_model(r, model_table, folder)
+    inputs = _parse_inputs(r, inputs_table, dims, _default_ranges(r, model))
     used = {d for spec in inputs.values() for d in spec.dims()}
     for dim_name in dims:
         if dim_name not in used:
@@ -244,7 +288,7 @@ def parse_config(raw: dict, path: Path) -> Config:
     return Config(
         name=name,
         path=path,
-        model=_parse_model(r, r.table(raw, "model", "model")),
+        model=model,
         inputs=inputs,
         dims=dims,
         data=_parse_data(r, r.table(raw, "data", "data", required=False)),
@@ -254,14 +298,32 @@ def parse_config(raw: dict, path: Path) -> Config:
     )
 
 
-def _parse_model(r: _Reader, table: dict) -> ModelSpec:
-    r.only(table, ("factory", "checkpoint", "outputs", "labels", "tokenizer"), "model")
-    factory = r.value(table, "factory", str, "model.factory")
-    file_part, sep, function = factory.rpartition(":")
-    if not sep or not file_part or not function.isidentifier():
-        raise r.fail("model.factory", f"expected 'file.py:function' or 'package.module:function', got {factory!r}")
-    if not is_callable_reference(factory):
-        factory = f"{r.relative_path(file_part, 'model.factory')}:{function}"
+def _huggingface_folder(r: _Reader, table: dict):
+    """The [model] huggingface folder's description, or None for a factory model."""
+    raw = r.value(table, "huggingface", str, "model.huggingface", required=False)
+    if raw is None:
+        if "factory" not in table:
+            raise r.fail("model.factory", "missing (required: a torch module's 'file.py:function'; or "
+                         "model.huggingface, a save_pretrained folder)")
+        return None
+    for key in ("factory", "checkpoint"):
+        if key in table:
+            raise r.fail(f"model.{key}", "not with model.huggingface: the folder holds the model and its weights")
+    from miaotui.huggingface_folder import read_folder
+
+    return read_folder(r.relative_path(raw, "model.huggingface"), f"{r.path}: model.huggingface")
+
+
+def _parse_model(r: _Reader, table: dict, folder=None) -> ModelSpec:
+    r.only(table, ("factory", "huggingface", "checkpoint", "outputs", "labels", "tokenizer"), "model")
+    factory = None
+    if folder is None:
+        factory = r.value(table, "factory", str, "model.factory")
+        file_part, sep, function = factory.rpartition(":")
+        if not sep or not file_part or not function.isidentifier():
+            raise r.fail("model.factory", f"expected 'file.py:function' or 'package.module:function', got {factory!r}")
+        if not is_callable_reference(factory):
+            factory = f"{r.relative_path(file_part, 'model.factory')}:{function}"
 
     checkpoint = r.value(table, "checkpoint", str, "model.checkpoint", required=False)
     checkpoint_path = None
@@ -273,12 +335,21 @@ def _parse_model(r: _Reader, table: dict) -> ModelSpec:
     outputs = _string_list(r, table, "outputs", "model.outputs") or ("logits",)
     labels = _string_list(r, table, "labels", "model.labels")
     tokenizer = r.value(table, "tokenizer", str, "model.tokenizer", required=False)
+    tokenizer_path = r.relative_path(tokenizer, "model.tokenizer") if tokenizer else None
+    if folder is not None:
+        if outputs != ("logits",):
+            raise r.fail("model.outputs", f"a Hugging Face classifier exports one output, ['logits'], got {list(outputs)}")
+        if labels is not None and len(labels) != len(folder.labels):
+            raise r.fail("model.labels", f"{folder.path} has {len(folder.labels)} labels (id2label), got {len(labels)}")
+        labels = labels or folder.labels
+        tokenizer_path = tokenizer_path or folder.tokenizer
     return ModelSpec(
         factory=factory,
         checkpoint=checkpoint_path,
         outputs=outputs,
         labels=labels,
-        tokenizer=r.relative_path(tokenizer, "model.tokenizer") if tokenizer else None,
+        tokenizer=tokenizer_path,
+        huggingface=folder.path if folder is not None else None,
     )
 
 
@@ -313,7 +384,22 @@ def _parse_dims(r: _Reader, table: dict) -> dict[str, Dim]:
     return dims
 
 
-def _parse_inputs(r: _Reader, table: dict, dims: dict[str, Dim]) -> dict[str, InputSpec]:
+def _default_ranges(r: _Reader, model: ModelSpec) -> dict[str, tuple[float, float]]:
+    """Ranges a text model's inputs take without a `range` key: token ids over the tokenizer's
+    vocabulary, a 0/1 mask."""
+    ranges: dict[str, tuple[float, float]] = {"attention_mask": (0, 2)}
+    if model.tokenizer is not None:
+        from tokenizers import Tokenizer
+
+        try:
+            ranges["input_ids"] = (0, Tokenizer.from_file(str(model.tokenizer)).get_vocab_size(with_added_tokens=True))
+        except Exception as error:  # the library raises a bare Exception on malformed JSON
+            raise r.fail("model.tokenizer", f"{model.tokenizer} is not a tokenizer.json file ({error})") from None
+    return ranges
+
+
+def _parse_inputs(r: _Reader, table: dict, dims: dict[str, Dim],
+                  default_ranges: dict[str, tuple[float, float]]) -> dict[str, InputSpec]:
     if not table:
         raise r.fail("inputs", "expected at least one input")
     inputs = {}
@@ -342,18 +428,22 @@ def _parse_inputs(r: _Reader, table: dict, dims: dict[str, Dim]) -> dict[str, In
         if padding_mask and (dtype in FLOAT_DTYPES or len(shape) != 2):
             raise r.fail(f"{where}.padding_mask", f"a padding mask is an integer or bool (batch, sequence) input of "
                          f"0s and 1s, got {dtype} of shape {shape}")
-        inputs[name] = InputSpec(name, dtype, tuple(shape), _parse_range(r, entry, dtype, f"{where}.range"), padding_mask)
+        value_range = _parse_range(r, entry, dtype, f"{where}.range", default_ranges.get(name))
+        inputs[name] = InputSpec(name, dtype, tuple(shape), value_range, padding_mask)
     masks = [name for name, spec in inputs.items() if spec.padding_mask]
     if len(masks) > 1:
         raise r.fail("inputs", f"at most one input is the padding mask, got {', '.join(masks)}")
     return inputs
 
 
-def _parse_range(r: _Reader, entry: dict, dtype: str, where: str) -> tuple[float, float] | None:
+def _parse_range(r: _Reader, entry: dict, dtype: str, where: str,
+                 default: tuple[float, float] | None = None) -> tuple[float, float] | None:
     if dtype == "bool":
         if "range" in entry:
             raise r.fail(where, "bool inputs take no range")
         return None
+    if "range" not in entry and default is not None and dtype not in FLOAT_DTYPES:
+        return default
     bounds = r.value(entry, "range", list, where, required=dtype not in FLOAT_DTYPES)
     if bounds is None:
         return (0.0, 1.0)
@@ -368,16 +458,27 @@ def _parse_range(r: _Reader, entry: dict, dtype: str, where: str) -> tuple[float
 
 
 def _parse_data(r: _Reader, table: dict) -> DataSpec:
-    r.only(table, ("calibration", "validation"), "data")
-    resolved = {}
+    columns = ("text_column", "text_pair_column", "label_column")
+    r.only(table, ("calibration", "validation", *columns), "data")
+    resolved: dict[str, Any] = {}
     for key in ("calibration", "validation"):
         raw = r.value(table, key, str, f"data.{key}", required=False)
         if raw is None:
             continue
         if is_callable_reference(raw):
             resolved[key] = raw
-        else:
-            resolved[key] = str(r.relative_path(raw, f"data.{key}"))
+            continue
+        path = r.relative_path(raw, f"data.{key}")
+        if path.suffix.lower() not in (".npz", *TEXT_SUFFIXES):
+            raise r.fail(f"data.{key}", f"expected an .npz, {', '.join(TEXT_SUFFIXES)} file or \"module:function\", "
+                         f"got {raw!r}")
+        resolved[key] = str(path)
+    for key in columns:
+        value = r.value(table, key, str, f"data.{key}", required=False)
+        if value is not None:
+            if not value:
+                raise r.fail(f"data.{key}", "expected a column name, got an empty string")
+            resolved[key] = value
     return DataSpec(**resolved)
 
 

@@ -20,7 +20,7 @@ from miaotui.errors import InputError
 from miaotui.runtime.engine import Engine
 from miaotui.workdir import WorkDir
 
-TEXT_INPUTS = ("input_ids", "attention_mask")
+TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ class Classifier:
         names = [t.name for t in engine.inputs]
         if not set(names) <= set(TEXT_INPUTS) or "input_ids" not in names:
             raise InputError(f"{engine.path}: the engine takes {', '.join(names)}; a Classifier feeds "
-                             f"{' and '.join(TEXT_INPUTS)} from its tokenizer: call Engine directly")
+                             f"{', '.join(TEXT_INPUTS)} from its tokenizer: call Engine directly")
         ids = engine.metadata.input("input_ids")
         self._seq_min, self._seq_max = ids.min[1], ids.max[1]
 

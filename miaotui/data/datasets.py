@@ -1,8 +1,9 @@
 """A config's [data] sets (calibration, validation) as checked, streamed feed dicts.
 
-A set is an .npz file (arrays named like the inputs, samples along the first axis, optionally an
-int array `labels`) or a "module:function" whose function yields feed dicts batch by batch. Either
-way every batch is checked against the config before any model sees it, so a bad set fails with one
+A set is a text file (.csv, .tsv, .jsonl, .parquet: data/text_files.py tokenizes it), an .npz file
+(arrays named like the inputs, samples along the first axis, optionally an int array `labels`) or a
+"module:function" whose function yields feed dicts batch by batch (the same dicts: numpy arrays
+named like the inputs, batch first, optionally `labels`). Any way every batch is checked against the config before any model sees it, so a bad set fails with one
 line that names the set, the batch and the tensor, never inside ONNX Runtime.
 """
 
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from miaotui.config import FLOAT_DTYPES, Config, is_callable_reference
+from miaotui.config import FLOAT_DTYPES, TEXT_SUFFIXES, Config, folder_importable, is_callable_reference
 from miaotui.errors import InputError
 
 LABELS = "labels"
@@ -52,10 +53,18 @@ class DataSet:
                 remaining -= rows
             yield feed
 
+    def feeds(self, samples: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """Checked feed dicts of the model's inputs only (what a calibrator or a session takes)."""
+        return (without_labels(feed) for feed in self.batches(samples))
+
     def _raw_batches(self) -> Iterable[dict]:
+        from miaotui.data.text_files import is_text_file, tokenized_batches
+
         if self.source.endswith(".npz"):
             return _npz_batches(Path(self.source), self.where, _npz_batch_size(self.config))
-        return _function_batches(self.source, self.where)
+        if is_text_file(self.source):
+            return tokenized_batches(self.config, Path(self.source), self.where, _npz_batch_size(self.config))
+        return _function_batches(self.config, self.source, self.where)
 
 
 @dataclass(frozen=True)
@@ -70,14 +79,16 @@ def data_set(config: Config, key: str, override: str | None = None) -> DataSet:
     source = override or getattr(config.data, key)
     if source is None:
         raise InputError(f"{config.path}: data.{key}: missing; the {key} set is needed here "
-                         f"(an .npz of arrays named like the inputs, or \"module:function\" yielding feed dicts)")
+                         f"(a {', '.join(TEXT_SUFFIXES)} file of texts, an .npz of arrays named like the inputs, "
+                         "or \"module:function\" yielding feed dicts)")
     if override and not is_callable_reference(override):
         path = Path(override).resolve()
         if not path.is_file():
             raise InputError(f"{override}: {key} data file does not exist")
         source = str(path)
-    if not is_callable_reference(source) and not source.endswith(".npz"):
-        raise InputError(f"{source}: data.{key}: expected an .npz file or \"module:function\"")
+    if not is_callable_reference(source) and Path(source).suffix.lower() not in (".npz", *TEXT_SUFFIXES):
+        raise InputError(f"{source}: data.{key}: expected an .npz, {', '.join(TEXT_SUFFIXES)} file "
+                         "or \"module:function\"")
     return DataSet(config, key, source)
 
 
@@ -226,19 +237,20 @@ def _npz_batches(path: Path, where: str, batch_size: int) -> Iterator[dict[str, 
             yield batch
 
 
-def _function_batches(source: str, where: str) -> Iterable[dict]:
+def _function_batches(config: Config, source: str, where: str) -> Iterator[dict]:
     module_name, _, function_name = source.rpartition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as error:
-        raise InputError(f"{where}: importing module {module_name!r} failed: {type(error).__name__}: {error}") from error
-    function: Callable | None = getattr(module, function_name, None)
-    if not callable(function):
-        raise InputError(f"{where}: module {module_name!r} has no function {function_name!r}")
-    batches = function()
-    if not isinstance(batches, Iterable) or isinstance(batches, dict):
-        raise InputError(f"{where}: {function_name}() must return or yield feed dicts, got {type(batches).__name__}")
-    return batches
+    with folder_importable(config):  # a data.py beside the config imports like a package module
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as error:
+            raise InputError(f"{where}: importing module {module_name!r} failed: {type(error).__name__}: {error}") from error
+        function: Callable | None = getattr(module, function_name, None)
+        if not callable(function):
+            raise InputError(f"{where}: module {module_name!r} has no function {function_name!r}")
+        batches = function()
+        if not isinstance(batches, Iterable) or isinstance(batches, dict):
+            raise InputError(f"{where}: {function_name}() must return or yield feed dicts, got {type(batches).__name__}")
+        yield from batches
 
 
 def sample_rows(batches):

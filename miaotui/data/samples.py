@@ -22,3 +22,15 @@ def sample_inputs(config: Config, sizes: dict[str, int], seed: int = 0) -> dict[
             low, high = spec.range
             feed[name] = rng.integers(int(low), int(high), shape, dtype=spec.dtype)
     return feed
+
+
+def trace_sizes(config: Config) -> dict[str, int]:
+    """The sizes the model is traced at: opt, but never 1 for a dynamic dim, since torch.export
+    specializes sizes 0 and 1 into constants."""
+    sizes = {}
+    for name, dim in config.dims.items():
+        size = dim.opt
+        if not dim.is_static and size == 1:
+            size = min(2, dim.max)
+        sizes[name] = size
+    return sizes

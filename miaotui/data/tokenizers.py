@@ -16,6 +16,9 @@ import numpy as np
 from miaotui.errors import InputError
 
 PAD_TOKEN, UNK_TOKEN = "[PAD]", "[UNK]"
+# Padding tokens of the common vocabularies (WordPiece, BPE/SentencePiece), tried in order when the
+# tokenizer.json does not configure padding itself (save_pretrained leaves it unset).
+PAD_TOKENS = (PAD_TOKEN, "<pad>", "<PAD>")
 
 
 def _char_pipeline(vocab: dict[str, int]):
@@ -44,8 +47,14 @@ def build_char_tokenizer(texts: Iterable[str], min_count: int, max_length: int):
 
 
 def configure(tokenizer, max_length: int):
-    pad_id = tokenizer.token_to_id(PAD_TOKEN)
-    tokenizer.enable_padding(pad_id=0 if pad_id is None else pad_id, pad_token=PAD_TOKEN)
+    """Pad to the longest text of a call with the vocabulary's own padding token; truncate to `max_length`."""
+    padding = tokenizer.padding
+    if padding is not None:
+        pad_token, pad_id = padding["pad_token"], padding["pad_id"]
+    else:
+        pad_token = next((token for token in PAD_TOKENS if tokenizer.token_to_id(token) is not None), PAD_TOKEN)
+        pad_id = tokenizer.token_to_id(pad_token) or 0
+    tokenizer.enable_padding(pad_id=pad_id, pad_token=pad_token)
     tokenizer.enable_truncation(max_length=max_length)
     return tokenizer
 
@@ -72,9 +81,12 @@ def vocab_size(path: str | Path) -> int:
     return len(json.loads(Path(path).read_text(encoding="utf-8"))["model"]["vocab"])
 
 
-def encode(tokenizer, texts: Sequence[str]) -> dict[str, np.ndarray]:
-    """Right-padded int64 `input_ids` and `attention_mask` for a batch of texts."""
-    encodings = tokenizer.encode_batch(list(texts))
+def encode(tokenizer, texts: Sequence[str], pairs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """Right-padded int64 `input_ids`, `attention_mask` and `token_type_ids` for a batch of texts
+    (or of text pairs: the tokenizer's post-processor joins them and sets the token types)."""
+    given = list(texts) if pairs is None else list(zip(texts, pairs))
+    encodings = tokenizer.encode_batch(given)
     ids = np.array([e.ids for e in encodings], dtype=np.int64)
     mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
-    return {"input_ids": ids, "attention_mask": mask}
+    types = np.array([e.type_ids for e in encodings], dtype=np.int64)
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from miaotui.config import Config
+from miaotui.config import Config, folder_importable
 from miaotui.errors import InputError, first_line
 
 
@@ -115,10 +115,89 @@ def _few(items: list[str], limit: int = 3) -> str:
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
+def model_sources(config: Config) -> list[Path]:
+    """The files whose content is the model (the export stage's key)."""
+    if config.model.huggingface is not None:
+        from miaotui.huggingface_folder import read_folder
+
+        return read_folder(config.model.huggingface, f"{config.path}: model.huggingface").weight_files()
+    return factory_sources(config.model.factory)
+
+
 def load_model(config: Config):
     """The config's model in eval mode, with its checkpoint applied."""
     from torch import nn
 
+    if config.model.huggingface is not None:
+        from miaotui.models.huggingface import load_huggingface
+
+        return load_huggingface(config.model.huggingface, f"{config.path}: model.huggingface")
+    with folder_importable(config):
+        return named_outputs(_load_factory_model(config, nn), config)
+
+
+def named_outputs(model, config: Config):
+    """`model`, or a wrapper returning only the outputs the config names: a dict's entries by key, a
+    tuple's first ones by position (a model returning (logits, probs) exports its logits alone)."""
+    import torch
+
+    from miaotui.data.samples import sample_inputs, trace_sizes
+
+    names = list(config.model.outputs)
+    feed = {k: torch.from_numpy(v) for k, v in sample_inputs(config, trace_sizes(config)).items()}
+    try:
+        with torch.inference_mode():
+            result = model(**feed)
+    except Exception:
+        return model  # the export reports the failure with its own context
+    where = f"{config.path}: model.outputs"
+    if isinstance(result, torch.Tensor):
+        if len(names) > 1:
+            raise InputError(f"{where}: the model returns 1 output(s), the config names {len(names)}")
+        return model
+    if isinstance(result, dict):
+        if all(name in result for name in names):
+            keys: list = names
+        elif len(result) == len(names):
+            return model  # unnamed: by position
+        else:
+            raise InputError(f"{where}: the model returns {', '.join(map(str, result))}; "
+                             f"the config names {', '.join(names)}")
+    elif isinstance(result, (tuple, list)):
+        if len(result) < len(names):
+            raise InputError(f"{where}: the model returns {len(result)} output(s), the config names {len(names)}")
+        if len(result) == len(names):
+            return model
+        keys = list(range(len(names)))
+    else:
+        return model
+    return _selecting(model, keys, list(config.inputs))
+
+
+def _selecting(model, keys: list, input_names: list[str]):
+    """A module whose forward takes the config's inputs by name (an explicit signature: torch.export
+    binds dynamic shapes to it) and returns model(...)[key] for each key."""
+    import inspect
+
+    import torch
+
+    class NamedOutputs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, **inputs):
+            result = self.model(**inputs)
+            picked = tuple(result[key] for key in keys)
+            return picked[0] if len(picked) == 1 else picked
+
+    parameters = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    parameters += [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in input_names]
+    NamedOutputs.forward.__signature__ = inspect.Signature(parameters)
+    return NamedOutputs().eval()
+
+
+def _load_factory_model(config: Config, nn):
     build = load_factory(config.model.factory, config.path)
     try:
         model = build()

@@ -37,10 +37,10 @@ def graph_view(config: Config) -> dict:
 
 def model_inputs(config: Config) -> dict[str, str]:
     """The files (and resolved config) whose change makes anything computed from the model stale."""
-    from miaotui.models.loading import factory_sources
+    from miaotui.models.loading import model_sources
 
     inputs = {"config": sha256_json(graph_view(config))}
-    sources = factory_sources(config.model.factory)
+    sources = model_sources(config)
     if sources:
         inputs["factory"] = sha256_json({str(p): sha256_file(p) for p in sources})
     if config.model.checkpoint:
