@@ -17,7 +17,7 @@ from miaotui.engines.backend import backend_names, registry, triton_backends
 from miaotui.errors import CheckFailed, InputError, MiaotuiError
 
 # The design's commands, in the order of the flow (the tests check --help lists each).
-COMMANDS = ("run", "export", "optimize", "quantize", "build", "validate", "bench", "predict", "inspect", "package")
+COMMANDS = ("init", "run", "export", "optimize", "quantize", "build", "validate", "bench", "predict", "inspect", "package")
 
 
 def escape(text: str) -> str:
@@ -641,6 +641,33 @@ def package(engine_or_dir: Path, repository: Path, backend, precision, name, mod
     for path in sorted(p for p in result.model_dir.rglob("*") if p.is_file()):
         _console().print(f"  {escape(str(path.relative_to(result.model_dir.parent)))}  {_size(path.stat().st_size)}")
     _console().print(escape(result.config_text.rstrip()))
+
+
+@main.command()
+@click.argument("source", metavar="HF_FOLDER|FILE.py:FUNCTION")
+@click.option("-o", "--output", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("miaotui.toml"), show_default=True, help="The config file to write.")
+@click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Calibration texts (.csv/.tsv/.jsonl/.parquet) or an .npz, for [data].")
+@click.option("--validation", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Validation texts (with labels the gate checks accuracy too), for [data].")
+@click.option("--force", is_flag=True, help="Replace CONFIG when it exists.")
+@reports_errors
+def init(source: str, config_path: Path, calibration, validation, force: bool) -> None:
+    """Write a commented starter config from a Hugging Face save_pretrained folder (complete) or a
+    factory's FILE.py:FUNCTION (inputs from forward(); guesses marked TODO), and print the next command."""
+    from miaotui.artifacts import atomic_write_bytes
+    from miaotui.models.starter import starter_config
+
+    if config_path.exists() and not force:
+        raise InputError(f"{config_path}: exists; pass --force to replace it")
+    starter = starter_config(source, config_path, calibration, validation)
+    atomic_write_bytes(config_path, starter.text.encode())
+    click.echo(f"wrote {config_path}")  # plain lines: a path must not be wrapped
+    todo = [number for number, line in enumerate(starter.text.splitlines(), 1) if "# TODO" in line]
+    if todo:
+        click.echo(f"check the lines marked TODO (lines {', '.join(map(str, todo))}), then:")
+    click.echo(f"next: miaotui run {config_path}")
 
 
 if __name__ == "__main__":

@@ -51,9 +51,13 @@ def make_project(root: Path, family: str, corpus: Path) -> Path:
         warnings.simplefilter("ignore")
         save_checkpoint(root / "checkpoint", family, [e.text for e in load_split("train")[:3000]], vocab_size=300)
     config = root / "config.toml"
-    config.write_text(f'name = "tiny-{family}"\n[model]\nhuggingface = "checkpoint"\n[data]\n'
-                      f'calibration = "{corpus / "calibration.csv"}"\nvalidation = "{corpus / "validation.csv"}"\n'
-                      '[dims]\nseq = { min = 1, opt = 64, max = 128 }\n')
+    # `miaotui init` writes the config, as a user would start.
+    result = CliRunner().invoke(main, ["init", str(root / "checkpoint"), "-o", str(config), "--calibration",
+                                       str(corpus / "calibration.csv"), "--validation", str(corpus / "validation.csv")])
+    assert result.exit_code == 0, result.output
+    assert f"next: miaotui run {config}" in result.output and "TODO" not in result.output
+    config.write_text(config.read_text().replace('name = "checkpoint"', f'name = "tiny-{family}"')
+                      .replace("seq = { min = 1, opt = 128, max = 130 }", "seq = { min = 1, opt = 64, max = 128 }"))
     return config
 
 
@@ -156,6 +160,43 @@ validation = "{corpus_files / "validation.csv"}"
     import onnx
 
     assert [o.name for o in onnx.load(str(work / "model.onnx")).graph.output] == ["logits"]  # the named output only
+
+
+def test_init_from_a_factory_reads_forward_and_marks_its_guesses(tmp_path: Path):
+    (tmp_path / "net.py").write_text('''
+import torch
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(50, 8)
+        self.head = torch.nn.Linear(9, 2)
+
+    def forward(self, input_ids, attention_mask, price, scale=1.0):
+        pooled = (self.embed(input_ids) * attention_mask.unsqueeze(-1)).mean(dim=1)
+        return self.head(torch.cat([pooled, price], dim=-1)) * scale
+
+
+def build():
+    return Net()
+''')
+    config = tmp_path / "configs" / "net.toml"
+    config.parent.mkdir()
+    result = CliRunner().invoke(main, ["init", f"{tmp_path / 'net.py'}:build", "-o", str(config)])
+    assert result.exit_code == 0, result.output
+    assert "check the lines marked TODO" in result.output and f"next: miaotui run {config}" in result.output
+
+    from miaotui.config import load_config
+
+    loaded = load_config(config)  # loads as written: guesses are valid values
+    assert list(loaded.inputs) == ["input_ids", "attention_mask", "price"]  # `scale` has a default: not an input
+    assert loaded.model.factory == f"{tmp_path / 'net.py'}:build"  # written relative to the config's folder
+    assert loaded.inputs["attention_mask"].padding_mask
+    text = config.read_text()
+    assert "range = [0, 30000] }  # TODO" in text and 'price = { dtype = "float32", shape = ["batch", 1] }  # TODO' in text
+    again = CliRunner().invoke(main, ["init", f"{tmp_path / 'net.py'}:build", "-o", str(config)])
+    assert again.exit_code == 2 and "exists; pass --force" in again.stderr
 
 
 BAD_ROWS = {
