@@ -82,7 +82,7 @@ def main() -> None:
         search = quantize.get("search") or {}
         results[name] = {"engine": str(engine), "quantize_seconds": round(seconds, 1),
                          "search_seconds": search.get("seconds"), "kept_float": len(search.get("kept_float", [])),
-                         "int8_nodes": quantize["nodes"]["quantized"],
+                         "int8_nodes": quantize["ops"]["quantized"],
                          "validation_agreement": quantize["agreement"]["top1_agreement"],
                          "held_out_agreement": search.get("agreement"),
                          "test_accuracy_fp32": fp32_accuracy, "test_accuracy": accuracy,

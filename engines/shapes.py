@@ -120,8 +120,13 @@ def synthetic_feed(ranges: list[TensorRange], which: str, config: Config | None,
             feed[tensor.name] = np.ones(shape, dtype)
         else:
             feed[tensor.name] = rng.standard_normal(shape).astype(dtype)
-    if config is not None and "attention_mask" in feed and "input_ids" in feed:
-        feed["attention_mask"][...] = 1  # random masks can blank a whole row; the mask is not noise
+    mask = config.padding_mask if config is not None else None
+    if mask is None and "attention_mask" in feed and "input_ids" in feed:
+        mask = "attention_mask"
+    if mask in feed:
+        # Every position real: random masks blank whole rows, and send a torch TransformerEncoder down
+        # its ragged nested-tensor path (ten times slower than on real, right-padded texts).
+        feed[mask][...] = 1
     return feed
 
 

@@ -275,6 +275,7 @@ def write_int8(plan: Int8Plan, scratch: Path) -> dict[str, Any]:
     import onnx
 
     from miaotui.export.bias_correction import BIAS_SAMPLES
+    from miaotui.export.inspect_onnx import count_int8_nodes
     from miaotui.export.optimize import compare_onnx
     from miaotui.export.quantize import check_qdq, compare_top1, confirm_decisions, correct_biases, quantize_onnx
     from miaotui.export.smoothing import SMOOTHING_ATOL
@@ -322,7 +323,10 @@ def write_int8(plan: Int8Plan, scratch: Path) -> dict[str, Any]:
         "method": options.method,
         "calibration": {"samples": calibration.key.samples, "seconds": round(calibration.seconds, 3),
                         "cached": calibration.cached, "set": plan.data.calibration_set.where},
-        "nodes": {"quantized": sum(d.quantized for d in final), "float": sum(not d.quantized for d in final)},
+        # What inspect counts (export/inspect_onnx.py): compute nodes of the written graph that run in INT8.
+        "nodes": dict(zip(("quantized", "float"), count_int8_nodes(onnx.load(str(target), load_external_data=False)))),
+        # The rules' (or the search's) decisions over the ops that take INT8 weights.
+        "ops": {"quantized": sum(d.quantized for d in final), "float": sum(not d.quantized for d in final)},
         "smoothing": {"alpha": options.smooth_alpha, "inputs": len(smoothed), "shifted": sum(i.shifted for i in smoothed),
                       "max_factor": round(max((i.max_factor for i in smoothed), default=1.0), 3)},
         "bias_correction": {"nodes": len(corrected), "samples": min(BIAS_SAMPLES, plan.data.calibration_data.samples)

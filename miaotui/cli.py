@@ -44,12 +44,17 @@ def os_error_line(error: OSError) -> str:
 
 
 def reports_errors(command):
-    """One line on stderr and the error's exit status instead of a traceback."""
+    """One line on stderr and the error's exit status instead of a traceback; libraries' warnings
+    (torch's, transformers') are not the user's business in normal output."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        import warnings
+
         try:
-            return command(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", module=r"(?!miaotui(\.|$))")  # user modules too
+                return command(*args, **kwargs)
         except MiaotuiError as error:
             click.echo(f"error: {error}", err=True)
             sys.exit(error.exit_code)
@@ -70,6 +75,45 @@ def main() -> None:
     """
 
 
+class StageProgress:
+    """What the user sees while stages run, passed to a Pipeline as its on_stage. On a terminal: a
+    spinner naming the stage that runs (or, where a stage draws progress bars, a line as each starts);
+    elsewhere (CI logs): a plain line as each stage starts and ends, and no bars."""
+
+    def __init__(self, config_name: str, spinner: bool):
+        self.name = config_name
+        self.terminal = sys.stderr.isatty()
+        self.status = _console(stderr=True).status(f"{config_name}") if spinner and self.terminal else None
+        self.started: dict[str, float] = {}
+
+    @property
+    def bars(self) -> bool:
+        return self.terminal and self.status is None  # tqdm bars and a rich spinner would fight over the line
+
+    def __enter__(self):
+        if self.status is not None:
+            self.status.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.status is not None:
+            self.status.__exit__(*exc)
+
+    def __call__(self, stage: str, result) -> None:
+        import time
+
+        if result is None:
+            self.started[stage] = time.monotonic()
+            if self.status is not None:
+                self.status.update(f"{stage} {self.name}")
+            else:
+                click.echo(f"miaotui: {stage} {self.name} ...", err=True)
+        elif self.status is None and not self.terminal:
+            seconds = time.monotonic() - self.started.get(stage, time.monotonic())
+            done = "current (skipped)" if result.skipped else f"done in {seconds:.1f} s"
+            click.echo(f"miaotui: {stage} {self.name} {done}", err=True)
+
+
 def _stage_command(name: str, summary: str, options=(), spinner: bool = True, after=None):
     """A command that runs one stage of a config's flow (and the stages before it, when stale).
     `options` are extra click options, passed to the stage function as keyword arguments;
@@ -83,11 +127,8 @@ def _stage_command(name: str, summary: str, options=(), spinner: bool = True, af
 
             config = resolve_config(config_or_model)
             work_dir = out_dir or WorkDir.for_model(config.name).root
-            if spinner:
-                with _console(stderr=True).status(f"{name} {config.name}"):
-                    results = run(config, work_dir, force, wait=not no_wait, **extra)
-            else:  # the stage draws its own progress bars
-                results = run(config, work_dir, force, wait=not no_wait, **extra)
+            with StageProgress(config.name, spinner) as progress:
+                results = run(config, work_dir, force, wait=not no_wait, progress=progress, **extra)
             for result in results:
                 for warning in getattr(result, "warnings", []):
                     _console(stderr=True).print(f"[yellow]warning:[/yellow] {escape(warning)}")
@@ -110,19 +151,19 @@ def _stage_command(name: str, summary: str, options=(), spinner: bool = True, af
 
 
 @_stage_command("export", "Export the PyTorch model to ONNX and check it against PyTorch (model.onnx).")
-def export(config, work_dir: Path, force: bool, wait: bool):
+def export(config, work_dir: Path, force: bool, wait: bool, progress: StageProgress):
     from miaotui.stages import Export, Pipeline
 
-    pipeline = Pipeline(config, work_dir, wait=wait)
+    pipeline = Pipeline(config, work_dir, progress.bars, wait, progress)
     pipeline.run(Export(), force)
     return pipeline.ran
 
 
 @_stage_command("optimize", "Fold constants, infer shapes, drop dead nodes (model.opt.onnx), after export.")
-def optimize(config, work_dir: Path, force: bool, wait: bool):
+def optimize(config, work_dir: Path, force: bool, wait: bool, progress: StageProgress):
     from miaotui.stages import Optimize, Pipeline
 
-    pipeline = Pipeline(config, work_dir, wait=wait)
+    pipeline = Pipeline(config, work_dir, progress.bars, wait, progress)
     pipeline.run(Optimize(), force)
     return pipeline.ran
 
@@ -158,15 +199,15 @@ def optimize(config, work_dir: Path, force: bool, wait: bool):
     ),
     spinner=False,
 )
-def quantize(config, work_dir: Path, force: bool, wait: bool, precision, method, samples, smooth_alpha, calibration_data, include,
-             exclude, target_agreement, bias_correction):
+def quantize(config, work_dir: Path, force: bool, wait: bool, progress: StageProgress, precision, method, samples,
+             smooth_alpha, calibration_data, include, exclude, target_agreement, bias_correction):
     from miaotui.stages import Half, Pipeline, Quantize, quantize_options
 
     int8_options = (method, samples, smooth_alpha, calibration_data, include, exclude, target_agreement, bias_correction)
     if precision == "fp16" and any(o not in (None, ()) for o in int8_options):
         raise InputError("--precision fp16: --method, --samples, --smooth-alpha, --calibration, --include, --exclude, "
                          "--target-agreement and --bias-correction are INT8 options; fp16 has no calibration")
-    pipeline = Pipeline(config, work_dir, wait=wait)
+    pipeline = Pipeline(config, work_dir, progress.bars, wait, progress)
     if precision != "fp16":
         options = quantize_options(config, method, samples, include, exclude, calibration_data, smooth_alpha,
                                    target_agreement, bias_correction)
@@ -213,7 +254,9 @@ def _gate_built_engines(config, work_dir: Path, results) -> None:
     from miaotui.stages import gate_built
     from miaotui.validation.report import verdict_line
 
-    flow = gate_built(config, work_dir, results)
+    if not sys.stderr.isatty():
+        click.echo(f"miaotui: validate {config.name} ...", err=True)
+    flow = gate_built(config, work_dir, results, progress=sys.stderr.isatty())
     for engine, reason in flow.not_gated:
         _console(stderr=True).print(f"validate {escape(engine.name)}: skipped, this machine cannot run it ({escape(reason)})")
     for gate in flow.gates:
@@ -239,12 +282,13 @@ def _gate_built_engines(config, work_dir: Path, results) -> None:
     spinner=False,
     after=lambda config, work_dir, results: _gate_built_engines(config, work_dir, results),
 )
-def run(config, work_dir: Path, force: bool, wait: bool, backends, precision, **tensorrt):
+def run(config, work_dir: Path, force: bool, wait: bool, progress: StageProgress, backends, precision, **tensorrt):
     from miaotui.engines import BuildOptions
     from miaotui.stages import RunOptions, build_engines
 
     options = RunOptions(tuple(backends), precision, BuildOptions(tensorrt=_tensorrt_options(**tensorrt)))
-    return build_engines(config, work_dir, options, force=force, wait=wait).ran
+    return build_engines(config, work_dir, options, force=force, progress=progress.bars, wait=wait,
+                         on_stage=progress).ran
 
 
 @main.command()
@@ -580,7 +624,7 @@ def bench(engine_files, torch_config, batch_text, seq_text, threads, seconds, re
 
     from rich.table import Table
 
-    from miaotui.bench import default_report_dir, engine_subjects, run_bench, torch_subject, write_bench_reports
+    from miaotui.bench import default_report_dir, engine_subjects, run_bench, torch_subject, unsteady, write_bench_reports
     from miaotui.models import resolve_config
 
     if not engine_files and not torch_config:
@@ -593,15 +637,21 @@ def bench(engine_files, torch_config, batch_text, seq_text, threads, seconds, re
     written = write_bench_reports(rows, report_dir or default_report_dir(list(engine_files), torch_config), threads)
     table = Table(title=f"miaotui bench: {threads} thread(s), each subject in its own process", title_justify="left")
     for column, justify in (("subject", "left"), ("batch", "right"), ("seq", "right"), ("p50 ms", "right"),
-                            ("p90 ms", "right"), ("p99 ms", "right"), ("samples/s", "right")):
+                            ("p90 ms", "right"), ("p99 ms", "right"), ("samples/s", "right"), ("vs PyTorch", "right"),
+                            ("calls", "right")):
         table.add_column(column, justify=justify, overflow="fold")
     for row in rows:
         if "skipped" in row:
-            table.add_row(escape(row["name"]), str(row["batch"]), str(row["seq"]), escape(row["skipped"]), "", "", "")
+            table.add_row(escape(row["name"]), str(row["batch"]), str(row["seq"]), escape(row["skipped"]), "", "", "",
+                          "", "")
         else:
+            ratio = f"{row['vs_torch']:.2f}x" if "vs_torch" in row else ""
             table.add_row(escape(row["name"]), str(row["batch"]), str(row["seq"]), f"{row['p50_ms']:.2f}",
-                          f"{row['p90_ms']:.2f}", f"{row['p99_ms']:.2f}", f"{row['samples_per_s']:.1f}")
+                          f"{row['p90_ms']:.2f}", f"{row['p99_ms']:.2f}", f"{row['samples_per_s']:.1f}", ratio,
+                          str(row["calls"]))
     _console().print(table)
+    for warning in unsteady(rows):
+        _console(stderr=True).print(f"[yellow]warning:[/yellow] {escape(warning)}")
     _console().print("reports: " + ", ".join(escape(str(p)) for p in written))
 
 

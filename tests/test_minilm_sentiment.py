@@ -239,7 +239,7 @@ def test_int8_graph_follows_the_rules_and_tensorrt_builds_it(exported, quantized
     assert quantized.details["smoothing"]["shifted"] == 6
     assert len(reasons[("Gather", "rule-table-range")]) == 2  # word and position tables: under 30 dB in INT8
     assert ("LayerNormalization", "rule-op-type") in reasons and ("Softmax", "int8") not in reasons
-    assert quantized.details["qdq_check"]["weights"] == quantized.details["nodes"]["quantized"]
+    assert quantized.details["qdq_check"]["weights"] == quantized.details["ops"]["quantized"]
     # The encoder's weights in INT8 (the float tables are 52 of model.onnx's 95 MB).
     assert quantized.path.stat().st_size < 0.7 * onnx_path.stat().st_size
     built = build_engine(quantized.path, tmp_path / "minilm.int8.plan", BuildOptions(backend="tensorrt-rtx"), config)

@@ -111,7 +111,7 @@ def test_the_search_rescues_a_model_the_rules_fail(outlier: Path):
     sqnr = {item["node"]: item["sqnr_db"] for item in report["ranking"]}
     assert sqnr[fc2] < min(v for k, v in sqnr.items() if k != fc2) - 10
     assert [s["kept_float"] for s in report["steps"]][:2] == [0, 3] and report["steps"][0]["met"] is False
-    assert quantization["nodes"]["quantized"] == 2
+    assert quantization["ops"]["quantized"] == 2
 
 
 def test_target_from_the_config_and_the_command_line(outlier: Path, tmp_path: Path):

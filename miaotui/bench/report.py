@@ -11,13 +11,15 @@ from miaotui.workdir import BENCH_REPORTS
 def markdown(rows: list[dict], threads: int, machine: str) -> str:
     lines = [f"Latency and throughput, {threads} thread(s), {machine}. Each subject timed in its own process after a "
              "warm-up; p50/p90/p99 over the calls shown.", "",
-             "| subject | batch | seq | p50 ms | p90 ms | p99 ms | samples/s | calls |", "|---|---|---|---|---|---|---|---|"]
+             "| subject | batch | seq | p50 ms | p90 ms | p99 ms | samples/s | vs PyTorch | calls |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         if "skipped" in row:
-            lines.append(f"| {row['name']} | {row['batch']} | {row['seq']} | {row['skipped']} | | | | |")
+            lines.append(f"| {row['name']} | {row['batch']} | {row['seq']} | {row['skipped']} | | | | | |")
             continue
+        ratio = f"{row['vs_torch']:.2f}x" if "vs_torch" in row else ""
         lines.append(f"| {row['name']} | {row['batch']} | {row['seq']} | {row['p50_ms']:.2f} | {row['p90_ms']:.2f} | "
-                     f"{row['p99_ms']:.2f} | {row['samples_per_s']:.1f} | {row['calls']} |")
+                     f"{row['p99_ms']:.2f} | {row['samples_per_s']:.1f} | {ratio} | {row['calls']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -46,7 +46,28 @@ def run_bench(subjects: list[Subject], batches: list[int], seqs: list[int], thre
             if process.wait() != 0:
                 last = (process.stderr.read().strip().splitlines() or ["no message"])[-1]
                 raise InputError(f"benchmarking {subject.name} failed: {last}")
+    return with_torch_ratios(rows)
+
+
+# Below this many timed calls a p50 rests on too little (a loaded machine, one slow call): say so.
+MIN_STEADY_CALLS = 20
+
+
+def with_torch_ratios(rows: list[dict]) -> list[dict]:
+    """Each timed row gets `vs_torch`: PyTorch's p50 over its own at the same batch and seq (when
+    PyTorch FP32 was timed), so a speed-up is read off the row, not worked out by hand."""
+    torch = {(r["batch"], r["seq"]): r["p50_ms"] for r in rows if r.get("kind") == "torch" and "p50_ms" in r}
+    for row in rows:
+        base = torch.get((row["batch"], row["seq"]))
+        if base is not None and "p50_ms" in row:
+            row["vs_torch"] = round(base / row["p50_ms"], 3)
     return rows
+
+
+def unsteady(rows: list[dict]) -> list[str]:
+    """A warning per row timed on fewer than MIN_STEADY_CALLS calls."""
+    return [f"{r['name']} batch {r['batch']} seq {r['seq']}: p50 of only {r['calls']} calls; a longer --seconds "
+            "gives a steadier figure" for r in rows if r.get("calls", MIN_STEADY_CALLS) < MIN_STEADY_CALLS]
 
 
 def engine_subjects(engines: list[Path]) -> list[Subject]:

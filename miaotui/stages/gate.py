@@ -110,7 +110,7 @@ class FlowResult:
 
 
 def build_engines(config: Config, work_dir: str | Path, options: RunOptions, force: bool = False,
-                  progress: bool = True, wait: bool = True):
+                  progress: bool = True, wait: bool = True, on_stage=None):
     """Every stage up to an engine per backend; returns the pipeline (its `ran` lists the results)."""
     from dataclasses import replace
 
@@ -118,7 +118,7 @@ def build_engines(config: Config, work_dir: str | Path, options: RunOptions, for
     from miaotui.stages.build import Build
     from miaotui.stages.runner import Pipeline
 
-    pipeline = Pipeline(config, work_dir, progress, wait)
+    pipeline = Pipeline(config, work_dir, progress, wait, on_stage)
     base = options.build or BuildOptions()
     for backend in options.backends or default_backends():
         pipeline.run(Build(replace(base, backend=backend, precision=options.precision)), force=force)

@@ -41,6 +41,12 @@ class QuantizeResult(StageResult):
         return self.details["nodes"]["float"]
 
     @property
+    def quantized_ops(self) -> tuple[int, int] | None:
+        """(INT8, float) among the ops the rules decide on (weight ops); None in records before it was kept."""
+        ops = self.details.get("ops")
+        return (ops["quantized"], ops["quantized"] + ops["float"]) if ops else None
+
+    @property
     def smoothed_inputs(self) -> int:
         return self.details["smoothing"]["inputs"]
 
@@ -68,7 +74,8 @@ class QuantizeResult(StageResult):
     def check(self) -> str:
         seconds = "cached" if self.calibration_seconds is None else f"{self.calibration_seconds:.1f} s"
         smoothing = f"{self.smoothed_inputs} inputs smoothed; " if self.smoothed_inputs else ""
-        text = (f"{self.int8_nodes} nodes INT8, {self.float_nodes} float; {smoothing}{self.method} on "
+        ops = f" ({self.quantized_ops[0]} of {self.quantized_ops[1]} weight ops)" if self.quantized_ops else ""
+        text = (f"{self.int8_nodes} compute nodes INT8, {self.float_nodes} float{ops}; {smoothing}{self.method} on "
                 f"{self.calibration_samples} samples ({seconds}); {self.agreement.text()}")
         if (search := self.search) is not None:
             text += (f"; search for >= {search.target:g}: {'met' if search.met else 'NOT met'} with "

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,11 +104,14 @@ def default_unit(name: str, config: Config) -> Unit:
 class Pipeline:
     """One config and one work dir; runs units and the units they need, each at most once."""
 
-    def __init__(self, config: Config, work_dir: str | Path, progress: bool = True, wait: bool = True):
+    def __init__(self, config: Config, work_dir: str | Path, progress: bool = True, wait: bool = True,
+                 on_stage: Callable[[str, "StageResult | None"], None] | None = None):
         self.config = config
         self.work = WorkDir(work_dir)
-        self.progress = progress
+        self.progress = progress  # progress bars inside a stage (calibration, agreement)
         self.wait = wait  # another run holds the work dir: wait for it (else fail at once)
+        # Told (stage, None) when a stage starts producing and (stage, result) when it is done or found current.
+        self.on_stage = on_stage or (lambda stage, result: None)
         self.units: dict[str, Unit] = {}
         self.results: dict[str, StageResult] = {}
         self.ran: list[StageResult] = []  # results in the order they were produced or found current
@@ -163,11 +167,16 @@ class Pipeline:
         if not force and work.is_current(unit.name, key):
             record = work.record(unit.name)
             files = [work.path(name) for name in sorted(record.outputs, key=lambda name: name != unit.primary)]
-            return unit.result_type(stage, work.path(unit.primary), files, record.seconds, skipped=True,
-                                    details=record.details, warnings=list(record.details.get("warnings", [])))
+            current = unit.result_type(stage, work.path(unit.primary), files, record.seconds, skipped=True,
+                                       details=record.details, warnings=list(record.details.get("warnings", [])))
+            self.on_stage(unit.name, current)
+            return current
 
+        self.on_stage(unit.name, None)
         try:
-            return self._produce(unit, stage, key, inputs, options, tools)
+            result = self._produce(unit, stage, key, inputs, options, tools)
+            self.on_stage(unit.name, result)
+            return result
         except OSError as error:
             if error.filename:
                 raise
