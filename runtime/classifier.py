@@ -133,10 +133,12 @@ class Classifier:
                 raise InputError(f"texts[{position}]: not valid Unicode at character {error.start} "
                                  f"({text[error.start]!r}, a lone surrogate)") from None
         size = min(batch_size or self.engine.max_batch or 32, self.engine.max_batch or 32)
-        encoded = encode(self.tokenizer, texts)  # once, padded to the longest; each batch takes its columns
+        names = [t.name for t in self.engine.inputs]
+        # Once, padded to the longest; each batch takes its columns. The mask counts real tokens even
+        # for an engine that takes ids alone.
+        encoded = encode(self.tokenizer, texts, names=list(dict.fromkeys([*names, "attention_mask"])))
         lengths = encoded["attention_mask"].sum(axis=1)  # real tokens per text
         order = np.argsort(lengths, kind="stable")
-        names = [t.name for t in self.engine.inputs]
         dtypes = {t.name: np.dtype(t.dtype) for t in self.engine.inputs}
         predictions: list[Prediction | None] = [None] * len(texts)
         for chunk in batches_by_cost([int(lengths[i]) for i in order], size):

@@ -19,7 +19,6 @@ import numpy as np
 from miaotui.config import Config, TEXT_SUFFIXES
 from miaotui.errors import InputError
 
-TOKENIZED_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 PARQUET_BATCH_ROWS = 1024
 LABELS = "labels"
 
@@ -167,12 +166,12 @@ def _parquet_records(path: Path, columns: Columns):
 def tokenized_batches(config: Config, path: Path, where: str, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     """Feed dicts of the model's inputs (and `labels` when the file has them), each batch padded to
     its longest text (at least the seq dim's min) and truncated to the seq dim's max."""
-    from miaotui.data.tokenizers import encode, load_tokenizer
+    from miaotui.data.tokenizers import ENCODED, encode, load_tokenizer
 
     names = list(config.inputs)
-    others = [name for name in names if name not in TOKENIZED_INPUTS]
+    others = [name for name in names if name not in ENCODED]
     if others or "input_ids" not in names:
-        raise InputError(f"{where}: a text file feeds {', '.join(TOKENIZED_INPUTS)}; the model takes "
+        raise InputError(f"{where}: a text file feeds {', '.join(ENCODED)}; the model takes "
                          f"{', '.join(names)} (give an .npz or \"module:function\" instead)")
     if config.model.tokenizer is None:
         raise InputError(f"{config.path}: model.tokenizer: missing; {where} holds texts, which the config's "
@@ -197,11 +196,11 @@ def tokenized_batches(config: Config, path: Path, where: str, batch_size: int) -
 
 def _encode_rows(rows: list[TextRow], tokenizer, config: Config, shortest: int, vocabulary, encode) -> dict:
     pairs = [row.pair for row in rows] if rows[0].pair is not None else None
-    encoded = encode(tokenizer, [row.text for row in rows], pairs)
+    encoded = encode(tokenizer, [row.text for row in rows], pairs, names=list(config.inputs))
     width = encoded["input_ids"].shape[1]
     if width < shortest:  # the engine's profile starts at the seq dim's min: pad up to it
         pad_id = tokenizer.padding["pad_id"] if tokenizer.padding else 0
-        fill = {"input_ids": pad_id, "attention_mask": 0, "token_type_ids": 0}
+        fill = {"input_ids": pad_id, "attention_mask": 0, "token_type_ids": 0}  # padding's own values
         encoded = {k: np.pad(v, ((0, 0), (0, shortest - width)), constant_values=fill[k]) for k, v in encoded.items()}
     if vocabulary is not None:
         high = int(vocabulary[1])

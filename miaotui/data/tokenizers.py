@@ -81,12 +81,14 @@ def vocab_size(path: str | Path) -> int:
     return len(json.loads(Path(path).read_text(encoding="utf-8"))["model"]["vocab"])
 
 
-def encode(tokenizer, texts: Sequence[str], pairs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-    """Right-padded int64 `input_ids`, `attention_mask` and `token_type_ids` for a batch of texts
-    (or of text pairs: the tokenizer's post-processor joins them and sets the token types)."""
+ENCODED = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def encode(tokenizer, texts: Sequence[str], pairs: Sequence[str] | None = None,
+           names: Sequence[str] = ("input_ids", "attention_mask")) -> dict[str, np.ndarray]:
+    """Right-padded int64 arrays `names` (of ENCODED) for a batch of texts, or of text pairs (the
+    tokenizer's post-processor joins them and sets `token_type_ids`)."""
     given = list(texts) if pairs is None else list(zip(texts, pairs))
     encodings = tokenizer.encode_batch(given)
-    ids = np.array([e.ids for e in encodings], dtype=np.int64)
-    mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
-    types = np.array([e.type_ids for e in encodings], dtype=np.int64)
-    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+    fields = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}
+    return {name: np.array([getattr(e, fields[name]) for e in encodings], dtype=np.int64) for name in names}
