@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -17,7 +18,8 @@ from miaotui.engines.backend import backend_names, registry, triton_backends
 from miaotui.errors import CheckFailed, InputError, MiaotuiError
 
 # The design's commands, in the order of the flow (the tests check --help lists each).
-COMMANDS = ("init", "run", "export", "optimize", "quantize", "build", "validate", "bench", "predict", "inspect", "package")
+COMMANDS = ("init", "run", "export", "optimize", "quantize", "build", "validate", "bench", "predict", "inspect", "package",
+            "serve")
 
 
 def escape(text: str) -> str:
@@ -678,6 +680,7 @@ def package(engine_or_dir: Path, repository: Path, backend, precision, name, mod
             max_queue_delay_us, force) -> None:
     """A Triton Inference Server model repository entry for a built engine: config.pbtxt (checked with
     Triton's own schema), the model file in a version folder, labels.txt and the engine's sidecar."""
+    from miaotui.serving.text_model import package_text_model, text_model_unavailable
     from miaotui.serving.triton import TritonOptions, package_triton
 
     preferred = tuple(_sizes("--preferred-batch", preferred_text)) if preferred_text else ()
@@ -685,12 +688,19 @@ def package(engine_or_dir: Path, repository: Path, backend, precision, name, mod
                             max_queue_delay_us=max_queue_delay_us, preferred_batch_sizes=preferred, force=force)
     with _console(stderr=True).status(f"package {engine_or_dir} for Triton"):
         result = package_triton(engine_or_dir, repository, options, backend, precision)
+        no_text = text_model_unavailable(engine_or_dir) if engine_or_dir.is_dir() else "given an engine, not a work dir"
+        text = package_text_model(engine_or_dir, repository, options) if no_text is None else None
     _console().print(f"miaotui package: {escape(str(result.engine))} -> {escape(str(result.model_dir))} "
                      f"({result.platform}, max_batch_size {result.max_batch_size}; config.pbtxt parsed with Triton's "
                      "model configuration schema)")
     for path in sorted(p for p in result.model_dir.rglob("*") if p.is_file()):
         _console().print(f"  {escape(str(path.relative_to(result.model_dir.parent)))}  {_size(path.stat().st_size)}")
     _console().print(escape(result.config_text.rstrip()))
+    if text is None:
+        _console().print(f"no text model ({escape(no_text)}): clients send the engine's tensors")
+    else:
+        _console().print(f"miaotui package: {escape(str(text.engine))} -> {escape(str(text.model_dir))} (text in, "
+                         f"label out: Triton's Python backend running miaotui.runtime; `miaotui serve {escape(str(repository))}`)")
 
 
 @main.command()
@@ -718,6 +728,72 @@ def init(source: str, config_path: Path, calibration, validation, force: bool) -
     if todo:
         click.echo(f"check the lines marked TODO (lines {', '.join(map(str, todo))}), then:")
     click.echo(f"next: miaotui run {config_path}")
+
+
+@main.command()
+@click.argument("source", metavar="WORK_DIR|REPO", type=click.Path(path_type=Path))
+@click.option("--model", "models", multiple=True, metavar="NAME",
+              help="A repository's model to load (repeatable; default: its text models, NAME-text).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="The address to listen on (0.0.0.0 for every interface).")
+@click.option("--http-port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True)
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=8002, show_default=True)
+@click.option("--preferred-batch", "preferred_text", default=None, metavar="8,32",
+              help="Dynamic batching's preferred batch sizes, when packaging a work dir (default: 8,32).")
+@click.option("--max-queue-delay-us", type=click.IntRange(min=0), default=100, show_default=True,
+              help="How long the dynamic batcher may hold a request to fill a preferred batch, when packaging.")
+@reports_errors
+def serve(source: Path, models, host: str, http_port: int, grpc_port: int, metrics_port: int, preferred_text,
+          max_queue_delay_us: int) -> None:
+    """Start a real Triton Inference Server: on a work dir (its text model is packaged into
+    WORK_DIR/triton first) or on a model repository. Prints the endpoints once the model is ready;
+    Ctrl-C or SIGTERM stops it (requests in flight finish)."""
+    import signal
+
+    from miaotui.serving.server import TritonServer
+    from miaotui.serving.text_model import TEXT_SUFFIX, package_text_model
+    from miaotui.serving.triton import TritonOptions
+    from miaotui.workdir import WorkDir
+
+    if not source.is_dir():
+        raise InputError(f"{source}: expected a work dir or a Triton model repository")
+    if WorkDir(source).config.is_file():
+        preferred = tuple(_sizes("--preferred-batch", preferred_text)) if preferred_text else ()
+        options = TritonOptions(max_queue_delay_us=max_queue_delay_us, preferred_batch_sizes=preferred, force=True)
+        text = package_text_model(source, source / "triton", options)
+        repository, models = source / "triton", models or (text.name,)
+    else:
+        repository = source
+        models = models or tuple(sorted(p.name for p in source.iterdir() if p.name.endswith(TEXT_SUFFIX)
+                                        and (p / "config.pbtxt").is_file()))
+        if not models:
+            raise InputError(f"{source}: no text model (NAME{TEXT_SUFFIX}/config.pbtxt) in it; name one with --model")
+    server = TritonServer(repository, list(models), host, http_port, grpc_port, metrics_port)
+    stopping = []
+
+    def stop(signum, frame):
+        stopping.append(signum)
+
+    with _console(stderr=True).status(f"starting Triton on {repository}"):
+        server.start()
+    try:
+        click.echo(f"serving {', '.join(models)} from {repository}")
+        click.echo(f"  HTTP    http://{server.http_url}   (KServe v2: /v2/models/{models[0]}/infer)")
+        click.echo(f"  gRPC    {server.grpc_url}")
+        click.echo(f"  metrics http://{host}:{metrics_port}/metrics")
+        body = '{"inputs": [{"name": "text", "shape": [1, 1], "datatype": "BYTES", "data": ["这本书写得很好"]}]}'
+        click.echo(f"try: curl -s http://{server.http_url}/v2/models/{models[0]}/infer -d '{body}'")
+        click.echo("Ctrl-C stops it.")
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        while not stopping and server.process.poll() is None:
+            time.sleep(0.2)
+        if server.process.poll() is not None and not stopping:
+            raise MiaotuiError(f"tritonserver exited ({server.process.returncode}): {server.failure_reason()}")
+    finally:
+        server.stop()
+    click.echo("stopped")
 
 
 if __name__ == "__main__":

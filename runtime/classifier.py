@@ -115,13 +115,18 @@ class Classifier:
     def predict(self, texts: str | Sequence[str], batch_size: int | None = None) -> list[Prediction]:
         """Label and score per text, in the order given. The texts are tokenized once and cut into
         batches of similar length by cost (batches_by_cost), each padded to its longest text."""
+        return self.predict_with_logits(texts, batch_size)[0]
+
+    def predict_with_logits(self, texts: str | Sequence[str],
+                            batch_size: int | None = None) -> tuple[list[Prediction], np.ndarray]:
+        """predict()'s answers and the output they came from, one row per text (float32)."""
         from miaotui.data.tokenizers import encode
 
         if isinstance(texts, str):
             texts = [texts]
         texts = list(texts)
         if not texts:
-            return []
+            return [], np.zeros((0, len(self.labels or ())), np.float32)
         for position, text in enumerate(texts):
             if not isinstance(text, str):
                 raise InputError(f"texts[{position}]: got {type(text).__name__}; predict() takes texts (str)")
@@ -141,15 +146,18 @@ class Classifier:
         order = np.argsort(lengths, kind="stable")
         dtypes = {t.name: np.dtype(t.dtype) for t in self.engine.inputs}
         predictions: list[Prediction | None] = [None] * len(texts)
+        rows_out: list[np.ndarray | None] = [None] * len(texts)
         for chunk in batches_by_cost([int(lengths[i]) for i in order], size):
             rows = order[chunk]
             width = max(int(lengths[rows].max()), self._seq_min)  # the engine takes at least seq_min tokens
             feed = {name: encoded[name][rows, :width].astype(dtypes[name], copy=False) for name in names}
             if feed[names[0]].shape[1] < width:
                 feed = {k: np.pad(v, ((0, 0), (0, width - v.shape[1]))) for k, v in feed.items()}
-            probabilities = softmax(self.engine.run(feed)[self.output].astype(np.float64))
+            logits = self.engine.run(feed)[self.output]
+            probabilities = softmax(logits.astype(np.float64))
             for row, index in enumerate(rows):
+                rows_out[index] = logits[row]
                 best = int(probabilities[row].argmax())
                 label = self.labels[best] if self.labels and best < len(self.labels) else str(best)
                 predictions[index] = Prediction(label, float(probabilities[row, best]), best)
-        return predictions  # type: ignore[return-value]
+        return predictions, np.stack(rows_out).astype(np.float32, copy=False)  # type: ignore[return-value]

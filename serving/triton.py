@@ -14,6 +14,7 @@ repository as it was.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 import tomllib
@@ -124,6 +125,30 @@ def _config_of(work: WorkDir):
     return resolve_config(work.config)
 
 
+@contextlib.contextmanager
+def staged_entry(repository: Path, name: str, force: bool):
+    """A staging folder in `repository` that becomes `repository/name` when the block succeeds (an
+    entry of that name is replaced only with `force`); on failure nothing of it is left."""
+    if repository.exists() and not repository.is_dir():
+        raise InputError(f"--triton {repository}: exists and is not a folder")
+    entry = repository / name
+    if entry.exists() and not force:
+        raise InputError(f"{entry}: already in the repository; --force replaces it")
+    created = not repository.exists()
+    repository.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=repository))
+    try:
+        yield staging
+        if entry.exists():
+            shutil.rmtree(entry)
+        staging.rename(entry)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and not any(repository.iterdir()):
+            repository.rmdir()
+        raise
+
+
 def package_triton(path: str | Path, repository: str | Path, options: TritonOptions | None = None,
                    backend: str | None = None, precision: str | None = None) -> TritonPackage:
     """Put the engine at `path` (or the work dir `path`'s best one for Triton) into `repository`."""
@@ -154,15 +179,7 @@ def package_triton(path: str | Path, repository: str | Path, options: TritonOpti
     text = to_text(config)
     if parse(text, f"{name}/config.pbtxt") != config:
         raise CheckFailed(f"{name}/config.pbtxt: Triton's schema reads back a different configuration")
-    if repository.exists() and not repository.is_dir():
-        raise InputError(f"--triton {repository}: exists and is not a folder")
-    entry = repository / name
-    if entry.exists() and not options.force:
-        raise InputError(f"{entry}: already in the repository; --force replaces it")
-    created = not repository.exists()
-    repository.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=repository))
-    try:
+    with staged_entry(repository, name, options.force) as staging:
         version_dir = staging / str(options.version)
         version_dir.mkdir()
         model_file = version_dir / get_backend(metadata.backend).triton_model(engine, metadata, version_dir,
@@ -171,14 +188,7 @@ def package_triton(path: str | Path, repository: str | Path, options: TritonOpti
         if labels and any(o.label_filename for o in config.output):
             (staging / "labels.txt").write_text("\n".join(labels) + "\n", encoding="utf-8")
         shutil.copyfile(sidecar_path(engine), staging / "engine.json")
-        if entry.exists():
-            shutil.rmtree(entry)
-        staging.rename(entry)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        if created and not any(repository.iterdir()):
-            repository.rmdir()
-        raise
+    entry = repository / name
     return TritonPackage(entry, entry / "config.pbtxt", entry / str(options.version) / model_file.name,
                          config.platform or config.backend, config.max_batch_size, engine,
                          entry / "labels.txt" if (entry / "labels.txt").exists() else None, text)

@@ -114,3 +114,8 @@ def lstm_work(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("lstm") / "work"
     run_build_stage(resolve_config("lstm-sentiment"), work, BuildOptions(backend="onnxruntime"), progress=False)
     return work
+
+
+def error_lines(stderr: str) -> list[str]:
+    """stderr without the stage progress lines ("miaotui: STAGE NAME ..."): what a failed command said."""
+    return [line for line in stderr.strip().splitlines() if not line.startswith("miaotui: ")]

@@ -10,7 +10,7 @@ from miaotui.config import load_config
 from miaotui.errors import InputError
 from miaotui.models import BUILTIN_MODELS, resolve_config
 
-from conftest import CUSTOM_CONFIG, write_custom_config
+from conftest import CUSTOM_CONFIG, write_custom_config, error_lines
 
 
 def test_builtin_config_resolves_paths_and_dims():
@@ -93,7 +93,7 @@ def test_cli_bad_config_exits_2_and_writes_nothing(custom_model_dir: Path, case:
     out = tmp_path / "work"
     result = CliRunner().invoke(main, ["export", str(path), "--out", str(out)])
     assert result.exit_code == 2
-    lines = result.stderr.strip().splitlines()
+    lines = error_lines(result.stderr)
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0]
     assert "Traceback" not in result.output
     assert not out.exists()
@@ -110,7 +110,7 @@ def test_checkpoint_that_does_not_fit_names_the_tensor(custom_model_dir: Path, t
     result = CliRunner().invoke(main, ["export", str(custom_model_dir / "config.toml"), "--out", str(out)])
     assert result.exit_code == 2
     assert "head.weight is (5, 32) in the checkpoint, (3, 32) in the model" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    assert len(error_lines(result.stderr)) == 1
     assert not out.exists()
 
 
@@ -151,5 +151,5 @@ def test_config_that_does_not_fit_the_model_is_exit_2(custom_model_dir: Path, tm
     out = tmp_path / "work"
     result = CliRunner().invoke(main, ["export", str(path), "--out", str(out)])
     assert result.exit_code == 2
-    assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert expected in result.stderr and len(error_lines(result.stderr)) == 1
     assert not out.exists()

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import DATA, write_custom_config, write_data
+from conftest import DATA, write_custom_config, write_data, error_lines
 
 from miaotui.artifacts import sha256_file
 from miaotui.config import load_config
@@ -169,7 +169,7 @@ def test_bad_input_is_one_line_exit_2_and_no_engine_left(lstm_work: Path, tmp_pa
     target = [] if "-o" in extra else ["-o", str(out / "x.plan")]
     result = run_cli("build", *source, "--backend", "tensorrt-rtx", *target, *extra)
     assert result.returncode == 2, (result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
+    lines = error_lines(result.stderr)
     assert len(lines) == 1 and message in lines[0], lines
     assert "Traceback" not in result.stderr
     assert list(out.iterdir()) == []  # no engine, no sidecar, no temporary file

@@ -21,6 +21,8 @@ from miaotui.cli import main
 from miaotui.data.corpus import LABELS, load_split
 from miaotui.huggingface_folder import FAMILIES
 
+from conftest import error_lines
+
 pytest.importorskip("transformers")
 
 TEXTS = ["这本书写得很好，推荐", "太差了，不推荐", "一般般吧", "物流很快，包装完好，会再买"]
@@ -237,7 +239,7 @@ calibration = "{data.name}"
     out = tmp_path / "work"
     result = CliRunner().invoke(main, ["run", str(config), "--out", str(out)])
     assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
+    lines = error_lines(result.stderr)
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert str(data) in lines[0] and expected in lines[0], lines[0]
     assert "Traceback" not in result.output
@@ -312,6 +314,6 @@ def test_bad_checkpoint_folder_is_one_line(case: str, corpus_files: Path, tmp_pa
     out = tmp_path / "work"
     result = CliRunner().invoke(main, ["run", str(config), "--out", str(out)])
     assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
+    lines = error_lines(result.stderr)
     assert len(lines) == 1 and expected in lines[0], result.stderr
     assert not out.exists()

@@ -13,6 +13,8 @@ from miaotui.errors import InputError
 from miaotui.stages import ExportOptions, run_export_stage
 from miaotui.export.inspect_onnx import TensorInfo, summarize_onnx
 
+from conftest import error_lines
+
 
 def test_summary_of_an_exported_model_with_external_weights(custom_model_dir: Path, tmp_path: Path):
     config = load_config(custom_model_dir / "config.toml")
@@ -56,7 +58,7 @@ def test_bad_files_are_exit_2(tmp_path: Path, name: str, content: bytes | None, 
         path.write_bytes(content)
     result = CliRunner().invoke(main, ["inspect", str(path)])
     assert result.exit_code == 2 and expected in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    assert len(error_lines(result.stderr)) == 1
     if path.suffix == ".onnx":
         with pytest.raises(InputError):
             summarize_onnx(path)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import DATA, write_custom_config, write_data
+from conftest import DATA, write_custom_config, write_data, error_lines
 from onnx import numpy_helper
 from tensorrt_judge import build_with_tensorrt_rtx
 
@@ -142,7 +142,7 @@ def test_bad_calibration_data_is_one_line_exit_2_and_nothing_written(router: Pat
     work = tmp_path / "work"
     result = run_cli("quantize", str(router / "config.toml"), "--out", str(work))
     assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
+    lines = error_lines(result.stderr)
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert "calib.npz" in lines[0]
     import re

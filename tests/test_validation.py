@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from conftest import DATA, write_custom_config, write_data
+from conftest import DATA, write_custom_config, write_data, error_lines
 from onnx import helper, numpy_helper
 
 from miaotui.cli import main
@@ -145,7 +145,7 @@ def test_the_gate_fails_with_exit_1_naming_the_metric(lstm_work: Path, tmp_path:
     build_engine(onnx_path, engine, BuildOptions(), resolve_config("lstm-sentiment"))
     result = _gate(engine, lstm_work, "--report", str(tmp_path / "reports"))
     assert result.exit_code == 1, result.output
-    last = result.stderr.strip().splitlines()[-1]
+    last = error_lines(result.stderr)[-1]
     assert last.startswith("error: parity gate FAILED") and metric in last and "bar:" in last
     report = json.loads((tmp_path / "reports" / "parity.json").read_text())
     assert not report["passed"] and any(c["metric"] == metric and not c["passed"] for c in report["checks"])
@@ -172,7 +172,7 @@ def router_engine(custom_model_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
 
 def _one_line_exit_2(result, message: str) -> None:
     assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
+    lines = error_lines(result.stderr)
     assert message in lines[-1], lines
     assert "Traceback" not in result.output
 

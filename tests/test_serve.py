@@ -1,0 +1,204 @@
+"""A real Triton Inference Server (the nvidia-pytriton wheel's tritonserver) on a packaged text model,
+queried over HTTP and gRPC with tritonclient: answers equal Classifier.predict, bad requests get an
+error and the server keeps serving, and the server is always stopped."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from miaotui.cli import main
+from miaotui.serving.server import TritonServer, free_port, server_files, stub_python
+
+from conftest import error_lines
+
+TEXTS = ["这本书写得很好，推荐", "太差了", "一般般吧，物流还行", "包装破损，不会再买了", "好"]
+
+
+def _server_missing() -> str | None:
+    try:
+        server_files()
+        stub_python()
+    except Exception as error:  # InputError naming what to install
+        return str(error)
+    return None
+
+
+pytestmark = pytest.mark.skipif(_server_missing() is not None, reason=f"no Triton server here: {_server_missing()}")
+
+
+@pytest.fixture(scope="module")
+def served(lstm_work: Path, tmp_path_factory):
+    """lstm-sentiment's text model in a fresh repository, served on free loopback ports."""
+    repository = tmp_path_factory.mktemp("repo")
+    result = CliRunner().invoke(main, ["package", str(lstm_work), "--triton", str(repository), "--backend",
+                                       "onnxruntime", "--preferred-batch", "4,16"])
+    assert result.exit_code == 0, result.output
+    assert (repository / "lstm-sentiment-text" / "1" / "work" / "tokenizer.json").is_file()  # self-contained
+    log = tmp_path_factory.mktemp("log") / "tritonserver.log"
+    server = TritonServer(repository, ["lstm-sentiment-text"], http_port=free_port(), grpc_port=free_port(),
+                          metrics_port=free_port(), log_path=log)
+    with server:
+        yield server
+        for client in CLIENTS:  # Triton waits for open keep-alive connections before it exits
+            client.close()
+    # Stopped gracefully (SIGINT: requests finish, models unload), not killed after the timeout.
+    assert server.process.returncode == 0, log.read_text()[-3000:]
+
+
+CLIENTS: list = []
+
+
+def _http(server):
+    import tritonclient.http as http
+
+    CLIENTS.append(http.InferenceServerClient(server.http_url))
+    return CLIENTS[-1]
+
+
+def _request(module, texts, dtype="BYTES"):
+    values = np.array([[t.encode("utf-8") if isinstance(t, str) else t] for t in texts], dtype=np.object_)
+    tensor = module.InferInput("text", list(values.shape), dtype)
+    tensor.set_data_from_numpy(values)
+    return [tensor]
+
+
+def test_http_and_grpc_answer_like_classifier_predict(served, lstm_work: Path):
+    import tritonclient.grpc as grpc
+    import tritonclient.http as http
+
+    from miaotui.runtime import Classifier
+
+    expected = Classifier.load(lstm_work / "engines" / "lstm-sentiment.onnxruntime.int8.ort").predict(TEXTS)
+    over_grpc = grpc.InferenceServerClient(served.grpc_url)
+    CLIENTS.append(over_grpc)
+    for module, client in ((http, _http(served)), (grpc, over_grpc)):
+        answer = client.infer("lstm-sentiment-text", _request(module, TEXTS))
+        labels = [value.decode() for value in answer.as_numpy("label").reshape(-1)]
+        scores = answer.as_numpy("score").reshape(-1)
+        assert labels == [p.label for p in expected], module.__name__
+        np.testing.assert_allclose(scores, [p.score for p in expected], atol=1e-6, rtol=0)
+        assert answer.as_numpy("logits").shape == (len(TEXTS), 2)
+
+
+def test_concurrent_single_text_requests_are_batched_and_each_answered(served, lstm_work: Path):
+    """Requests of one text each, sent together: the dynamic batcher hands several to one execute();
+    each still gets its own text's answer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import tritonclient.http as http
+
+    from miaotui.data.corpus import load_split
+    from miaotui.runtime import Classifier
+
+    texts = [e.text for e in load_split("test")[:48]]
+    expected = [p.label for p in Classifier.load(lstm_work / "engines" / "lstm-sentiment.onnxruntime.int8.ort").predict(texts)]
+
+    def ask(text):
+        client = _http(served)
+        return client.infer("lstm-sentiment-text", _request(http, [text])).as_numpy("label")[0, 0].decode()
+
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(ask, texts)) == expected
+    statistics = _http(served).get_inference_statistics("lstm-sentiment-text")["model_stats"][0]
+    assert int(statistics["execution_count"]) < int(statistics["inference_count"])  # some executions took several
+
+
+BAD_REQUESTS = {
+    "empty text": (["好书", ""], "text[1] is empty"),
+    "100,000 characters": (["好" * 100_000], "has 100000 characters; this model takes at most 10000"),
+    "not UTF-8": ([b"\xff\xfe"], "not UTF-8"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
+def test_a_bad_request_gets_an_error_and_the_server_keeps_serving(served, case: str):
+    import tritonclient.http as http
+    from tritonclient.utils import InferenceServerException
+
+    texts, expected = BAD_REQUESTS[case]
+    client = _http(served)
+    with pytest.raises(InferenceServerException, match=re.escape(expected)):
+        client.infer("lstm-sentiment-text", _request(http, texts))
+    assert client.infer("lstm-sentiment-text", _request(http, ["很好"])).as_numpy("label").shape == (1, 1)
+
+
+def test_requests_triton_itself_refuses(served):
+    import tritonclient.http as http
+    from tritonclient.utils import InferenceServerException
+
+    client = _http(served)
+    wrong = http.InferInput("text", [1, 1], "INT64")
+    wrong.set_data_from_numpy(np.array([[1]], dtype=np.int64))
+    with pytest.raises(InferenceServerException, match="data-type is .INT64., but model .lstm-sentiment-text. expects .BYTES."):
+        client.infer("lstm-sentiment-text", [wrong])
+    with pytest.raises(InferenceServerException, match="(?i)expected 1 inputs but got 0|input"):
+        client.infer("lstm-sentiment-text", [])
+    too_many = ["好"] * 65  # the engine's batch max is 64
+    with pytest.raises(InferenceServerException, match="(?i)batch"):
+        client.infer("lstm-sentiment-text", _request(http, too_many))
+    assert client.is_model_ready("lstm-sentiment-text")
+
+
+def test_serve_command_answers_curl_and_stops_on_sigterm(lstm_work: Path, tmp_path: Path):
+    """`miaotui serve WORK_DIR` as a user runs it: endpoints printed once ready, curl gets a label,
+    SIGTERM stops it; a taken port is one line, exit 2."""
+    import json
+    import shutil
+
+    work = tmp_path / "lstm-sentiment"
+    shutil.copytree(lstm_work, work)
+    ports = [str(free_port()) for _ in range(3)]
+    command = [sys.executable, "-m", "miaotui.cli", "serve", str(work), "--http-port", ports[0], "--grpc-port",
+               ports[1], "--metrics-port", ports[2]]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        printed = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = process.stdout.readline()
+            if not line:
+                break
+            printed.append(line)
+            if line.startswith("Ctrl-C stops it"):
+                break
+        curl = next(line for line in printed if line.startswith("try: curl")).removeprefix("try: ").strip()
+        answer = json.loads(subprocess.run(curl, shell=True, capture_output=True, text=True, check=True).stdout)
+        label = next(o for o in answer["outputs"] if o["name"] == "label")["data"][0]
+        assert label in ("negative", "positive")
+
+        taken = subprocess.run([*command[:4], str(work), "--http-port", ports[0]], capture_output=True, text=True)
+        assert taken.returncode == 2 and error_lines(taken.stderr) == [
+            f"error: --http-port {ports[0]}: 127.0.0.1:{ports[0]} is taken"]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+    assert process.returncode == 0 and "stopped" in process.stdout.read()
+
+
+def test_model_that_fails_to_load_is_one_line_with_the_servers_reason(lstm_work: Path, tmp_path: Path):
+    repository = tmp_path / "repo"
+    result = CliRunner().invoke(main, ["package", str(lstm_work), "--triton", str(repository), "--backend", "onnxruntime"])
+    assert result.exit_code == 0, result.output
+    engine = next((repository / "lstm-sentiment-text" / "1" / "work" / "engines").glob("*.ort"))
+    engine.write_bytes(b"not an engine")  # the runtime refuses it: its sha256 is not the sidecar's
+    ports = [str(free_port()) for _ in range(3)]
+    served = subprocess.run([sys.executable, "-m", "miaotui.cli", "serve", str(repository), "--http-port", ports[0],
+                             "--grpc-port", ports[1], "--metrics-port", ports[2]], capture_output=True, text=True,
+                            timeout=180, env=dict(os.environ, COLUMNS="300"))
+    assert served.returncode == 1, served.stderr
+    (line,) = error_lines(served.stderr)
+    assert line.startswith("error: tritonserver exited") and "sha256" in line, line
