@@ -213,13 +213,14 @@ BAD_ROWS = {
     "jsonl not an object": ('{"text": "很好", "label": 1}\n[1, 2]\n', ":2: expected a JSON object per line, got list"),
     "jsonl bad json": ('{"text": "很好", "label": 1}\n{"text": \n', ":2: not a JSON object"),
     "jsonl text not a string": ('{"text": 5, "label": 1}\n', ":1: column 'text': expected a text, got 5"),
+    "parquet not parquet": ("text,label\n很好,1\n", ": not a readable Parquet file"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD_ROWS))
 def test_bad_text_file_is_one_line_exit_2_and_nothing_written(case: str, tmp_path: Path):
     content, expected = BAD_ROWS[case]
-    suffix = ".jsonl" if case.startswith("jsonl") else ".csv"
+    suffix = "." + case.split()[0] if case.split()[0] in ("jsonl", "parquet") else ".csv"
     data = tmp_path / f"texts{suffix}"
     data.write_bytes(content.encode() if isinstance(content, str) else content)
     config = tmp_path / "config.toml"
