@@ -680,7 +680,9 @@ def package(engine_or_dir: Path, repository: Path, backend, precision, name, mod
             max_queue_delay_us, force) -> None:
     """A Triton Inference Server model repository entry for a built engine: config.pbtxt (checked with
     Triton's own schema), the model file in a version folder, labels.txt and the engine's sidecar."""
-    from miaotui.serving.text_model import package_text_model, text_model_unavailable
+    from miaotui.engines.metadata import read_metadata
+    from miaotui.serving.ensemble import ensemble_unavailable, package_ensemble
+    from miaotui.serving.text_model import package_text_model, text_model_unavailable, tokenizer_and_labels
     from miaotui.serving.triton import TritonOptions, package_triton
 
     preferred = tuple(_sizes("--preferred-batch", preferred_text)) if preferred_text else ()
@@ -690,12 +692,24 @@ def package(engine_or_dir: Path, repository: Path, backend, precision, name, mod
         result = package_triton(engine_or_dir, repository, options, backend, precision)
         no_text = text_model_unavailable(engine_or_dir) if engine_or_dir.is_dir() else "given an engine, not a work dir"
         text = package_text_model(engine_or_dir, repository, options) if no_text is None else None
+        ensemble, no_ensemble = None, no_text
+        if no_text is None:
+            tokenizer, labels = tokenizer_and_labels(engine_or_dir)
+            no_ensemble = ensemble_unavailable(read_metadata(result.engine), result.max_batch_size, tokenizer)
+            if no_ensemble is None:
+                ensemble = package_ensemble(result, tokenizer, labels, repository, options)
     _console().print(f"miaotui package: {escape(str(result.engine))} -> {escape(str(result.model_dir))} "
                      f"({result.platform}, max_batch_size {result.max_batch_size}; config.pbtxt parsed with Triton's "
                      "model configuration schema)")
     for path in sorted(p for p in result.model_dir.rglob("*") if p.is_file()):
         _console().print(f"  {escape(str(path.relative_to(result.model_dir.parent)))}  {_size(path.stat().st_size)}")
     _console().print(escape(result.config_text.rstrip()))
+    if ensemble is not None:
+        _console().print(f"miaotui package: {escape(ensemble.name)} (text -> {escape(result.model_dir.name)}-tokenize "
+                         f"-> {escape(result.model_dir.name)} -> {escape(result.model_dir.name)}-labels: the GPU "
+                         "server's form, the engine in Triton's own backend)")
+    elif no_ensemble is not None and no_text is None:
+        _console().print(f"no ensemble ({escape(no_ensemble)})")
     if text is None:
         _console().print(f"no text model ({escape(no_text)}): clients send the engine's tensors")
     else:

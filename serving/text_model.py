@@ -123,6 +123,17 @@ def text_model_unavailable(path: str | Path) -> str | None:
     return None
 
 
+def tokenizer_and_labels(path: str | Path) -> tuple[Path, list[str] | None]:
+    """The work dir's tokenizer.json and class names, as its config.toml names them."""
+    work = WorkDir(path)
+    model = _model_table(work)
+    tokenizer = work.root / str(model.get("tokenizer") or "")
+    if not model.get("tokenizer") or not tokenizer.is_file():
+        raise InputError(f"{work.config}: model.tokenizer: a text model needs the tokenizer.json the config names")
+    labels = model.get("labels")
+    return tokenizer, [str(label) for label in labels] if labels else None
+
+
 def _model_table(work: WorkDir) -> dict:
     if not work.config.is_file():
         raise InputError(f"{work.config}: missing; a text model reads the tokenizer and labels from the work dir's config")

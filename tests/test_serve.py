@@ -45,8 +45,10 @@ def served(lstm_work: Path, tmp_path_factory):
     assert result.exit_code == 0, result.output
     assert (repository / "lstm-sentiment-text" / "1" / "work" / "tokenizer.json").is_file()  # self-contained
     log = tmp_path_factory.mktemp("log") / "tritonserver.log"
-    server = TritonServer(repository, ["lstm-sentiment-text"], http_port=free_port(), grpc_port=free_port(),
-                          metrics_port=free_port(), log_path=log)
+    # The text model, and the ensemble's two Python steps (its engine step needs Triton's onnxruntime
+    # or TensorRT backend, which this server has not).
+    server = TritonServer(repository, ["lstm-sentiment-text", "lstm-sentiment-tokenize", "lstm-sentiment-labels"],
+                          http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), log_path=log)
     with server:
         yield server
         for client in CLIENTS:  # Triton waits for open keep-alive connections before it exits
@@ -202,3 +204,42 @@ def test_model_that_fails_to_load_is_one_line_with_the_servers_reason(lstm_work:
     assert served.returncode == 1, served.stderr
     (line,) = error_lines(served.stderr)
     assert line.startswith("error: tritonserver exited") and "sha256" in line, line
+
+
+def test_ensemble_steps_tokenize_and_label_like_the_runtime(served, lstm_work: Path):
+    """The GPU form's two Python steps on the real server: token ids as miaotui's tokenizer gives
+    them, labels and scores as softmax/argmax of the logits; and the ensemble's wiring checked
+    against each step's own config (names, dtypes) with Triton's schema."""
+    import tritonclient.http as http
+
+    from miaotui.data.tokenizers import configure, encode, load_tokenizer
+    from miaotui.serving.model_config import parse
+    from miaotui.runtime.classifier import softmax
+
+    client = _http(served)
+    for text in ("好", "这本书写得很好，推荐"):
+        ids = client.infer("lstm-sentiment-tokenize", _request(http, [text])).as_numpy("input_ids")
+        tokenizer = configure(load_tokenizer(served.repository / "lstm-sentiment-tokenize" / "1" / "tokenizer.json"), 256)
+        expected = encode(tokenizer, [text], names=["input_ids"])["input_ids"]
+        np.testing.assert_array_equal(ids, expected)
+    logits = np.array([[2.0, -1.0], [-0.5, 0.25]], dtype=np.float32)
+    tensor = http.InferInput("logits", [2, 2], "FP32")
+    tensor.set_data_from_numpy(logits)
+    answer = client.infer("lstm-sentiment-labels", [tensor])
+    assert [v.decode() for v in answer.as_numpy("label").reshape(-1)] == ["negative", "positive"]
+    np.testing.assert_allclose(answer.as_numpy("score").reshape(-1), softmax(logits.astype(np.float64)).max(axis=1),
+                               atol=1e-6)
+
+    configs = {entry.name: parse((entry / "config.pbtxt").read_text(), entry.name)
+               for entry in served.repository.iterdir() if (entry / "config.pbtxt").is_file()}
+    ensemble = configs["lstm-sentiment-ensemble"]
+    types = {t.name: t.data_type for t in ensemble.input}
+    for step in ensemble.ensemble_scheduling.step:
+        model = configs[step.model_name]
+        inputs = {t.name: t.data_type for t in model.input}
+        outputs = {t.name: t.data_type for t in model.output}
+        for own, tensor in step.input_map.items():
+            assert types[tensor] == inputs[own], (step.model_name, own)
+        for own, tensor in step.output_map.items():
+            types[tensor] = outputs[own]
+    assert {t.name: t.data_type for t in ensemble.output} == {name: types[name] for name in ("label", "score", "logits")}
