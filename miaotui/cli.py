@@ -765,11 +765,12 @@ def serve(source: Path, models, host: str, http_port: int, grpc_port: int, metri
     Ctrl-C or SIGTERM stops it (requests in flight finish)."""
     import signal
 
-    from miaotui.serving.server import TritonServer
+    from miaotui.serving.server import TritonServer, server_files, stub_python
     from miaotui.serving.text_model import TEXT_SUFFIX, package_text_model
     from miaotui.serving.triton import TritonOptions
     from miaotui.workdir import WorkDir
 
+    server_files(), stub_python()  # what is missing is said before anything is written
     if not source.is_dir():
         raise InputError(f"{source}: expected a work dir or a Triton model repository")
     if WorkDir(source).config.is_file():

@@ -243,3 +243,14 @@ def test_ensemble_steps_tokenize_and_label_like_the_runtime(served, lstm_work: P
         for own, tensor in step.output_map.items():
             types[tensor] = outputs[own]
     assert {t.name: t.data_type for t in ensemble.output} == {name: types[name] for name in ("label", "score", "logits")}
+
+
+def test_a_missing_python_for_the_backend_is_one_line_naming_the_fix(lstm_work: Path, tmp_path: Path):
+    missing = tmp_path / "nowhere" / "python"
+    result = subprocess.run([sys.executable, "-m", "miaotui.cli", "serve", str(lstm_work), "--http-port",
+                             str(free_port())], capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, MIAOTUI_TRITON_PYTHON=str(missing)))
+    assert result.returncode == 2
+    (line,) = error_lines(result.stderr)
+    assert line.startswith(f"error: {missing}: missing; the Triton Python backend needs a Python with numpy<2")
+    assert "make setup" in line
