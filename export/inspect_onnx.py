@@ -89,11 +89,13 @@ def count_int8_nodes(model) -> tuple[int, int]:
     value_types = {v.name: v.type.tensor_type.elem_type for v in
                    list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)}
     value_types.update({t.name: t.data_type for t in model.graph.initializer})
+    constants = {t.name for t in model.graph.initializer}  # a float bias beside DQ'd inputs is folded in
     int8 = floating = 0
     for node in model.graph.node:
         if node.op_type in _NOT_COMPUTE:
             continue
-        data_inputs = [name for name in node.input if name and value_types.get(name, onnx.TensorProto.FLOAT) in float_types]
+        data_inputs = [name for name in node.input if name and name not in constants
+                       and value_types.get(name, onnx.TensorProto.FLOAT) in float_types]
         fed = [producers.get(name) for name in data_inputs]
         if fed and all(p is not None and p.op_type == "DequantizeLinear" for p in fed):
             int8 += 1

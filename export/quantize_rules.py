@@ -14,7 +14,12 @@ and the measurements behind them (benchmarks/quantize_rules.py reruns them):
   INT8 MatMuls' own. A lookup does no arithmetic, so a float table costs file size, not speed.
   MiniLM's tables fail it (word 27 dB, position 15 dB: a few values 40-75x their RMS); in INT8 they
   were the noisiest nodes of the model (top-1 agreement on the test split 0.9887 -> 0.9921 kept
-  float). lstm-sentiment's table (40 dB) stays INT8.
+  float). lstm-sentiment's table (40 dB) would pass it, but:
+- A Gather whose rows reach a recurrent layer (through Transpose, Reshape and the like) stays float:
+  with those rows in INT8, TensorRT-RTX 1.7 failed to build lstm-sentiment's graph whenever the
+  sequence dim's minimum was above 1 (Myelin "Expected ... to be equal to 1 in reshape op"), and
+  removing the Q/DQ after the lookup, transposing the ids first or an INT8 Gather before the DQ
+  did not help; with the table float it builds (tests/test_lstm_sentiment.py).
 - MatMuls whose two inputs are both activations (attention: Q x K^T and softmax x V) stay float:
   per-tensor scales on attention scores lose the small probabilities that carry the signal.
 - MatMuls fed by Gelu (transformer FFN down-projections) are INT8 only with smoothing on: their
@@ -63,6 +68,10 @@ REASONS = {
     "rule-gather-not-weights": "rule: gathers from a computed tensor, not from a weight table",
     "rule-table-range": "rule: one per-tensor INT8 scale does not hold this table (its SQNR is under 30 dB: a few "
                         "values far above the rest); a lookup does no arithmetic, so float costs size, not speed",
+    "rule-gather-recurrent": "rule: the looked-up rows feed a recurrent layer, which stays float: INT8 rows reaching "
+                             "it made TensorRT-RTX 1.7 fail to build whenever the sequence dim's minimum is above 1 "
+                             "(Myelin: 'Expected ... to be equal to 1 in reshape op'); a lookup does no arithmetic, "
+                             "so float costs size, not speed",
     "search-int8": "quantized: the accuracy-budgeted search (--target-agreement) met the target with it in INT8",
     "search-float": "kept in float by the accuracy-budgeted search: among the nodes with the most quantization "
                     "noise per unit of float cost, and the target was not met with it in INT8",
@@ -101,6 +110,10 @@ def plan_quantization(model, include: tuple[str, ...] = (), exclude: tuple[str, 
     weights = {init.name: init for init in graph.initializer}
     float_tensors = _float_tensors(model)
     producers = {output: node for node in graph.node for output in node.output}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
     candidates = candidate_op_types()
 
     def matching(patterns: tuple[str, ...], node) -> str | None:
@@ -112,7 +125,7 @@ def plan_quantization(model, include: tuple[str, ...] = (), exclude: tuple[str, 
     for node in graph.node:
         if node.op_type not in candidates or node.domain not in ("", "ai.onnx"):
             continue
-        rule = _rule(node, weights, float_tensors, producers)
+        rule = _rule(node, weights, float_tensors, producers, consumers)
         if rule == "rule-post-gelu" and smoothing:
             rule = "int8-shifted"
         if rule == "not-float":  # shapes, indexes, masks: not quantizable, not listed
@@ -172,7 +185,25 @@ def table_sqnr_db(table) -> float:
     return sqnr_db(float(np.sum(values**2)), float(np.sum(noise**2)))
 
 
-def _rule(node, weights: dict, float_tensors: set[str], producers: dict) -> str:
+# Ops that move data without computing on it: a lookup seen through them still feeds what follows.
+DATA_MOVEMENT_OP_TYPES = ("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Cast", "Flatten")
+
+
+def _feeds_recurrent(node, consumers: dict) -> bool:
+    """Whether `node`'s output reaches an LSTM/GRU/RNN through data-movement ops only."""
+    pending, seen = list(node.output), set()
+    while pending:
+        name = pending.pop()
+        for reader in consumers.get(name, []):
+            if reader.op_type in RECURRENT_OP_TYPES:
+                return True
+            if reader.op_type in DATA_MOVEMENT_OP_TYPES and reader.name not in seen:
+                seen.add(reader.name)
+                pending += list(reader.output)
+    return False
+
+
+def _rule(node, weights: dict, float_tensors: set[str], producers: dict, consumers: dict | None = None) -> str:
     if node.op_type in RECURRENT_OP_TYPES:
         return "op-not-supported"
     data_inputs = [name for name in node.input if name]
@@ -186,6 +217,8 @@ def _rule(node, weights: dict, float_tensors: set[str], producers: dict) -> str:
         return "rule-gather-not-weights"
     if node.op_type == "Gather" and table_sqnr_db(weights[node.input[0]]) < MIN_TABLE_SQNR_DB:
         return "rule-table-range"
+    if node.op_type == "Gather" and consumers is not None and _feeds_recurrent(node, consumers):
+        return "rule-gather-recurrent"
     if node.op_type == "MatMul":
         if not any(name in weights for name in node.input[:2]):
             return "rule-activation-matmul"
