@@ -94,6 +94,25 @@ class TensorRTRunner:
             raise RuntimeError("TensorRT's execute_async_v3 failed; see TensorRT's log above")
         return outputs
 
+    def signature(self):
+        """What the deserialized plan says of its I/O tensors: names, dtypes, fixed sizes, and the
+        bounds of its optimization profile 0 (runtime/engine.py compares the sidecar with them)."""
+        from miaotui.engines.backend import TensorSignature
+
+        inputs, outputs = [], []
+        for index in range(self.engine.num_io_tensors):
+            name = self.engine.get_tensor_name(index)
+            dims = tuple(int(d) for d in self.engine.get_tensor_shape(name))
+            dtype = self._empty(name).dtype.name
+            is_input = str(self.engine.get_tensor_mode(name)).endswith("INPUT")  # TensorIOMode.INPUT, in both libraries
+            bounds = None
+            if is_input:
+                low, _, high = self.engine.get_tensor_profile_shape(name, 0)
+                bounds = tuple((int(a), int(b)) for a, b in zip(low, high))
+            described = TensorSignature(name, dtype, tuple(None if d < 0 else d for d in dims), bounds)
+            (inputs if is_input else outputs).append(described)
+        return inputs, outputs
+
     def _empty(self, name: str):
         import numpy as np
 

@@ -96,7 +96,7 @@ def check_signature(path: Path, metadata: EngineMetadata, runner) -> None:
     """The sidecar's sha256 guards the engine file, not the sidecar: what the loaded engine itself
     reports of its inputs and outputs (names, dtypes, ranks, fixed sizes and, where it knows them,
     dim bounds) must be what the sidecar says, or the runtime's input checks would guard the wrong
-    contract. Backends that cannot say (a TensorRT plan before its first call) are not checked."""
+    contract. A runner without `signature` is not checked (every backend here has one)."""
     signature = getattr(runner, "signature", None)
     if signature is None:
         return

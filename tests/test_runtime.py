@@ -278,6 +278,31 @@ def test_tensorrt_rtx_plan_runs_like_onnxruntime_on_a_gpu(lstm_work: Path, tmp_p
     assert (on_gpu.cpu().numpy().argmax(1) == reference.argmax(1)).mean() >= 0.99
 
 
+@pytest.mark.gpu
+def test_a_tensorrt_sidecar_that_disagrees_with_its_plan_is_refused(lstm_work: Path, tmp_path: Path):
+    if reason := no_gpu_reason():
+        pytest.skip(f"loading a plan needs a CUDA GPU: {reason}")
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("this torch has no CUDA")
+    from miaotui.cuda import cuda_devices
+    from miaotui.engines import TensorRTOptions
+
+    plan = tmp_path / "lstm.plan"
+    options = BuildOptions(backend="tensorrt-rtx", tensorrt=TensorRTOptions(compute_capabilities=(cuda_devices()[0].compute_capability,)))
+    build_engine(lstm_work / "model.int8.onnx", plan, options, resolve_config("lstm-sentiment"))
+    Engine.load(plan)  # the untouched sidecar agrees
+    for key, value, message in (("name", "ids", "the sidecar names inputs ids, the engine takes input_ids"),
+                                ("max", [64, 100000], "dim 1 is 1..100000, the engine takes 1..256")):
+        data = json.loads(sidecar_path(plan).read_text())
+        original = json.dumps(data)
+        data["inputs"][0][key] = value
+        sidecar_path(plan).write_text(json.dumps(data))
+        with pytest.raises(InputError, match=message):
+            Engine.load(plan)
+        sidecar_path(plan).write_text(original)
+
+
 def test_the_readme_runtime_example_runs_as_written(lstm_work: Path, tmp_path: Path):
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     section = readme.split("## Runtime: serve an engine", 1)[1]
