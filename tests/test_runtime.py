@@ -257,8 +257,8 @@ def test_cli_predict_prints_a_table_and_refuses_a_dir_without_engines(lstm_work:
     assert empty.returncode == 2 and "no engine there" in empty.stderr and len(empty.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.gpu
-def test_tensorrt_rtx_plan_runs_like_onnxruntime_on_a_gpu(lstm_work: Path, tmp_path: Path):
+def _gpu_plan(lstm_work: Path, tmp_path: Path) -> Path:
+    """lstm-sentiment's INT8 TensorRT-RTX plan for this machine's GPU (the test skips without one)."""
     if reason := no_gpu_reason():
         pytest.skip(f"running a plan needs a CUDA GPU: {reason}")
     torch = pytest.importorskip("torch")
@@ -270,7 +270,14 @@ def test_tensorrt_rtx_plan_runs_like_onnxruntime_on_a_gpu(lstm_work: Path, tmp_p
     plan = tmp_path / "lstm.plan"
     options = BuildOptions(backend="tensorrt-rtx", tensorrt=TensorRTOptions(compute_capabilities=(cuda_devices()[0].compute_capability,)))
     build_engine(lstm_work / "model.int8.onnx", plan, options, resolve_config("lstm-sentiment"))
-    engine = Engine.load(plan)
+    return plan
+
+
+@pytest.mark.gpu
+def test_tensorrt_rtx_plan_runs_like_onnxruntime_on_a_gpu(lstm_work: Path, tmp_path: Path):
+    import torch
+
+    engine = Engine.load(_gpu_plan(lstm_work, tmp_path))
     ids = _ids(100, 30)
     on_gpu = engine(input_ids=torch.from_numpy(ids).cuda())["logits"]
     assert on_gpu.is_cuda  # CUDA tensors stay on the GPU
@@ -280,17 +287,7 @@ def test_tensorrt_rtx_plan_runs_like_onnxruntime_on_a_gpu(lstm_work: Path, tmp_p
 
 @pytest.mark.gpu
 def test_a_tensorrt_sidecar_that_disagrees_with_its_plan_is_refused(lstm_work: Path, tmp_path: Path):
-    if reason := no_gpu_reason():
-        pytest.skip(f"loading a plan needs a CUDA GPU: {reason}")
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("this torch has no CUDA")
-    from miaotui.cuda import cuda_devices
-    from miaotui.engines import TensorRTOptions
-
-    plan = tmp_path / "lstm.plan"
-    options = BuildOptions(backend="tensorrt-rtx", tensorrt=TensorRTOptions(compute_capabilities=(cuda_devices()[0].compute_capability,)))
-    build_engine(lstm_work / "model.int8.onnx", plan, options, resolve_config("lstm-sentiment"))
+    plan = _gpu_plan(lstm_work, tmp_path)
     Engine.load(plan)  # the untouched sidecar agrees
     for key, value, message in (("name", "ids", "the sidecar names inputs ids, the engine takes input_ids"),
                                 ("max", [64, 100000], "dim 1 is 1..100000, the engine takes 1..256")):
