@@ -21,6 +21,10 @@ def tensorrt_rtx():
     return trt
 
 
+# Profiles both built-in INT8 graphs must build with (issue 23): (batch max, seq min, seq max).
+PROFILES = ((1, 1, 128), (32, 4, 128), (64, 4, 256))
+
+
 def build_with_tensorrt_rtx(onnx_path: Path, config: Config) -> int:
     """Parse and build a strongly typed engine with the config's dims as the profile; plan bytes."""
     trt = tensorrt_rtx()

@@ -114,9 +114,10 @@ def test_make_export_equivalent_writes_every_stage_and_a_summary(model_and_token
     from dataclasses import replace
 
     from miaotui.config import Dim
+    from tensorrt_judge import PROFILES
 
-    for low, high in ((4, 128), (4, 256)):
-        ranged = replace(config, dims={**config.dims, "seq": Dim("seq", low, 64, high)})
+    for batch_max, seq_min, seq_max in PROFILES:
+        ranged = replace(config, dims={"batch": Dim("batch", 1, 1, batch_max), "seq": Dim("seq", seq_min, 64, seq_max)})
         assert build_with_tensorrt_rtx(int8, ranged) > 1_000_000
 
     # The engines: onnxruntime always, the TensorRT-RTX plan because [dev] installs that library.

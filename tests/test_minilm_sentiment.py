@@ -243,8 +243,16 @@ def test_int8_graph_follows_the_rules_and_tensorrt_builds_it(exported, quantized
     # The encoder's weights in INT8 (the float tables are 52 of model.onnx's 95 MB).
     assert quantized.path.stat().st_size < 0.7 * onnx_path.stat().st_size
     built = build_engine(quantized.path, tmp_path / "minilm.int8.plan", BuildOptions(backend="tensorrt-rtx"), config)
-    assert built.metadata.precision == "int8" and built.metadata.network["int8_nodes"] == 36  # the MatMuls (the head Gemm reads a float bias)
+    assert built.metadata.precision == "int8" and built.metadata.network["int8_nodes"] == 37  # 36 MatMuls and the head Gemm
     assert built.metadata.network["tensorrt"]["by_output_type"]["INT8"] > 30  # the Q/DQ reached TensorRT
+    from dataclasses import replace
+
+    from miaotui.config import Dim
+    from tensorrt_judge import PROFILES, build_with_tensorrt_rtx
+
+    for batch_max, seq_min, seq_max in PROFILES:  # sequence minimum 1 and above, batch maximum 1, 32, 64
+        ranged = replace(config, dims={"batch": Dim("batch", 1, 1, batch_max), "seq": Dim("seq", seq_min, 64, seq_max)})
+        assert build_with_tensorrt_rtx(quantized.path, ranged) > 10_000_000
 
 
 def test_classifier_serves_the_int8_engine_with_the_attention_mask(exported, quantized):
