@@ -125,7 +125,7 @@ def synthetic_feed(ranges: list[TensorRange], which: str, config: Config | None,
         mask = "attention_mask"
     if mask in feed:
         # Every position real: random masks blank whole rows, and send a torch TransformerEncoder down
-        # its ragged nested-tensor path (ten times slower than on real, right-padded texts).
+        # its ragged nested-tensor path (1.8x slower at batch 1, 2.6x at batch 32 in one run here).
         feed[mask][...] = 1
     return feed
 
