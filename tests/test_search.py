@@ -123,7 +123,7 @@ def test_target_from_the_config_and_the_command_line(outlier: Path, tmp_path: Pa
     good = outlier / "target.toml"
     good.write_text(text.replace('name = "outlier"', 'name = "outlier-target"')
                     .replace("samples = 256", "samples = 256\ntarget_top1_agreement = 0.995"))
-    result = CliRunner().invoke(main, ["quantize", str(good), "--out", str(tmp_path / "w")], env={"COLUMNS": "240"})
+    result = CliRunner().invoke(main, ["quantize", str(good), "--out", str(tmp_path / "w")], env={"COLUMNS": "400"})
     assert result.exit_code == 0, result.output
     assert "search for >= 0.995: met with 1 kept in float" in result.stdout
 

@@ -53,6 +53,10 @@ def served(lstm_work: Path, tmp_path_factory):
         yield server
         for client in CLIENTS:  # Triton waits for open keep-alive connections before it exits
             client.close()
+        CLIENTS.clear()  # gone now, not at interpreter exit (grpc's __del__ fails then)
+        import gc
+
+        gc.collect()
     # Stopped gracefully (SIGINT: requests finish, models unload), not killed after the timeout.
     assert server.process.returncode == 0, log.read_text()[-3000:]
 
