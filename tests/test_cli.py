@@ -82,8 +82,9 @@ def test_bench_rows_carry_the_ratio_to_pytorch_and_few_calls_are_flagged():
 
 
 def test_synthetic_feeds_hold_a_padding_mask_of_ones_whatever_its_name():
-    """The bench times every subject on all-real positions: a random 0/1 mask sent torch's
-    TransformerEncoder down its ragged nested-tensor path, slower than on real texts."""
+    """The bench times every subject on all-real positions: a random 0/1 mask on an input not named
+    attention_mask made torch's TransformerEncoder time other work (its nested-tensor path skips
+    the masked half) than the engines did."""
     from miaotui.config import parse_config
     from miaotui.engines.metadata import TensorRange
     from miaotui.engines.shapes import synthetic_feed
