@@ -203,7 +203,7 @@ def _feeds_recurrent(node, consumers: dict) -> bool:
     return False
 
 
-def _rule(node, weights: dict, float_tensors: set[str], producers: dict, consumers: dict | None = None) -> str:
+def _rule(node, weights: dict, float_tensors: set[str], producers: dict, consumers: dict) -> str:
     if node.op_type in RECURRENT_OP_TYPES:
         return "op-not-supported"
     data_inputs = [name for name in node.input if name]
@@ -217,7 +217,7 @@ def _rule(node, weights: dict, float_tensors: set[str], producers: dict, consume
         return "rule-gather-not-weights"
     if node.op_type == "Gather" and table_sqnr_db(weights[node.input[0]]) < MIN_TABLE_SQNR_DB:
         return "rule-table-range"
-    if node.op_type == "Gather" and consumers is not None and _feeds_recurrent(node, consumers):
+    if node.op_type == "Gather" and _feeds_recurrent(node, consumers):
         return "rule-gather-recurrent"
     if node.op_type == "MatMul":
         if not any(name in weights for name in node.input[:2]):

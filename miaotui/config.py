@@ -280,7 +280,7 @@ def parse_config(raw: dict, path: Path) -> Config:
             raise r.fail("dims.seq.max", f"{folder.path} covers {folder.max_positions} positions "
                          f"(max_position_embeddings), got {dims['seq'].max}")
     model = _parse_model(r, model_table, folder)
-    inputs = _parse_inputs(r, inputs_table, dims, _default_ranges(r, model))
+    inputs = _parse_inputs(r, inputs_table, dims, _default_ranges(r, model, inputs_table))
     used = {d for spec in inputs.values() for d in spec.dims()}
     for dim_name in dims:
         if dim_name not in used:
@@ -384,11 +384,12 @@ def _parse_dims(r: _Reader, table: dict) -> dict[str, Dim]:
     return dims
 
 
-def _default_ranges(r: _Reader, model: ModelSpec) -> dict[str, tuple[float, float]]:
+def _default_ranges(r: _Reader, model: ModelSpec, inputs_table: dict) -> dict[str, tuple[float, float]]:
     """Ranges a text model's inputs take without a `range` key: token ids over the tokenizer's
-    vocabulary, a 0/1 mask."""
+    vocabulary (the tokenizer is read only when input_ids has no range), a 0/1 mask."""
     ranges: dict[str, tuple[float, float]] = {"attention_mask": (0, 2)}
-    if model.tokenizer is not None:
+    ids = inputs_table.get("input_ids")
+    if model.tokenizer is not None and isinstance(ids, dict) and "range" not in ids:
         from tokenizers import Tokenizer
 
         try:

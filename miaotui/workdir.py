@@ -147,6 +147,18 @@ class WorkDir:
     def has_config(self) -> bool:
         return self.config.is_file()
 
+    def model_table(self) -> dict[str, Any] | None:
+        """config.toml's [model] table as written (tokenizer, labels, outputs), read with the standard
+        library; None when the work dir has no config.toml."""
+        import tomllib
+
+        if not self.config.is_file():
+            return None
+        try:
+            return tomllib.loads(self.config.read_text(encoding="utf-8")).get("model", {})
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+            raise InputError(f"{self.config}: not valid TOML: {error}") from None
+
     @classmethod
     def for_model(cls, name: str) -> "WorkDir":
         """The default work dir of a model: build/<name>."""

@@ -9,18 +9,18 @@ with the standard library: a service needs neither torch nor onnx, nor the model
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from miaotui.data.tokenizers import ENCODED
 from miaotui.errors import InputError
 from miaotui.runtime.engine import Engine
 from miaotui.workdir import WorkDir
 
-TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+TEXT_INPUTS = ENCODED  # what the tokenizer gives: input_ids, attention_mask, token_type_ids
 
 
 @dataclass(frozen=True)
@@ -94,13 +94,10 @@ class Classifier:
         else:
             raise InputError(f"{path}: no such work dir or engine file")
         config_path = work.config
-        if not config_path.is_file():
+        model = work.model_table()
+        if model is None:
             raise InputError(f"{config_path}: missing; a Classifier reads the tokenizer and labels from the work dir's "
                              "config.toml (written by 'miaotui export')")
-        try:
-            model = tomllib.loads(config_path.read_text(encoding="utf-8")).get("model", {})
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-            raise InputError(f"{config_path}: not valid TOML: {error}") from None
         if not model.get("tokenizer"):
             raise InputError(f"{config_path}: key 'model.tokenizer' is missing; a Classifier needs a tokenizer.json "
                              "(call Engine directly to feed tensors)")
@@ -120,7 +117,7 @@ class Classifier:
     def predict_with_logits(self, texts: str | Sequence[str],
                             batch_size: int | None = None) -> tuple[list[Prediction], np.ndarray]:
         """predict()'s answers and the output they came from, one row per text (float32)."""
-        from miaotui.data.tokenizers import encode
+        from miaotui.data.tokenizers import encode, pad_to, padding_id
 
         if isinstance(texts, str):
             texts = [texts]
@@ -145,14 +142,14 @@ class Classifier:
         lengths = encoded["attention_mask"].sum(axis=1)  # real tokens per text
         order = np.argsort(lengths, kind="stable")
         dtypes = {t.name: np.dtype(t.dtype) for t in self.engine.inputs}
+        pad_id = padding_id(self.tokenizer)
         predictions: list[Prediction | None] = [None] * len(texts)
         rows_out: list[np.ndarray | None] = [None] * len(texts)
         for chunk in batches_by_cost([int(lengths[i]) for i in order], size):
             rows = order[chunk]
             width = max(int(lengths[rows].max()), self._seq_min)  # the engine takes at least seq_min tokens
             feed = {name: encoded[name][rows, :width].astype(dtypes[name], copy=False) for name in names}
-            if feed[names[0]].shape[1] < width:
-                feed = {k: np.pad(v, ((0, 0), (0, width - v.shape[1]))) for k, v in feed.items()}
+            feed = pad_to(feed, width, pad_id)
             logits = self.engine.run(feed)[self.output]
             probabilities = softmax(logits.astype(np.float64))
             for row, index in enumerate(rows):

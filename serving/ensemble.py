@@ -18,12 +18,12 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from miaotui.data.tokenizers import ENCODED
 from miaotui.engines.metadata import EngineMetadata, read_metadata
 from miaotui.errors import CheckFailed, InputError
 from miaotui.serving.triton import TritonOptions, TritonPackage, staged_entry
 
 STEPS_MODEL = Path(__file__).with_name("python_steps.py")
-TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 @dataclass
@@ -37,7 +37,7 @@ def ensemble_unavailable(metadata: EngineMetadata, max_batch: int, tokenizer: Pa
     names = [t.name for t in metadata.inputs]
     if tokenizer is None:
         return "its config names no tokenizer"
-    if "input_ids" not in names or not set(names) <= set(TOKEN_INPUTS):
+    if "input_ids" not in names or not set(names) <= set(ENCODED):
         return f"the engine takes {', '.join(names)}, not token ids"
     if any(t.dtype != "int64" for t in metadata.inputs):
         return "the engine's token inputs are not int64"
@@ -122,8 +122,7 @@ def package_ensemble(engine_entry: TritonPackage, tokenizer: Path, labels: list[
 
 
 def _pad_id(tokenizer: Path) -> int:
-    """The id configure() pads with (the tokenizer's own padding token), read the same way."""
-    from miaotui.data.tokenizers import configure, load_tokenizer
+    """The id configure() pads with (the tokenizer's own padding token), as Classifier pads."""
+    from miaotui.data.tokenizers import configure, load_tokenizer, padding_id
 
-    loaded = configure(load_tokenizer(tokenizer), 8)
-    return int(loaded.padding["pad_id"])
+    return padding_id(configure(load_tokenizer(tokenizer), 8))

@@ -196,11 +196,9 @@ class TritonServer:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
-        if self._folder is not None and self.log_path is None:
-            keep = self.process is not None and self.process.returncode not in (0, -signal.SIGINT, None)
-            if not keep:
-                shutil.rmtree(self._folder, ignore_errors=True)
-        elif self._folder is not None:
+        # The temporary folder goes, unless it holds the log of a server that failed.
+        failed = self.process is not None and self.process.returncode not in (0, -signal.SIGINT, None)
+        if self._folder is not None and not (failed and self.log_path is None):
             shutil.rmtree(self._folder, ignore_errors=True)
 
     def __enter__(self) -> "TritonServer":

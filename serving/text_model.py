@@ -15,10 +15,10 @@ it by length (Classifier.predict), not padded as one.
 from __future__ import annotations
 
 import shutil
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from miaotui.data.tokenizers import ENCODED
 from miaotui.engines.metadata import read_metadata
 from miaotui.errors import CheckFailed, InputError
 from miaotui.serving.triton import TritonOptions, staged_entry
@@ -77,16 +77,14 @@ def package_text_model(path: str | Path, repository: str | Path, options: Triton
         raise InputError(f"{engine}: its sha256 is not the sidecar's: the engine was replaced or damaged; rebuild it")
     work = WorkDir(path)
     model = _model_table(work)
-    tokenizer = Path(model.get("tokenizer") or "")
-    if not model.get("tokenizer") or not (work.root / tokenizer).is_file():
-        raise InputError(f"{work.config}: model.tokenizer: a text model needs the tokenizer.json the config names")
+    tokenizer, labels = tokenizer_and_labels(work.root, model)
     names = [t.name for t in metadata.inputs]
-    if "input_ids" not in names or not set(names) <= {"input_ids", "attention_mask", "token_type_ids"}:
+    if "input_ids" not in names or not set(names) <= set(ENCODED):
         raise InputError(f"{engine}: the engine takes {', '.join(names)}; a text model feeds token ids from texts")
     classes = next((t.dims[-1] for t in metadata.outputs if isinstance(t.dims[-1], int)), None)
     if classes is None:
         raise InputError(f"{engine}: no output with a fixed class dim; a text model answers with labels")
-    labels = [str(label) for label in model.get("labels") or range(classes)]
+    labels = labels or [str(index) for index in range(classes)]
     max_batch = max(1, metadata.inputs[0].max[0])
     name = (options.name or engine.name.split(".")[0]) + TEXT_SUFFIX
     config = text_model_config(name, max_batch, classes, options, max_chars)
@@ -101,11 +99,11 @@ def package_text_model(path: str | Path, repository: str | Path, options: Triton
         shutil.copyfile(PYTHON_MODEL, version / "model.py")
         shutil.copyfile(engine, inside.engines_dir / engine.name)
         shutil.copyfile(sidecar_path(engine), sidecar_path(inside.engines_dir / engine.name))
-        shutil.copyfile(work.root / tokenizer, inside.root / "tokenizer.json")
+        shutil.copyfile(tokenizer, inside.root / "tokenizer.json")
         import tomli_w
 
         inside.config.write_text(tomli_w.dumps({"name": name, "model": {
-            "tokenizer": "tokenizer.json", "labels": labels, "outputs": list(model.get("outputs") or ["logits"])}}))
+            "tokenizer": "tokenizer.json", "labels": labels, "outputs": model.get("outputs") or ["logits"]}}))
         (staging / "config.pbtxt").write_text(text, encoding="utf-8")
     entry = repository / name
     return TextModel(name, entry, engine, max_batch, labels, text)
@@ -123,10 +121,11 @@ def text_model_unavailable(path: str | Path) -> str | None:
     return None
 
 
-def tokenizer_and_labels(path: str | Path) -> tuple[Path, list[str] | None]:
-    """The work dir's tokenizer.json and class names, as its config.toml names them."""
+def tokenizer_and_labels(path: str | Path, model: dict | None = None) -> tuple[Path, list[str] | None]:
+    """The work dir's tokenizer.json and class names, as its config.toml names them (`model`: its
+    [model] table, when already read)."""
     work = WorkDir(path)
-    model = _model_table(work)
+    model = _model_table(work) if model is None else model
     tokenizer = work.root / str(model.get("tokenizer") or "")
     if not model.get("tokenizer") or not tokenizer.is_file():
         raise InputError(f"{work.config}: model.tokenizer: a text model needs the tokenizer.json the config names")
@@ -135,9 +134,7 @@ def tokenizer_and_labels(path: str | Path) -> tuple[Path, list[str] | None]:
 
 
 def _model_table(work: WorkDir) -> dict:
-    if not work.config.is_file():
+    model = work.model_table()
+    if model is None:
         raise InputError(f"{work.config}: missing; a text model reads the tokenizer and labels from the work dir's config")
-    try:
-        return tomllib.loads(work.config.read_text(encoding="utf-8")).get("model", {})
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-        raise InputError(f"{work.config}: not valid TOML: {error}") from None
+    return model

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import shutil
 import tempfile
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,13 +64,7 @@ def _batch_dim(metadata: EngineMetadata) -> tuple[int, str | None]:
 
 
 def _labels(work: WorkDir) -> list[str] | None:
-    path = work.config
-    if not path.is_file():
-        return None
-    try:
-        labels = tomllib.loads(path.read_text(encoding="utf-8")).get("model", {}).get("labels")
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-        raise InputError(f"{path}: not valid TOML: {error}") from None
+    labels = (work.model_table() or {}).get("labels")
     return [str(label) for label in labels] if labels else None
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from miaotui.config import Config, TEXT_SUFFIXES
+from miaotui.data.tokenizers import ENCODED, encode, load_tokenizer, pad_to, padding_id
 from miaotui.errors import InputError
 
 PARQUET_BATCH_ROWS = 1024
@@ -166,8 +167,6 @@ def _parquet_records(path: Path, columns: Columns):
 def tokenized_batches(config: Config, path: Path, where: str, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     """Feed dicts of the model's inputs (and `labels` when the file has them), each batch padded to
     its longest text (at least the seq dim's min) and truncated to the seq dim's max."""
-    from miaotui.data.tokenizers import ENCODED, encode, load_tokenizer
-
     names = list(config.inputs)
     others = [name for name in names if name not in ENCODED]
     if others or "input_ids" not in names:
@@ -188,20 +187,16 @@ def tokenized_batches(config: Config, path: Path, where: str, batch_size: int) -
     for row in read_rows(path, columns):
         rows.append(row)
         if len(rows) == batch_size:
-            yield _encode_rows(rows, tokenizer, config, shortest, vocabulary, encode)
+            yield _encode_rows(rows, tokenizer, config, shortest, vocabulary)
             rows = []
     if rows:
-        yield _encode_rows(rows, tokenizer, config, shortest, vocabulary, encode)
+        yield _encode_rows(rows, tokenizer, config, shortest, vocabulary)
 
 
-def _encode_rows(rows: list[TextRow], tokenizer, config: Config, shortest: int, vocabulary, encode) -> dict:
+def _encode_rows(rows: list[TextRow], tokenizer, config: Config, shortest: int, vocabulary) -> dict:
     pairs = [row.pair for row in rows] if rows[0].pair is not None else None
     encoded = encode(tokenizer, [row.text for row in rows], pairs, names=list(config.inputs))
-    width = encoded["input_ids"].shape[1]
-    if width < shortest:  # the engine's profile starts at the seq dim's min: pad up to it
-        pad_id = tokenizer.padding["pad_id"] if tokenizer.padding else 0
-        fill = {"input_ids": pad_id, "attention_mask": 0, "token_type_ids": 0}  # padding's own values
-        encoded = {k: np.pad(v, ((0, 0), (0, shortest - width)), constant_values=fill[k]) for k, v in encoded.items()}
+    encoded = pad_to(encoded, shortest, padding_id(tokenizer))  # the engine's profile starts at the seq dim's min
     if vocabulary is not None:
         high = int(vocabulary[1])
         bad = np.flatnonzero((encoded["input_ids"] >= high).any(axis=1))

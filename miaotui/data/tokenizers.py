@@ -92,3 +92,18 @@ def encode(tokenizer, texts: Sequence[str], pairs: Sequence[str] | None = None,
     encodings = tokenizer.encode_batch(given)
     fields = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}
     return {name: np.array([getattr(e, fields[name]) for e in encodings], dtype=np.int64) for name in names}
+
+
+def padding_id(tokenizer) -> int:
+    """The id the tokenizer pads input_ids with (0 where it has no padding set)."""
+    return int(tokenizer.padding["pad_id"]) if tokenizer.padding else 0
+
+
+def pad_to(encoded: dict[str, np.ndarray], width: int, pad_id: int) -> dict[str, np.ndarray]:
+    """`encoded`'s arrays right-padded to `width` columns with padding's own values: `pad_id` for
+    input_ids, 0 for the mask and token types (an engine's profile may start above a text's length)."""
+    extra = width - next(iter(encoded.values())).shape[1]
+    if extra <= 0:
+        return encoded
+    return {name: np.pad(array, ((0, 0), (0, extra)), constant_values=pad_id if name == "input_ids" else 0)
+            for name, array in encoded.items()}
