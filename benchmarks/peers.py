@@ -3,7 +3,8 @@
     python benchmarks/peers.py [--model minilm-sentiment] [--batch 1,32] [--seq 128] [--threads 2]
 
 Peers, each timed in its own process (miaotui.bench) on the same shapes, and scored on the same
-validation split (top-1 agreement with PyTorch FP32, accuracy):
+validation split (the gate's) and test split (neither calibration nor the gate saw it): top-1
+agreement with PyTorch FP32, and accuracy on the test split:
 - PyTorch FP32 eager: the reference.
 - PyTorch dynamic INT8: torch.ao.quantization.quantize_dynamic on Linear (and LSTM) layers.
 - ONNX Runtime FP32: model.opt.onnx in a plain session.
@@ -13,9 +14,10 @@ validation split (top-1 agreement with PyTorch FP32, accuracy):
 - OpenVINO FP32: model.opt.onnx compiled by OpenVINO with the CPU plugin's defaults (on CPUs with AMX
   or AVX512-BF16 that computes in BF16).
 - NNCF INT8: nncf.quantize with its defaults on the same 512 calibration samples, run by OpenVINO
-  with its defaults: what an OpenVINO user gets (needs `pip install nncf`).
+  with its defaults: what an OpenVINO user gets (needs `pip install nncf`); and the same with
+  `model_type=TRANSFORMER` (NNCF's scheme for transformers, what Optimum Intel uses for them).
 - miaotui INT8: the onnxruntime engine `miaotui run` builds, and the openvino engine
-  (`--backend openvino`) from the same model.int8.onnx.
+  (`--backend openvino`, float parts in BF16 where the CPU has it) from the same model.int8.onnx.
 The floor column: the model's multiply-accumulates at that shape over this machine's measured INT8
 GEMM rate (ONNX Runtime MatMulInteger, same threads): no INT8 engine can beat it.
 Writes benchmarks/results/<model>/peers.{json,md} and bench.png. Needs nothing but the work dir it builds.
@@ -55,9 +57,10 @@ def ort_static_default(config, work: Path) -> Path:
     return target
 
 
-def nncf_int8(config, work: Path) -> Path:
-    """nncf.quantize with its defaults on the config's first 512 calibration samples, saved as IR."""
-    target = work / "peers" / "model.nncf-int8.xml"
+def nncf_int8(config, work: Path, transformer: bool = False) -> Path:
+    """nncf.quantize with its defaults (or model_type TRANSFORMER) on the config's first 512 calibration
+    samples, saved as IR."""
+    target = work / "peers" / ("model.nncf-int8-transformer.xml" if transformer else "model.nncf-int8.xml")
     if target.is_file():
         return target
     import itertools
@@ -70,14 +73,14 @@ def nncf_int8(config, work: Path) -> Path:
     rows = [without_labels(row) for row in itertools.islice(sample_rows(data_set(config, "calibration").batches(512)),
                                                             512)]
     quantized = nncf.quantize(openvino.convert_model(str(work / "model.opt.onnx")), nncf.Dataset(rows),
-                              subset_size=len(rows))
+                              subset_size=len(rows), model_type=nncf.ModelType.TRANSFORMER if transformer else None)
     target.parent.mkdir(exist_ok=True)
     openvino.save_model(quantized, str(target))
     return target
 
 
-def validation_outputs(config, work: Path, peers: dict[str, tuple[str, str | None]]) -> dict[str, dict]:
-    """Top-1 agreement with PyTorch FP32 and accuracy of every peer on the validation split."""
+def split_scores(config, peers: dict[str, tuple[str, str | None]], splits: dict[str, str]) -> dict[str, dict]:
+    """Top-1 agreement with PyTorch FP32 and accuracy of every peer on each split (name -> data source)."""
     import numpy as np
     import onnxruntime
     import torch
@@ -116,17 +119,21 @@ def validation_outputs(config, work: Path, peers: dict[str, tuple[str, str | Non
         elif kind == "engine":
             engine = Engine.load(path)
             calls[name] = lambda feed, engine=engine: engine.run(feed)[config.model.outputs[0]]
-    tops = {name: [] for name in calls}
-    labels = []
-    for feed in data_set(config, "validation").batches():
-        inputs = without_labels(feed)
-        for name, call in calls.items():
-            tops[name].append(np.asarray(call(inputs)).argmax(1))
-        labels.append(feed[LABELS])
-    labels = np.concatenate(labels)
-    reference = np.concatenate(tops["pytorch fp32 eager"])
-    return {name: {"top1_agreement": float(np.mean(np.concatenate(t) == reference)),
-                   "accuracy": float(np.mean(np.concatenate(t) == labels))} for name, t in tops.items()}
+    scores: dict[str, dict] = {name: {} for name in calls}
+    for split, source in splits.items():
+        tops = {name: [] for name in calls}
+        labels = []
+        for feed in data_set(config, "validation", override=source).batches():
+            inputs = without_labels(feed)
+            for name, call in calls.items():
+                tops[name].append(np.asarray(call(inputs)).argmax(1))
+            labels.append(feed[LABELS])
+        labels = np.concatenate(labels)
+        reference = np.concatenate(tops["pytorch fp32 eager"])
+        for name, t in tops.items():
+            scores[name][split] = {"texts": len(labels), "top1_agreement": float(np.mean(np.concatenate(t) == reference)),
+                                   "accuracy": float(np.mean(np.concatenate(t) == labels))}
+    return scores
 
 
 def int8_gemm_rate(threads: int) -> float:
@@ -212,6 +219,7 @@ def main() -> None:
              "onnxruntime quantize_static default": ("onnx", str(ort_static_default(config, work))),
              "openvino fp32 (defaults)": ("openvino", str(work / "model.opt.onnx")),
              "nncf int8 (openvino, defaults)": ("openvino", str(nncf_int8(config, work))),
+             "nncf int8 transformer (openvino)": ("openvino", str(nncf_int8(config, work, transformer=True))),
              "miaotui int8 (onnxruntime)": ("engine", str(engine)),
              "miaotui int8 (openvino)": ("engine", str(openvino_engine))}
     batches = [int(b) for b in args.batch.split(",")]
@@ -221,7 +229,9 @@ def main() -> None:
     subjects += [Subject(name, kind, path, str(work / "config.toml")) for name, (kind, path) in peers.items()]
     started = time.time()
     rows = run_bench(subjects, batches, seqs, args.threads, min_seconds=args.seconds)
-    scores = validation_outputs(config, work, peers)
+    module = config.model.factory.split(":")[0]  # the built-in models' test split
+    splits = {"validation": config.data.validation, "test": f"{module}:test_batches"}
+    scores = split_scores(config, peers, splits)
     rate = int8_gemm_rate(args.threads)
     floors = {(b, s): model_macs(work / "model.opt.onnx", config, b, s) / rate * 1000 for b in batches for s in seqs}
     out = REPO / "benchmarks" / "results" / config.name
@@ -233,9 +243,9 @@ def main() -> None:
     lines = [f"{config.name}, {args.threads} threads, `python benchmarks/peers.py --model {config.name} --batch {args.batch} "
              f"--seq {args.seq} --threads {args.threads}` ({time.time() - started:.0f} s). {cpu['cpu']} "
              f"({', '.join(cpu['isa'])}). INT8 GEMM rate here: {rate / 1e9:.0f} GMAC/s.", "",
-             "| peer | top-1 agreement | accuracy | " + " | ".join(
+             "| peer | top-1 validation | top-1 test | accuracy (test) | " + " | ".join(
                  f"b{b} s{s} p50 ms (speed-up)" for s in seqs for b in batches) + " |",
-             "|---|---|---|" + "---|" * (len(batches) * len(seqs))]
+             "|---|---|---|---|" + "---|" * (len(batches) * len(seqs))]
     for name in dict.fromkeys(r["name"] for r in rows):
         cells = []
         for s in seqs:
@@ -244,8 +254,9 @@ def main() -> None:
                 speedup = reference[(b, s)]["p50_ms"] / row["p50_ms"]
                 cells.append(f"{row['p50_ms']:.1f} ({speedup:.2f}x)")
         score = scores[name]
-        lines.append(f"| {name} | {score['top1_agreement']:.4f} | {score['accuracy']:.4f} | " + " | ".join(cells) + " |")
-    lines.append("| floor: MACs / INT8 GEMM rate | | | " + " | ".join(
+        lines.append(f"| {name} | {score['validation']['top1_agreement']:.4f} | {score['test']['top1_agreement']:.4f} | "
+                     f"{score['test']['accuracy']:.4f} | " + " | ".join(cells) + " |")
+    lines.append("| floor: MACs / INT8 GEMM rate | | | | " + " | ".join(
         f"{floors[(b, s)]:.1f}" for s in seqs for b in batches) + " |")
     (out / "peers.md").write_text("\n".join(lines) + "\n")
     (out / "peers.json").write_text(json.dumps({"rows": rows, "scores": scores, "int8_gemm_mac_per_s": rate,
