@@ -15,18 +15,19 @@ setup: $(VENV)/.installed
 # `miaotui serve` runs a real Triton server: the tritonserver binary of the nvidia-pytriton wheel
 # (with --no-deps: its Python package pins numpy<2 and is never imported), and for its Python
 # backend a small environment with numpy<2 (the wheel's stub reads numpy 2 arrays wrongly) holding
-# miaotui's runtime: onnxruntime, tokenizers, miaotui itself without dependencies.
+# miaotui's runtime: onnxruntime, openvino (the engine choice may take it), tokenizers, miaotui itself
+# without dependencies.
 PYTRITON_SPEC ?= nvidia-pytriton==0.7.0
 STUB_ENV := $(VENV)/triton-python
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	$(BIN)/python -m pip install --quiet --no-deps "$(PYTRITON_SPEC)"
 	test -x $(STUB_ENV)/bin/python || $(BIN)/python -m venv $(STUB_ENV)
-	$(STUB_ENV)/bin/python -m pip install --quiet "numpy<2" onnxruntime tokenizers
+	$(STUB_ENV)/bin/python -m pip install --quiet "numpy<2" onnxruntime openvino tokenizers
 	$(STUB_ENV)/bin/python -m pip install --quiet --no-deps -e .
 	touch $@
 

@@ -93,6 +93,9 @@ class Backend:
     triton_platform: str | None = None  # Triton's platform for this engine kind (config.pbtxt `platform`)
     triton_backend: str | None = None  # ... or Triton's backend for it (config.pbtxt `backend`); neither: not served
     preference: int = 50  # lower first, when a work dir holds several engines that can run (GPU plans first)
+    # What miaotui does to a graph before the library builds it; part of the build stage's key, so a
+    # work dir's engines are rebuilt when it changes (bump it with the backend's rewrites or settings).
+    form: str = "1"
 
     def version(self) -> str:
         """The library's version (recorded in the sidecar and the build stage's key)."""

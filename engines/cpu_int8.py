@@ -8,6 +8,11 @@
   zero point 0 and uint8 with zero point 128 are the same grid (q_u8 = q_s8 + 128), so the dequantized
   values do not change; ONNX Runtime's fused kernels round their float accumulation differently, which
   the parity gate judges against PyTorch.
+- Biases inside the INT8 MatMul: ONNX Runtime turns `DequantizeLinear x DequantizeLinear -> MatMul`
+  into its MatMulIntegerToFloat but leaves the bias Add after it (and a second constant Add, such as
+  the FFN shift's compensation) as a pass over the whole activation. Written as MatMulIntegerToFloat
+  with its bias input, the kernel adds the (summed) bias while it writes the result. MiniLM batch 32:
+  36 Adds gone, about 10% of the latency.
 Written by hand: ONNX Runtime's own tools quantize from float (they cannot re-express a QDQ graph),
 and its optimizer keeps DequantizeLinear on initializers by design.
 """
@@ -87,6 +92,68 @@ def activations_to_uint8(model) -> int:
         model.graph.initializer.append(numpy_helper.from_array(np.array(128, np.uint8), UINT8_ZERO_POINT))
         del model.graph.value_info[:]  # int8 activation types are stale; ONNX Runtime infers them again
     return moved
+
+
+def int8_matmuls_with_bias(model) -> int:
+    """`DequantizeLinear(a) x DequantizeLinear(W) -> MatMul -> Add(b1) [-> Add(b2)]` becomes
+    com.microsoft.MatMulIntegerToFloat(a, W, scales, zero points, b1 + b2). Only where a has one scale
+    and zero point, W is a 2-D int8 initializer with per-tensor or per-column scales, the biases are
+    1-D constants of W's column count and nothing else reads the MatMul or a first Add. Returns how
+    many MatMuls were rewritten."""
+    from onnx import helper, numpy_helper
+
+    initializers = _initializers(model)
+    producers = {out: node for node in model.graph.node for out in node.output}
+    consumers: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    graph_outputs = {o.name for o in model.graph.output}
+
+    def array(name: str):
+        return numpy_helper.to_array(initializers[name]) if name in initializers else None
+
+    replaced: dict[int, object] = {}
+    dropped: set[int] = set()
+    for matmul in [n for n in model.graph.node if n.op_type == "MatMul"]:
+        a_dq, w_dq = producers.get(matmul.input[0]), producers.get(matmul.input[1])
+        if a_dq is None or w_dq is None or a_dq.op_type != "DequantizeLinear" or w_dq.op_type != "DequantizeLinear":
+            continue
+        weights = array(w_dq.input[0])
+        a_scale = array(a_dq.input[1])
+        if weights is None or weights.ndim != 2 or a_dq.input[0] in initializers or a_scale is None or a_scale.size != 1:
+            continue
+        w_scale = array(w_dq.input[1])
+        axis = next((a.i for a in w_dq.attribute if a.name == "axis"), 1)
+        if w_scale is None or (w_scale.size != 1 and (axis not in (1, -1) or w_scale.size != weights.shape[1])):
+            continue
+        bias, adds, out = np.zeros(weights.shape[1], np.float32), [], matmul.output[0]
+        while len(adds) < 2 and len(consumers.get(out, [])) == 1 and out not in graph_outputs:
+            add = consumers[out][0]
+            constant = array(add.input[1] if add.input[0] == out else add.input[0]) if add.op_type == "Add" else None
+            if constant is None or constant.shape != (weights.shape[1],) or constant.dtype != np.float32:
+                break
+            bias, out = bias + constant, add.output[0]
+            adds.append(add)
+        if not adds:
+            continue
+        bias_name = matmul.name + "_bias_fused"
+        model.graph.initializer.append(numpy_helper.from_array(bias.astype(np.float32), bias_name))
+        a_in, w_in = [*a_dq.input, "", ""][:3], [*w_dq.input, "", ""][:3]
+        replaced[id(adds[-1])] = helper.make_node(
+            "MatMulIntegerToFloat", [a_in[0], w_in[0], a_in[1], w_in[1], a_in[2], w_in[2], bias_name], [out],
+            name=matmul.name + "_int8_bias", domain="com.microsoft")
+        dropped |= {id(matmul), *(id(add) for add in adds[:-1])}
+        for dq in (a_dq, w_dq):
+            if len(consumers[dq.output[0]]) == 1 and dq.output[0] not in graph_outputs:
+                dropped.add(id(dq))
+    if replaced:
+        nodes = [replaced.get(id(n), n) for n in model.graph.node if id(n) not in dropped]
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        if not any(o.domain == "com.microsoft" for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return len(replaced)
 
 
 def drop_unused_initializers(model) -> None:

@@ -115,7 +115,8 @@ def cpu_int8_form(onnx_path: Path, folder: Path, activations: str) -> tuple[Path
     """The INT8 graph in the form ONNX Runtime's CPU kernels run fastest (engines/cpu_int8.py)."""
     import onnx
 
-    from miaotui.engines.cpu_int8 import activations_to_uint8, drop_unused_initializers, gather_before_dequantize
+    from miaotui.engines.cpu_int8 import (activations_to_uint8, drop_unused_initializers, gather_before_dequantize,
+                                          int8_matmuls_with_bias)
 
     if activations not in ("uint8", "int8"):
         raise InputError(f"--cpu-activations {activations}: expected uint8 or int8")
@@ -123,6 +124,8 @@ def cpu_int8_form(onnx_path: Path, folder: Path, activations: str) -> tuple[Path
     rewrites = {"gather_before_dequantize": gather_before_dequantize(model)}
     if activations == "uint8":
         rewrites["uint8_activations"] = activations_to_uint8(model)
+        if rewrites["uint8_activations"]:  # the form ONNX Runtime's fast kernels take; int8 stays as the graph is
+            rewrites["int8_matmuls_with_bias"] = int8_matmuls_with_bias(model)
     if not any(rewrites.values()):
         return onnx_path, rewrites
     drop_unused_initializers(model)
@@ -184,6 +187,7 @@ class OnnxRuntime(Backend):
     help = "onnxruntime (any machine)"
     triton_platform = "onnxruntime_onnx"
     preference = 40
+    form = "2"  # 2: INT8 MatMuls take their biases (cpu_int8.int8_matmuls_with_bias)
 
     def version(self) -> str:
         import onnxruntime

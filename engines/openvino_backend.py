@@ -155,9 +155,11 @@ class OpenVINO(Backend):
     suffix = ".xml"
     help = "openvino (x86-64 and ARM CPUs; the same graphs as OpenVINO IR)"
     triton_backend = "openvino"
-    # After onnxruntime: on minilm-sentiment's INT8 graph it is 2x faster, on lstm-sentiment's slower
-    # with real texts (a new shape costs it more); ask for it with backend="openvino".
+    # After onnxruntime when nothing was measured; where the parity gate timed both engines on this
+    # machine the faster one is chosen (engines/choice.py): on minilm-sentiment's INT8 graph openvino
+    # (about 2x), on lstm-sentiment's real texts onnxruntime (a new input shape costs OpenVINO more).
     preference = 45
+    form = "2"  # 2: an INT8 graph's float parts in BF16 where native (openvino_float)
 
     def version(self) -> str:
         return _import_openvino().get_version()
@@ -166,6 +168,10 @@ class OpenVINO(Backend):
         import importlib.util
 
         return importlib.util.find_spec("openvino") is not None
+
+    def builds_by_default(self) -> bool:
+        # x86-64 is where it was measured faster (AVX2 .. AMX); on ARM ONNX Runtime stays the CPU engine
+        return platform.machine().lower() in ("x86_64", "amd64") and self.installed()
 
     def build(self, job: BuildJob) -> BackendBuild:
         from miaotui.artifacts import sha256_file

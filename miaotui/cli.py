@@ -271,11 +271,12 @@ def _gate_built_engines(config, work_dir: Path, results) -> None:
 @_stage_command(
     "run",
     "Run every stage: export, optimize, quantize (or FP16, per --precision), build an engine for each --backend "
-    "(default: onnxruntime, and tensorrt-rtx where it is installed) into engines/, then the parity gate "
+    "(default: onnxruntime, openvino on x86-64 and tensorrt-rtx where installed) into engines/, then the parity gate "
     "on each engine that runs here (exit 1 when a bar is missed).",
     options=(
         click.option("--backend", "backends", multiple=True, type=click.Choice(backend_names()),
-                     help="Engine backend (repeatable; default: onnxruntime, plus tensorrt-rtx where installed)."),
+                     help="Engine backend (repeatable; default: onnxruntime, plus openvino on x86-64 and "
+                          "tensorrt-rtx where installed)."),
         click.option("--precision", type=click.Choice(PRECISIONS), default="int8", show_default=True,
                      help="The graph the engines are built from: int8 model.int8.onnx, fp32 model.opt.onnx, fp16 "
                           "model.fp16.onnx, int8-fp16 model.int8-fp16.onnx (the last two for TensorRT GPUs)."),

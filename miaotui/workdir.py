@@ -20,6 +20,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import math
 import shutil
 import sys
 import tempfile
@@ -143,6 +144,10 @@ class WorkDir:
     def report_dir(self, engine: str | Path) -> Path:
         """reports/<engine file name without its suffix>: the parity reports of one engine."""
         return self.reports_dir / Path(engine).name.rsplit(".", 1)[0]
+
+    def parity_report(self, engine: str | Path) -> Path:
+        """reports/<engine>/parity.json: the gate's full report on one engine."""
+        return self.report_dir(engine) / PARITY_REPORTS[0]
 
     def has_config(self) -> bool:
         return self.config.is_file()
@@ -291,11 +296,16 @@ class WorkDir:
         return sorted(p for p in folder.iterdir() if p.suffix in suffixes and sidecar_path(p).is_file())
 
     def choose_engine(self, candidates: list[tuple[Path, str, str]], backend: str | None, precision: str | None,
-                      backend_order: tuple[str, ...], purpose: str, usable: Callable[[str], bool]) -> Path:
+                      backend_order: tuple[str, ...], purpose: str, usable: Callable[[str], bool],
+                      timings: Callable[[Path], tuple[float, ...] | None] = lambda path: None) -> Path:
         """The one engine-choice rule. `candidates` are (path, backend, precision) of this work dir's
-        engines (`purpose` ends the message when none fits, e.g. " that Triton serves"); those asked for (`backend`, `precision`) are kept; of them the ones `usable` for the
-        purpose come first, then by `backend_order` and PRECISION_PREFERENCE (INT8 first). When none is
-        usable the best of the rest is returned: loading it then says why it cannot run here."""
+        engines (`purpose` ends the message when none fits, e.g. " that Triton serves"); those asked for
+        (`backend`, `precision`) are kept; of them the ones `usable` for the purpose come first. Then,
+        when every usable one has `timings` (what the parity gate measured on this machine: seconds per
+        sample in batches, seconds per single-sample call), the one with the lowest product of them (the
+        geometric mean: batch throughput and one-at-a-time latency weigh alike); else by
+        `backend_order` and PRECISION_PREFERENCE (INT8 first). When none is usable the best of the rest
+        is returned: loading it then says why it cannot run here."""
         kept = [c for c in candidates if backend in (None, c[1]) and precision in (None, c[2])]
         if not kept:
             wanted = " ".join(filter(None, (backend, precision)))
@@ -303,9 +313,15 @@ class WorkDir:
             raise InputError(f"{self.engines_dir}: no {wanted + ' ' if wanted else ''}engine there{purpose} (it has: "
                              f"{have}); build one with 'miaotui run' or 'miaotui build'")
 
-        def rank(candidate: tuple[Path, str, str]) -> tuple[int, int, int]:
-            _, name, prec = candidate
+        measured = {c[0]: timings(c[0]) for c in kept if usable(c[1])}
+        fastest = None
+        if len(measured) > 1 and all(value is not None for value in measured.values()):
+            fastest = min(measured, key=lambda path: math.prod(measured[path]))
+
+        def rank(candidate: tuple[Path, str, str]) -> tuple[int, int, int, int]:
+            path, name, prec = candidate
             return (0 if usable(name) else 1,
+                    0 if path == fastest else 1,
                     backend_order.index(name) if name in backend_order else len(backend_order),
                     PRECISION_PREFERENCE.index(prec) if prec in PRECISION_PREFERENCE else len(PRECISION_PREFERENCE))
 

@@ -63,14 +63,14 @@ STUB_ENV = "triton-python"  # beside the Python running miaotui: sys.prefix / ST
 def stub_python() -> Path:
     """The python for the Python backend's stub. The wheel's stub was built against numpy 1.x and
     reads numpy 2 arrays with the wrong item size (a BYTES input arrives as its first byte repeated),
-    so it runs in a small environment of its own: numpy<2, onnxruntime, tokenizers, miaotui without
+    so it runs in a small environment of its own: numpy<2, onnxruntime, openvino, tokenizers, miaotui without
     dependencies (the runtime needs no more); MIAOTUI_TRITON_PYTHON names another."""
     named = os.environ.get("MIAOTUI_TRITON_PYTHON")
     candidate = Path(named) if named else Path(sys.prefix) / STUB_ENV / "bin" / "python"
     if not candidate.is_file():
         raise InputError(f"{candidate}: missing; the Triton Python backend needs a Python with numpy<2 and miaotui's "
                          f"runtime: `make setup` makes it, or: python -m venv {Path(sys.prefix) / STUB_ENV} && "
-                         f"{Path(sys.prefix) / STUB_ENV / 'bin' / 'pip'} install 'numpy<2' onnxruntime tokenizers && "
+                         f"{Path(sys.prefix) / STUB_ENV / 'bin' / 'pip'} install 'numpy<2' onnxruntime openvino tokenizers && "
                          f"{Path(sys.prefix) / STUB_ENV / 'bin' / 'pip'} install --no-deps miaotui")
     return candidate
 

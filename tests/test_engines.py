@@ -373,5 +373,47 @@ def test_cpu_form_looks_up_int8_rows_before_dequantizing_them(router: Path, tmp_
     assert exact.metadata.settings["cpu_rewrites"] == {"gather_before_dequantize": 1}
     assert exact.metadata.checks["vs_source_onnx_max_abs_diff"] == 0.0
     default = build_engine(source, tmp_path / "uint8.ort", BuildOptions(), config)
-    assert default.metadata.settings["cpu_rewrites"] == {"gather_before_dequantize": 1, "uint8_activations": moved}
+    assert default.metadata.settings["cpu_rewrites"] == {"gather_before_dequantize": 1, "uint8_activations": moved,
+                                                         "int8_matmuls_with_bias": 0}  # Gemms hold their bias
     assert default.metadata.checks["vs_source_onnx_max_abs_diff"] < 1e-3
+
+
+def _int8_matmul_graph(second_reader: bool):
+    """x -> Q/DQ (uint8, zero point 128) x DQ(int8 W, per-column scales) -> MatMul -> Add(b1) -> Add(b2) -> Relu;
+    with `second_reader` the MatMul's output is also a graph output."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    weights = rng.integers(-127, 128, (16, 8)).astype(np.int8)
+    inits = [numpy_helper.from_array(weights, "w_q"), numpy_helper.from_array(rng.uniform(0.01, 0.02, 8).astype(np.float32), "w_s"),
+             numpy_helper.from_array(np.zeros(8, np.int8), "w_z"), numpy_helper.from_array(np.float32(0.05), "a_s"),
+             numpy_helper.from_array(np.uint8(128), "a_z"), numpy_helper.from_array(rng.normal(size=8).astype(np.float32), "b1"),
+             numpy_helper.from_array(rng.normal(size=8).astype(np.float32), "b2")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "a_s", "a_z"], ["x_q"]),
+             helper.make_node("DequantizeLinear", ["x_q", "a_s", "a_z"], ["x_dq"]),
+             helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_z"], ["w_dq"], axis=1),
+             helper.make_node("MatMul", ["x_dq", "w_dq"], ["mm"], name="mm"),
+             helper.make_node("Add", ["mm", "b1"], ["a1"]), helper.make_node("Add", ["b2", "a1"], ["a2"]),
+             helper.make_node("Relu", ["a2"], ["y"])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    if second_reader:
+        outputs.append(helper.make_tensor_value_info("mm", TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 5, 16])],
+                              outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_int8_matmuls_take_their_biases_inside():
+    """DQ x DQ -> MatMul -> Add -> Add becomes one MatMulIntegerToFloat with the two biases summed: the
+    same answers; a MatMul whose output is read elsewhere is left alone."""
+    from miaotui.engines.cpu_int8 import int8_matmuls_with_bias
+
+    x = np.random.default_rng(4).normal(size=(3, 5, 16)).astype(np.float32)
+    model = _int8_matmul_graph(second_reader=False)
+    expected = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    assert int8_matmuls_with_bias(model) == 1
+    assert [n.op_type for n in model.graph.node] == ["QuantizeLinear", "MatMulIntegerToFloat", "Relu"]
+    np.testing.assert_allclose(ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0], expected,
+                               atol=1e-5)
+    kept = _int8_matmul_graph(second_reader=True)
+    assert int8_matmuls_with_bias(kept) == 0 and "MatMulIntegerToFloat" not in [n.op_type for n in kept.graph.node]

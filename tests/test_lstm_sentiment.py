@@ -120,12 +120,23 @@ def test_make_export_equivalent_writes_every_stage_and_a_summary(model_and_token
         ranged = replace(config, dims={"batch": Dim("batch", 1, 1, batch_max), "seq": Dim("seq", seq_min, 64, seq_max)})
         assert build_with_tensorrt_rtx(int8, ranged) > 1_000_000
 
-    # The engines: onnxruntime always, the TensorRT-RTX plan because [dev] installs that library.
+    # The engines: onnxruntime always, the TensorRT-RTX plan because [dev] installs that library, the
+    # OpenVINO IR on x86-64 (openvino is in [dev] too); both CPU engines gated and timed.
+    import platform
+
     engines = onnx_path.parent / "engines"
+    openvino = platform.machine() in ("x86_64", "AMD64")
     assert sorted(p.name for p in engines.iterdir()) == [
         "lstm-sentiment.onnxruntime.int8.ort", "lstm-sentiment.onnxruntime.int8.ort.json",
+        *(["lstm-sentiment.openvino.int8.bin", "lstm-sentiment.openvino.int8.xml",
+           "lstm-sentiment.openvino.int8.xml.json"] if openvino else []),
         "lstm-sentiment.tensorrt-rtx.int8.plan", "lstm-sentiment.tensorrt-rtx.int8.plan.json"]
     assert "vs ONNX Runtime on the .onnx max |diff| 0e+00" in result.stdout
+    if openvino:
+        from miaotui.engines.choice import gate_timings
+
+        assert all(gate_timings(onnx_path.parent, engine) is not None
+                   for engine in engines.glob("*.int8.[ox][rm][tl]"))  # .ort and .xml
 
     again = CliRunner().invoke(main, ["run", "lstm-sentiment"], env={"COLUMNS": "200"})
     assert again.exit_code == 0 and again.stdout.count("cached") >= 5

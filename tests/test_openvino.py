@@ -197,3 +197,50 @@ def test_a_sidecar_claiming_longer_sequences_than_the_ir_takes_is_refused(openvi
     sidecar.write_text(json.dumps(data))
     with pytest.raises(InputError, match=r"input 'input_ids' dim 1 is 1\.\.100000, the engine takes 1\.\.256"):
         Engine.load(tmp_path / "lstm-sentiment.openvino.fp32.xml")
+
+
+def test_the_engine_choice_takes_the_engine_the_gate_timed_fastest(openvino_work: Path, tmp_path: Path):
+    """`miaotui run` gates every engine it builds and records how long each took on the validation set
+    (batches, and one sample at a time): the work dir's choice then takes the lowest product of the two,
+    and only measurements of that very engine file on this machine count."""
+    import json
+
+    from miaotui.cli import main
+    from miaotui.engines.choice import choose_engine, gate_timings
+
+    work = tmp_path / "work"
+    shutil.copytree(openvino_work, work)
+    engines = [work / "engines" / name for name in ("lstm-sentiment.onnxruntime.int8.ort", "lstm-sentiment.openvino.int8.xml")]
+    for engine in engines:
+        result = CliRunner().invoke(main, ["validate", str(engine)], env={"COLUMNS": "200"})
+        assert result.exit_code == 0, result.output
+    timings = {engine: gate_timings(work, engine) for engine in engines}
+    assert all(t is not None and t[0] > 0 and t[1] > 0 for t in timings.values())
+    fastest = min(engines, key=lambda engine: timings[engine][0] * timings[engine][1])
+    assert choose_engine(work, precision="int8") == fastest
+    # A report of another file (the engine rebuilt since) or of another machine: no measurement, and
+    # the preference order decides (onnxruntime before openvino).
+    for key, value in (("engine_sha256", "0" * 64), ("machine", "another CPU")):
+        report_path = work / "reports" / "lstm-sentiment.openvino.int8" / "parity.json"
+        report = json.loads(report_path.read_text())
+        kept = report[key]
+        report_path.write_text(json.dumps(report | {key: value}))
+        assert gate_timings(work, engines[1]) is None
+        assert choose_engine(work, precision="int8") == engines[0]
+        report_path.write_text(json.dumps(report | {key: kept}))
+    assert choose_engine(work, precision="int8") == fastest
+
+
+def test_the_choice_rule_weighs_batches_and_single_calls_alike(tmp_path: Path):
+    from miaotui.workdir import WorkDir
+
+    a, b, c = (tmp_path / f"{name}.ort" for name in "abc")
+    candidates = [(a, "onnxruntime", "int8"), (b, "openvino", "int8"), (c, "onnxruntime", "fp32")]
+    order = ("onnxruntime", "openvino")
+    choose = WorkDir(tmp_path).choose_engine
+    timings = {a: (1.0, 3.0), b: (2.0, 1.0), c: (4.0, 4.0)}
+    assert choose(candidates, None, None, order, "", lambda name: True, timings.get) == b  # 2 < 3 < 16
+    assert choose(candidates, None, None, order, "", lambda name: name != "openvino", timings.get) == a  # b cannot run
+    unmeasured = timings | {c: None}
+    assert choose(candidates, None, None, order, "", lambda name: True, unmeasured.get) == a  # preference order
+    assert choose(candidates, "openvino", None, order, "", lambda name: True, timings.get) == b

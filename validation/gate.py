@@ -34,6 +34,12 @@ class ParityReport:
     reference_cached: bool
     seconds: float
     warnings: list[str] = field(default_factory=list)
+    # Speed on real data, for the engine choice: seconds inside the engine over the validation set's batches,
+    # the engine file it was (engine_sha256) and the machine it ran on (engines.choice.this_machine).
+    engine_seconds: float = 0.0
+    single_seconds: float = 0.0  # per call, samples one at a time, their padding trimmed (as one text is sent)
+    engine_sha256: str = ""
+    machine: str = ""
 
     @property
     def passed(self) -> bool:
@@ -62,18 +68,24 @@ def check_engine_matches_config(engine, config: Config) -> None:
 
 def compare_engine(engine, validation, has_labels: bool, bars: dict[str, float],
                    reference: Reference, reference_path: Path, from_work_dir: bool, work_dir: Path,
-                   progress: bool = True) -> tuple[int, list[OutputMetrics], list[Check], list[str]]:
+                   progress: bool = True) -> tuple[int, list[OutputMetrics], list[Check], list[str], float]:
     """Run `engine` (a loaded runtime Engine) over the validation set and judge it against the
-    PyTorch `reference`: (samples, metrics per output, checks, warnings)."""
+    PyTorch `reference`: (samples, metrics per output, checks, warnings, seconds inside the engine)."""
+    import time
+
     from miaotui.validation.reference import collect_outputs
 
     names = [o.name for o in engine.outputs]
+    inside = [0.0]
 
     def run_engine(feed):
+        started = time.perf_counter()
         try:
             return engine.run(feed)
         except InputError as error:  # name the data set too: the data does not fit this engine
             raise InputError(f"{validation.where}: {error}") from None
+        finally:
+            inside[0] += time.perf_counter() - started
 
     outputs, labels = collect_outputs(run_engine, validation.batches(), names, validation.where, progress,
                                       f"{engine.backend} {engine.metadata.precision}")
@@ -89,7 +101,7 @@ def compare_engine(engine, validation, has_labels: bool, bars: dict[str, float],
         warnings.append(f"{engine.path} was not built from one of {work_dir}'s ONNX graphs "
                         f"(ONNX sha256 {engine.metadata.onnx_sha256[:12]}...): the verdict is on that engine, "
                         "against this config's PyTorch model")
-    return samples, metrics, checks, warnings
+    return samples, metrics, checks, warnings, inside[0]
 
 
 def bars_for_data(config: Config, precision: str, has_labels: bool, where: str) -> dict[str, float]:

@@ -71,7 +71,7 @@ class Build(Unit):
         return asdict(self.build_options)
 
     def tools(self) -> dict[str, str]:
-        return {self.backend.name: self.backend.version()}
+        return {self.backend.name: self.backend.version(), f"miaotui {self.backend.name} form": self.backend.form}
 
     def produce(self, pipeline: Pipeline, scratch: Path) -> dict[str, Any]:
         target = scratch / self.primary

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from miaotui.config import Config
 from miaotui.errors import InputError
 from miaotui.validation.gate import ParityReport
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
 def validate_engine(engine_path: str | Path, config: Config, work_dir: str | Path, progress: bool = True,
                     threads: int | None = None) -> ParityReport:
     from miaotui.data.datasets import data_set, summarize
+    from miaotui.engines.choice import this_machine
     from miaotui.runtime import Engine
     from miaotui.stages.reference import Reference
     from miaotui.stages.runner import Pipeline
@@ -41,13 +44,56 @@ def validate_engine(engine_path: str | Path, config: Config, work_dir: str | Pat
     reference_stage = Pipeline(config, work_dir, progress).run(Reference(summary=summary))
     reference = load_reference(reference_stage.path)
     from_work_dir = engine.metadata.onnx_sha256 in WorkDir(work_dir).graph_digests()
-    samples, metrics, checks, warnings = compare_engine(engine, validation, summary.has_labels, bars, reference,
-                                                        reference_stage.path, from_work_dir, Path(work_dir), progress)
+    samples, metrics, checks, warnings, inside = compare_engine(engine, validation, summary.has_labels, bars, reference,
+                                                                reference_stage.path, from_work_dir, Path(work_dir),
+                                                                progress)
     return ParityReport(
         engine=str(engine.path), backend=engine.backend, precision=precision, provider=engine.provider,
         config=str(config.path), validation_set=validation.where, samples=samples, from_work_dir=from_work_dir,
         bars=bars, outputs=metrics, checks=checks, reference_cached=reference_stage.skipped,
-        seconds=round(time.perf_counter() - started, 3), warnings=warnings)
+        seconds=round(time.perf_counter() - started, 3), warnings=warnings, engine_seconds=round(inside, 4),
+        single_seconds=round(single_call_seconds(engine, validation, config), 6),
+        engine_sha256=engine.metadata.engine_sha256, machine=this_machine())
+
+
+SINGLE_CALLS = 32
+
+
+def single_call_seconds(engine, validation, config: Config) -> float:
+    """Seconds per call for the set's first samples sent one at a time, each cut to its real length (by
+    the config's padding mask, else by the tokenizer's padding id in input_ids) as Classifier.predict
+    sends one text, after a warm-up call: the latency side of the engine choice (a new input shape
+    costs some engines more than others)."""
+    import itertools
+
+    from miaotui.data.datasets import sample_rows, without_labels
+    from miaotui.data.tokenizers import load_tokenizer, padding_id
+
+    pad = None
+    if not config.padding_mask and config.model.tokenizer and "input_ids" in config.inputs:
+        pad = padding_id(load_tokenizer(config.model.tokenizer))
+    seq_min = {t.name: t.min[1] if len(t.min) > 1 else 0 for t in engine.inputs}
+    rows = []
+    for row in itertools.islice(sample_rows(validation.batches(SINGLE_CALLS)), SINGLE_CALLS):
+        row = without_labels(row)
+        if config.padding_mask and row.get(config.padding_mask, np.empty(0)).ndim == 2:
+            name, real = config.padding_mask, row[config.padding_mask][0] != 0
+        elif pad is not None and row["input_ids"].ndim == 2:
+            name, real = "input_ids", row["input_ids"][0] != pad
+        else:
+            rows.append(row)
+            continue
+        padded = len(real)
+        length = max(int(np.flatnonzero(real).max(initial=-1)) + 1, seq_min[name], 1)
+        rows.append({key: value[:, :length] if value.ndim >= 2 and value.shape[1] == padded else value
+                     for key, value in row.items()})
+    if not rows:
+        return 0.0
+    engine.run(rows[0])
+    started = time.perf_counter()
+    for row in rows:
+        engine.run(row)
+    return (time.perf_counter() - started) / len(rows)
 
 
 @dataclass
