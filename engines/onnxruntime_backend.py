@@ -111,12 +111,13 @@ def check_engine(onnx_path: Path, engine: Path, name: str, session_settings: dic
     return {"vs_onnx_max_abs_diff": worst, "atol": ENGINE_ATOL, "ran_at": ["min", "opt", "max"]}
 
 
-def cpu_int8_form(onnx_path: Path, folder: Path, activations: str) -> tuple[Path, dict]:
-    """The INT8 graph in the form ONNX Runtime's CPU kernels run fastest (engines/cpu_int8.py)."""
+def cpu_int8_form(onnx_path: Path, folder: Path, activations: str, padding_mask: str | None = None) -> tuple[Path, dict]:
+    """The INT8 graph in the form ONNX Runtime's CPU kernels run fastest (engines/cpu_int8.py);
+    `padding_mask`: the config's padding-mask input, which a fused attention reads."""
     import onnx
 
-    from miaotui.engines.cpu_int8 import (activations_to_uint8, drop_unused_initializers, gather_before_dequantize,
-                                          int8_matmuls_with_bias)
+    from miaotui.engines.cpu_int8 import (activations_to_uint8, drop_unused_initializers, fused_int8_attention,
+                                          gather_before_dequantize, int8_matmuls_with_bias)
 
     if activations not in ("uint8", "int8"):
         raise InputError(f"--cpu-activations {activations}: expected uint8 or int8")
@@ -126,6 +127,7 @@ def cpu_int8_form(onnx_path: Path, folder: Path, activations: str) -> tuple[Path
         rewrites["uint8_activations"] = activations_to_uint8(model)
         if rewrites["uint8_activations"]:  # the form ONNX Runtime's fast kernels take; int8 stays as the graph is
             rewrites["int8_matmuls_with_bias"] = int8_matmuls_with_bias(model)
+            rewrites["fused_int8_attention"] = fused_int8_attention(model, padding_mask)
     if not any(rewrites.values()):
         return onnx_path, rewrites
     drop_unused_initializers(model)
@@ -187,7 +189,7 @@ class OnnxRuntime(Backend):
     help = "onnxruntime (any machine)"
     triton_platform = "onnxruntime_onnx"
     preference = 40
-    form = "2"  # 2: INT8 MatMuls take their biases (cpu_int8.int8_matmuls_with_bias)
+    form = "3"  # 2: INT8 MatMuls take their biases; 3: attention fused (cpu_int8)
 
     def version(self) -> str:
         import onnxruntime
@@ -202,7 +204,8 @@ class OnnxRuntime(Backend):
         with tempfile.TemporaryDirectory(prefix="miaotui-cpu-") as folder:
             source, rewrites = job.onnx_path, {}
             if options.provider == "cpu" and job.precision.startswith("int8"):
-                source, rewrites = cpu_int8_form(job.onnx_path, Path(folder), options.cpu_activations)
+                padding_mask = job.config.padding_mask if job.config is not None else None
+                source, rewrites = cpu_int8_form(job.onnx_path, Path(folder), options.cpu_activations, padding_mask)
             actual, requested, session, device, warnings = _save_ort(source, job.engine_path, options.provider)
             settings = {"graph_optimization_level": "ORT_ENABLE_ALL", "provider": actual,
                         "requested_provider": requested, "cpu_rewrites": rewrites}
@@ -265,7 +268,8 @@ class OnnxRuntime(Backend):
             graph = source
             if rewrites:
                 activations = metadata.settings.get("cpu_activations", "uint8" if "uint8_activations" in rewrites else "int8")
-                graph, _ = cpu_int8_form(source, Path(folder), activations)
+                padding_mask = config.padding_mask if config is not None else None
+                graph, _ = cpu_int8_form(source, Path(folder), activations, padding_mask)
             try:
                 check_engine(graph, engine, engine.name, metadata.session, metadata.inputs, config)
             except CheckFailed as error:

@@ -374,7 +374,8 @@ def test_cpu_form_looks_up_int8_rows_before_dequantizing_them(router: Path, tmp_
     assert exact.metadata.checks["vs_source_onnx_max_abs_diff"] == 0.0
     default = build_engine(source, tmp_path / "uint8.ort", BuildOptions(), config)
     assert default.metadata.settings["cpu_rewrites"] == {"gather_before_dequantize": 1, "uint8_activations": moved,
-                                                         "int8_matmuls_with_bias": 0}  # Gemms hold their bias
+                                                         "int8_matmuls_with_bias": 0,  # Gemms hold their bias
+                                                         "fused_int8_attention": 0}
     assert default.metadata.checks["vs_source_onnx_max_abs_diff"] < 1e-3
 
 

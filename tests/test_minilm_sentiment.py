@@ -286,6 +286,7 @@ def test_the_parity_gate_passes_on_the_int8_engine(exported, quantized):
     built = run_build_stage(config, onnx_path.parent, BuildOptions(backend="onnxruntime"), progress=False)
     rewrites = built.details["settings"]["cpu_rewrites"]
     assert rewrites["int8_matmuls_with_bias"] == 36  # every INT8 MatMul adds its bias (and FFN shift) inside
+    assert rewrites["fused_int8_attention"] == 6  # each layer's attention one QAttention, masked by attention_mask
     assert built.details["checks"]["vs_source_onnx_max_abs_diff"] < 0.1
     result = CliRunner().invoke(main, ["validate", str(built.path)], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
