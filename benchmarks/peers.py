@@ -241,7 +241,7 @@ def main() -> None:
 
     cpu = cpu_description()
     lines = [f"{config.name}, {args.threads} threads, `python benchmarks/peers.py --model {config.name} --batch {args.batch} "
-             f"--seq {args.seq} --threads {args.threads}` ({time.time() - started:.0f} s). {cpu['cpu']} "
+             f"--seq {args.seq} --threads {args.threads} --seconds {args.seconds:g}` ({time.time() - started:.0f} s). {cpu['cpu']} "
              f"({', '.join(cpu['isa'])}). INT8 GEMM rate here: {rate / 1e9:.0f} GMAC/s.", "",
              "| peer | top-1 validation | top-1 test | accuracy (test) | " + " | ".join(
                  f"b{b} s{s} p50 ms (speed-up)" for s in seqs for b in batches) + " |",

@@ -33,16 +33,23 @@ def _initializers(model) -> dict:
     return {t.name: t for t in model.graph.initializer}
 
 
+def _producers_and_consumers(model) -> tuple[dict, dict[str, list]]:
+    """tensor name -> the node writing it, and -> the nodes reading it."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    consumers: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return producers, consumers
+
+
 def gather_before_dequantize(model) -> int:
     """DequantizeLinear(table) -> Gather/Slice becomes Gather/Slice(table) -> DequantizeLinear. Returns
     how many lookups were rewritten (only per-tensor scales: a per-axis scale would have to be gathered too)."""
     from onnx import helper, numpy_helper
 
     initializers = _initializers(model)
-    consumers: dict[str, list] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    _, consumers = _producers_and_consumers(model)
     rewritten = 0
     for dq in [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in initializers]:
         scale = numpy_helper.to_array(initializers[dq.input[1]])
@@ -108,11 +115,7 @@ def int8_matmuls_with_bias(model) -> int:
     from onnx import helper, numpy_helper
 
     initializers = _initializers(model)
-    producers = {out: node for node in model.graph.node for out in node.output}
-    consumers: dict[str, list] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    producers, consumers = _producers_and_consumers(model)
     graph_outputs = {o.name for o in model.graph.output}
 
     def array(name: str):
@@ -212,11 +215,7 @@ def fused_int8_attention(model, padding_mask: str | None) -> int:
     if not padding_mask or padding_mask not in {i.name for i in model.graph.input}:
         return 0
     initializers = _initializers(model)
-    producers = {out: node for node in model.graph.node for out in node.output}
-    consumers: dict[str, list] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    producers, consumers = _producers_and_consumers(model)
 
     def constant(name: str):
         if name in initializers:
