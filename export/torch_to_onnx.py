@@ -59,6 +59,7 @@ def export_to_onnx(model, config: Config, destination: Path, options: ExportOpti
     parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     parameter_bytes += sum(b.numel() * b.element_size() for b in model.buffers())
 
+    _forget_recurrent_dispatch()
     captured = io.StringIO()
     # torch.onnx logs a warning per missing torchvision op on every export; irrelevant here.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
@@ -94,6 +95,20 @@ def export_to_onnx(model, config: Config, destination: Path, options: ExportOpti
     except Exception as error:
         raise MiaotuiError(f"{destination}: onnx.checker rejected the exported graph: {_first_line(error)}") from error
     return destination
+
+
+def _forget_recurrent_dispatch() -> None:
+    """torch.onnx's exporter swaps in a while_loop decomposition of aten.lstm / aten.gru for each
+    export (the sequence dim stays dynamic) and restores the old kernels after, but the ops' dispatch
+    caches keep the first choice made outside that swap: a second export of an LSTM model in one
+    process then unrolled the loop and fixed `seq` at the trace size (torch 2.13). Clearing the two
+    caches makes every export see the swap."""
+    import torch
+
+    for op in (torch.ops.aten.lstm.input, torch.ops.aten.gru.input):
+        cache = getattr(op, "_dispatch_cache", None)
+        if cache is not None:
+            cache.clear()
 
 
 def _check_forward_arguments(model, config: Config) -> None:

@@ -155,3 +155,18 @@ def test_training_is_reproducible(tmp_path: Path):
     build().load_state_dict(load_file(str(tmp_path / "weights.safetensors")), strict=True)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert 0.5 < metrics["test_accuracy"] <= 1.0
+
+
+def test_every_export_in_one_process_keeps_the_sequence_dynamic(tmp_path: Path):
+    """torch.onnx swaps in a while_loop LSTM decomposition per export; a stale dispatch cache once made
+    the second export of an LSTM in a process unroll it and fix seq at the trace size (128)."""
+    import onnx
+
+    from miaotui.models import resolve_config
+    from miaotui.stages import run_export_stage
+
+    config = resolve_config("lstm-sentiment")
+    for attempt in ("first", "second"):
+        path = run_export_stage(config, tmp_path / attempt).path
+        dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+        assert [d.dim_param or d.dim_value for d in dims] == ["batch", "seq"], attempt
