@@ -133,6 +133,10 @@ class Backend:
         """The engine's layers and their precisions, or ([], why not)."""
         return [], None
 
+    def engine_files(self, engine: Path) -> list[Path]:
+        """Files beside the engine that belong to it (copied with it wherever it goes)."""
+        return []
+
     def triton_model(self, engine: Path, metadata: "EngineMetadata", target: Path, config: "Config | None") -> str:
         """Write what Triton's backend for `triton_platform` loads into `target` (a version folder);
         returns the file name."""

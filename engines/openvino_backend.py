@@ -198,6 +198,9 @@ class OpenVINO(Backend):
         checks = _check(job.onnx_path, runner, job.ranges, job.config)
         return BackendBuild(self.version(), cpu_description(), settings, checks)
 
+    def engine_files(self, engine: Path) -> list[Path]:
+        return [weights_path(engine)]
+
     def check_machine(self, path: Path, metadata: EngineMetadata) -> None:
         from miaotui.artifacts import sha256_file
 

@@ -64,6 +64,7 @@ def package_text_model(path: str | Path, repository: str | Path, options: Triton
                        max_chars: int = MAX_TEXT_CHARS) -> TextModel:
     """The work dir's best CPU engine for this machine (or `backend`/`precision`'s) as `<name>-text`."""
     from miaotui.artifacts import sha256_file
+    from miaotui.engines.backend import get_backend
     from miaotui.engines.choice import choose_engine
     from miaotui.serving.model_config import parse, to_text
 
@@ -98,6 +99,8 @@ def package_text_model(path: str | Path, repository: str | Path, options: Triton
         inside.engines_dir.mkdir(parents=True)
         shutil.copyfile(PYTHON_MODEL, version / "model.py")
         shutil.copyfile(engine, inside.engines_dir / engine.name)
+        for companion in get_backend(metadata.backend).engine_files(engine):  # an OpenVINO IR's weights
+            shutil.copyfile(companion, inside.engines_dir / companion.name)
         shutil.copyfile(sidecar_path(engine), sidecar_path(inside.engines_dir / engine.name))
         shutil.copyfile(tokenizer, inside.root / "tokenizer.json")
         import tomli_w

@@ -244,3 +244,18 @@ def test_the_choice_rule_weighs_batches_and_single_calls_alike(tmp_path: Path):
     unmeasured = timings | {c: None}
     assert choose(candidates, None, None, order, "", lambda name: True, unmeasured.get) == a  # preference order
     assert choose(candidates, "openvino", None, order, "", lambda name: True, timings.get) == b
+
+
+def test_the_text_model_carries_the_irs_weights(openvino_work: Path, tmp_path: Path):
+    """`miaotui serve`'s text model holds a self-contained work dir: an openvino engine goes with its
+    .bin (found missing once: the served model failed to load), and it answers like the engine."""
+    from miaotui.runtime import Classifier
+    from miaotui.serving.text_model import package_text_model
+
+    text = package_text_model(openvino_work, tmp_path / "repo", backend="openvino", precision="int8")
+    inside = text.model_dir / "1" / "work"
+    assert (inside / "engines" / "lstm-sentiment.openvino.int8.bin").is_file()
+    served = Classifier.load(inside).predict(["质量很好，物流也快", "太差了，完全不值这个价钱"])
+    direct = Classifier.load(openvino_work, backend="openvino", precision="int8").predict(
+        ["质量很好，物流也快", "太差了，完全不值这个价钱"])
+    assert [p.label for p in served] == [p.label for p in direct]
