@@ -26,10 +26,10 @@ def this_machine() -> str:
     return f"{cpu['cpu']} ({cpu['machine']}, {os.cpu_count()} CPUs; {' '.join(cpu['isa'])})"
 
 
-def gate_timings(work_dir: str | Path, engine: Path) -> tuple[float, float] | None:
+def gate_timings(work_dir: str | Path, engine: Path, machine: str | None = None) -> tuple[float, float] | None:
     """(seconds per validation sample in the set's batches, seconds per single-sample call) of `engine`,
-    as its passing parity gate measured them on this machine (reports/<engine>/parity.json); None when
-    there is no such measurement of this very file."""
+    as its passing parity gate measured them on this machine (reports/<engine>/parity.json; `machine`:
+    this_machine(), when the caller has it); None when there is no such measurement of this very file."""
     import json
 
     report_path = WorkDir(work_dir).parity_report(engine)
@@ -38,7 +38,7 @@ def gate_timings(work_dir: str | Path, engine: Path) -> tuple[float, float] | No
         sha = read_metadata(engine).engine_sha256
     except (OSError, ValueError, InputError):
         return None
-    if not (report.get("passed") and report.get("engine_sha256") == sha and report.get("machine") == this_machine()
+    if not (report.get("passed") and report.get("engine_sha256") == sha and report.get("machine") == (machine or this_machine())
             and report.get("engine_seconds", 0) > 0 and report.get("samples", 0) > 0 and report.get("single_seconds", 0) > 0):
         return None
     return report["engine_seconds"] / report["samples"], report["single_seconds"]
@@ -54,14 +54,15 @@ def choose_engine(work_dir: str | Path, backend: str | None = None, precision: s
                   purpose: str = "run here") -> Path:
     """The engine asked for, else the best one for `purpose`: "run here" prefers engines this machine
     runs (a TensorRT plan where a GPU is, the CPU engine otherwise), "for Triton" only takes engines
-    Triton serves; then, where the parity gate timed each of them on this machine, the one fastest
-    both in batches and one sample at a time (minilm-sentiment on an AMX CPU: the openvino engine),
-    else GPU plans before CPU engines, INT8 first."""
+    Triton serves; then, where the parity gate timed each of them on this machine, the one with the
+    lowest product of its seconds per sample in batches and per one-sample call (minilm-sentiment on
+    an AMX CPU: the openvino engine), else GPU plans before CPU engines, INT8 first."""
     if purpose == "for Triton":
         candidates = [c for c in work_dir_engines(work_dir) if c[1] in triton_backends()]
         usable = lambda name: True  # noqa: E731
     else:
         candidates = work_dir_engines(work_dir)
         usable = lambda name: get_backend(name).cannot_run_here() is None  # noqa: E731
+    machine = this_machine()  # read once, not per candidate
     return WorkDir(work_dir).choose_engine(candidates, backend, precision, preference_order(), PURPOSES[purpose], usable,
-                                           lambda engine: gate_timings(work_dir, engine))
+                                           lambda engine: gate_timings(work_dir, engine, machine))

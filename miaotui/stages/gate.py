@@ -47,12 +47,13 @@ def validate_engine(engine_path: str | Path, config: Config, work_dir: str | Pat
     samples, metrics, checks, warnings, inside = compare_engine(engine, validation, summary.has_labels, bars, reference,
                                                                 reference_stage.path, from_work_dir, Path(work_dir),
                                                                 progress)
+    single = single_call_seconds(engine, validation, config)
     return ParityReport(
         engine=str(engine.path), backend=engine.backend, precision=precision, provider=engine.provider,
         config=str(config.path), validation_set=validation.where, samples=samples, from_work_dir=from_work_dir,
         bars=bars, outputs=metrics, checks=checks, reference_cached=reference_stage.skipped,
         seconds=round(time.perf_counter() - started, 3), warnings=warnings, engine_seconds=round(inside, 4),
-        single_seconds=round(single_call_seconds(engine, validation, config), 6),
+        single_seconds=round(single, 6),
         engine_sha256=engine.metadata.engine_sha256, machine=this_machine())
 
 
