@@ -35,8 +35,9 @@ from miaotui.workdir import CALIBRATION, GRAPHS, QUANTIZATION
 INT8_NAME = GRAPHS["int8"]
 # Bumped when the same inputs would give another model.int8.onnx (2: one-sided inputs shifted,
 # weight tables under 30 dB kept float; 3: shifted inputs' ranges from their channel ranges; 4: bias
-# correction, and the search's sensitivities count real tokens only; 5: lookups feeding a recurrent layer float).
-QUANTIZE_RECIPE = "5"
+# correction, and the search's sensitivities count real tokens only; 5: lookups feeding a recurrent layer float;
+# 6: outlier input channels split off into float).
+QUANTIZE_RECIPE = "6"
 SEARCH_SAMPLES = 384  # held-out calibration samples the search measures agreement on (time-bounded)
 MIN_HELD_OUT = 32  # fewer held-out samples than this: the search measures on the ranges' own samples
 
@@ -204,9 +205,9 @@ def plan_int8(config: Config, data: DataPlan, optimized: Path, optimized_sha256:
     decisions = plan_quantization(model, options.include, options.exclude, smoothing=bool(options.smooth_alpha))
     held_out = None
     if options.target_agreement is not None:
-        from miaotui.export.search import all_int8
+        from miaotui.export.search import from_rules
 
-        decisions = all_int8(decisions)  # the search starts from every weight op in INT8
+        decisions = from_rules(decisions)  # the search starts from the rules' graph
         held_out = held_out_rows(data.calibration_set, data.calibration_data.samples, data.warnings)
     key = CalibrationKey(optimized_sha256, data.calibration_data.fingerprint, data.calibration_data.samples,
                          options.method, sha256_json(METHOD_SETTINGS[options.method]), options.smooth_alpha,
@@ -340,7 +341,8 @@ def write_int8(plan: Int8Plan, scratch: Path) -> dict[str, Any]:
     if search is not None:
         details["search"] = {"target": search.target, "met": search.met, "agreement": search.agreement,
                              "held_out": search.held_out, "samples": search.samples, "kept_float": search.kept_float,
-                             "steps": len(search.steps), "seconds": search.seconds}
+                             "steps": len(search.steps), "seconds": search.seconds,
+                             "int8_macs_share": search.int8_macs_share}
     atomic_write_json(scratch / QUANTIZATION, _report(details, options, smoothed, corrected, search, final))
     return details
 

@@ -1,7 +1,9 @@
 """Accuracy-budgeted mixed precision: which nodes to keep in float so INT8 meets a top-1 agreement target.
 
-1. Every searchable node (weight-carrying MatMul/Gemm/Gather, including those the rules keep in
-   float) is quantized at once, with ONNX Runtime's quantizer and the calibrated ranges.
+1. Start from the rules' graph: every weight op (MatMul/Gemm/Gather over a weight) the rules put in
+   INT8 is searchable; what the rules keep in float stays float (weight tables cost nothing to keep
+   in float, and the rules' other float choices are accuracy cliffs). That graph is quantized once,
+   with ONNX Runtime's quantizer and the calibrated ranges.
 2. Sensitivity, one FP32 pass: each node's own quantization noise, with everything before it in
    FP32 (export/node_errors.py): its FP32 input quantized with the scale the INT8 graph holds, its
    weights the INT8 graph's, its bias corrected as every trial graph's is (bias correction), the
@@ -24,7 +26,7 @@ import numpy as np
 
 from miaotui.export.quantize_rules import NodeDecision
 
-SEARCHABLE_REASONS = ("int8", "int8-shifted", "rule-post-gelu", "rule-table-range", "search-int8")  # weight ops only; user include/exclude stay as given
+SEARCHABLE_REASONS = ("int8", "int8-shifted", "search-int8")  # the rules' INT8 weight ops; user include/exclude stay as given
 SEARCHABLE_OP_TYPES = ("MatMul", "Gemm", "Gather")
 
 
@@ -55,16 +57,20 @@ class SearchReport:
     agreement: float = 0.0
     met: bool = False
     seconds: float = 0.0
+    # The searchable nodes' multiply-accumulates that stay INT8, as a share of all of theirs: what is
+    # left of the INT8 speed-up, roughly (the benchmark measures it: benchmarks/search_minilm.py).
+    int8_macs_share: float = 1.0
 
 
 def searchable(decisions: list[NodeDecision]) -> list[str]:
-    return [d.name for d in decisions if d.reason in SEARCHABLE_REASONS and d.op_type in SEARCHABLE_OP_TYPES]
+    return [d.name for d in decisions
+            if d.quantized and d.reason in SEARCHABLE_REASONS and d.op_type in SEARCHABLE_OP_TYPES]
 
 
-def all_int8(decisions: list[NodeDecision]) -> list[NodeDecision]:
-    """Every searchable node INT8 (the search's starting point)."""
+def from_rules(decisions: list[NodeDecision]) -> list[NodeDecision]:
+    """The rules' decisions with their INT8 weight ops marked as the search's (its starting point)."""
     names = set(searchable(decisions))
-    return [replace(d, quantized=True, reason="search-int8") if d.name in names else d for d in decisions]
+    return [replace(d, reason="search-int8") if d.name in names else d for d in decisions]
 
 
 def with_float(decisions: list[NodeDecision], kept: set[str]) -> list[NodeDecision]:
@@ -126,7 +132,7 @@ def search_float_nodes(fp32_model, fp32_path, everything, calibration, decisions
     """(the decisions with the fewest searchable nodes in float that meet `target`, the report).
 
     `fp32_model` / `fp32_path`: the (smoothed) FP32 graph the calibration ranges belong to;
-    `decisions`: every searchable node INT8 (all_int8), as the file `everything` has them;
+    `decisions`: the rules' (from_rules), as the file `everything` has them;
     `held_out`: a HeldOut of calibration samples; `corrections`: bias corrections (measured on
     `everything`) that every trial graph gets, as the final one will."""
     import itertools
@@ -171,5 +177,9 @@ def search_float_nodes(fp32_model, fp32_path, everything, calibration, decisions
     report.kept_float = order[:count] if report.met else order
     measured = {step.kept_float: step.agreement for step in report.steps}
     report.agreement = measured.get(len(report.kept_float), max(measured.values()))
+    macs = {item.node: item.macs for item in report.ranking}
+    total = sum(macs.values())
+    if total:
+        report.int8_macs_share = round(1 - sum(macs[n] for n in report.kept_float) / total, 4)
     report.seconds = round(time.perf_counter() - started, 3)
     return with_float(decisions, set(report.kept_float)), report

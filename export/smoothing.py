@@ -20,6 +20,19 @@ computed from the float weights it would leave (X - z)/s times the weights' roun
 on minilm-sentiment's six FFN down-projections (benchmarks/NOTES.md): output SQNR 20-36 dB
 unshifted, 16-35 dB smoothed at alpha 0.5, 33-45 dB shifted at alpha 0.85; top-1 agreement of the
 model with them in INT8 0.9819 unshifted (smoothing off), 0.9977 shifted.
+
+A shifted channel far above the rest (one GELU unit of MiniLM's first layer peaks at 11x the
+median channel) is a problem on both sides of the INT8 MatMul: smoothing moves most of it into its
+weight row, which then sets the INT8 step of every output column (31x the other rows there), and
+what is left still sets the activation's step (twice the next channel). Such a channel gets the
+factor that puts its weight row at the other rows' peak and is split into m copies, each carrying
+1/m of it (outlier channel splitting, Zhao et al., ICML 2019): the MatMul that makes the GELU's
+input gets m - 1 more copies of that output column (and bias entry), the GELU runs on them as on
+any channel, and the down-projection reads each copy divided by m with the channel's weight row.
+The same sum in FP32, both steps set by ordinary channels in INT8, and no new op (a float side
+branch, Gather x W + Add, was as accurate and cost a third of the ONNX Runtime engine's time at batch
+32: memory passes over [batch, seq, 1536]).
+On minilm-sentiment it is the largest single gain in agreement (benchmarks/NOTES.md).
 """
 
 from __future__ import annotations
@@ -37,6 +50,14 @@ ONE_SIDED = 0.1
 # are still 5-10x the median one; 0.85 maximized the FFN down-projections' SQNR on minilm-sentiment
 # (0.5: 22-40 dB, 0.75: 32-44, 0.85: 33-45, 0.95: 30-45).
 SHIFTED_ALPHA = 0.85
+# A shifted input channel whose peak is above this many times the median channel's is split
+# (at most MAX_SPLIT per tensor, into at most MAX_COPIES). minilm-sentiment: 5 channels of 9,216 in
+# its FFN down-projections' inputs, into 10-59 copies (180 more columns over 4 FFNs of 1,536, and
+# 76 zero ones to keep each width a multiple of 64).
+SPLIT_MEDIANS = 6.0
+MAX_SPLIT = 8
+MAX_COPIES = 64
+WIDTH_MULTIPLE = 64
 # The smoothed FP32 graph against model.opt.onnx: the same function, rounded differently.
 SMOOTHING_ATOL = 1e-4
 
@@ -49,6 +70,8 @@ class SmoothedInput:
     shifted: bool = False  # centered per channel (one-sided activation), compensated after each MatMul
     alpha: float = 0.0
     peak: float = 0.0  # the rewritten activation's largest |value|, from its channel ranges
+    split: tuple[int, ...] = ()  # channels split into copies (outlier channel splitting)
+    copies: tuple[int, ...] = ()  # how many copies each of them became
 
 
 def smoothing_targets(model, quantized: set[str]) -> dict[str, list]:
@@ -104,9 +127,64 @@ def is_one_sided(channel_range: np.ndarray) -> bool:
     return float(high.max()) > 0 and float(low.min()) >= -ONE_SIDED * float(high.max())
 
 
+def split_channels(activation_peak: np.ndarray) -> np.ndarray:
+    """The channels (at most MAX_SPLIT, in channel order) whose peak is above SPLIT_MEDIANS x the median."""
+    median = float(np.median(activation_peak))
+    if median <= 0:
+        return np.zeros(0, np.int64)
+    highest = np.argsort(activation_peak)[::-1][:MAX_SPLIT]
+    return np.sort(highest[activation_peak[highest] > SPLIT_MEDIANS * median]).astype(np.int64)
+
+
+def _widenable(model, tensor: str, matmuls: list, readers: dict[str, int], initializers: dict):
+    """(MatMul, bias Add or None, elementwise op) when `tensor` = op(MatMul(x, W) [+ b]) with a 2-D W
+    and b, every one read once and `tensor` only by `matmuls`: a chain whose channels can be copied
+    by copying W's columns. None otherwise."""
+    producers = {output: node for node in model.graph.node for output in node.output}
+    activation = producers.get(tensor)
+    if activation is None or activation.op_type not in ("Gelu", "Relu") or readers.get(tensor, 0) != len(matmuls):
+        return None
+    source = producers.get(activation.input[0])
+    bias = None
+    if source is not None and source.op_type == "Add" and readers.get(source.output[0], 0) == 1:
+        constant = next((name for name in source.input if name in initializers), None)
+        if constant is None or len(initializers[constant].dims) != 1:
+            return None
+        bias, source = source, producers.get(next(name for name in source.input if name != constant))
+    if source is None or source.op_type != "MatMul" or readers.get(source.output[0], 0) != 1:
+        return None
+    weight = initializers.get(source.input[1])
+    if weight is None or len(weight.dims) != 2 or readers.get(source.input[1], 0) != 1:
+        return None
+    return source, bias, activation
+
+
+def _widen(model, chain, initializers: dict, extra: np.ndarray, pad: int) -> None:
+    """Append copies of the output channels `extra` (indices, repeats allowed) and `pad` zero channels
+    to the chain's MatMul weight and bias; shapes recorded for its tensors are widened the same way."""
+    from onnx import numpy_helper
+
+    matmul, bias, activation = chain
+    weight = numpy_helper.to_array(initializers[matmul.input[1]])
+    initializers[matmul.input[1]].CopyFrom(numpy_helper.from_array(
+        np.concatenate([weight, weight[:, extra], np.zeros((weight.shape[0], pad), weight.dtype)], axis=1), matmul.input[1]))
+    tensors = {matmul.output[0], activation.output[0]}
+    if bias is not None:
+        name = next(n for n in bias.input if n in initializers)
+        values = numpy_helper.to_array(initializers[name])
+        initializers[name].CopyFrom(numpy_helper.from_array(
+            np.concatenate([values, values[extra], np.zeros(pad, values.dtype)]), name))
+        tensors.add(bias.output[0])
+    for info in model.graph.value_info:
+        dims = info.type.tensor_type.shape.dim
+        if info.name in tensors and len(dims) and dims[-1].HasField("dim_value"):
+            dims[-1].dim_value = weight.shape[1] + len(extra) + pad
+
+
 def smooth(model, targets: dict[str, list], ranges: dict[str, np.ndarray], alpha: float) -> list[SmoothedInput]:
     """Rewrite `model` in place: X -> (X - z) / s on each target activation (z = 0 unless it is
-    one-sided), s folded into the weights, and z's contribution added back after each MatMul."""
+    one-sided), s folded into the weights, and z's contribution added back after each MatMul; a
+    shifted activation's outlier channels split into copies where the chain making it allows."""
     from onnx import helper, numpy_helper
 
     initializers = {init.name: init for init in model.graph.initializer}
@@ -133,6 +211,39 @@ def smooth(model, targets: dict[str, list], ranges: dict[str, np.ndarray], alpha
         factor = np.ones_like(activation_peak)
         factor[live] = activation_peak[live] ** strength / weight_peak[live] ** (1 - strength)
         factor = np.clip(factor, 1e-4, 1e4).astype(np.float32)
+        split, copies = np.zeros(0, np.int64), np.zeros(0, np.int64)
+        chain = _widenable(model, tensor, matmuls, readers, initializers) if shifted else None
+        if chain is not None:
+            split = split_channels(activation_peak)
+            split = split[weight_peak[split] > 0]
+            rest = np.setdiff1d(np.arange(len(factor)), split)
+            if len(split) and rest.size:
+                # Smoothed, an outlier's weight row would set the INT8 step of every output column (31x
+                # the other rows on MiniLM's first FFN): its factor puts the row at the others' peak, and
+                # enough copies put each copy's input under theirs.
+                row_peak = float(np.max(factor[rest] * weight_peak[rest]))
+                input_peak = float(np.max(activation_peak[rest] / factor[rest]))
+                factor[split] = (row_peak / weight_peak[split]).astype(np.float32)
+                copies = np.ceil(activation_peak[split] / factor[split] / input_peak - 1e-6).astype(np.int64)
+                copies = np.clip(copies, 1, MAX_COPIES)
+        if len(split):
+            # Channel j becomes copies[j] channels, each (x_j - z_j) / (copies[j] s_j) with the row s_j w_j.
+            extra = np.repeat(split, copies - 1)
+            # INT8 GEMM kernels step through K in blocks (64 for AMX tiles): zero channels (a zero
+            # column, bias and row) keep the widened dimension a multiple of 64 where it was one.
+            pad = -(len(factor) + len(extra)) % WIDTH_MULTIPLE if len(factor) % WIDTH_MULTIPLE == 0 else 0
+            _widen(model, chain, initializers, extra, pad)
+            divisor = np.ones_like(factor)
+            divisor[split] = copies
+
+            def grown(values: np.ndarray, fill: float) -> np.ndarray:
+                return np.concatenate([values, values[extra], np.full((pad, *values.shape[1:]), fill, values.dtype)])
+
+            factor, center, divisor = grown(factor, 1.0), grown(center, 0.0), grown(divisor, 1.0)
+            activation_peak = grown(activation_peak, 0.0)
+            weights = [grown(w, 0.0) for w in weights]
+        else:
+            divisor = np.ones_like(factor)
         smoothed = tensor + SMOOTH_SUFFIX
         for node, weight in zip(matmuls, weights):
             name = node.input[1]
@@ -150,12 +261,12 @@ def smooth(model, targets: dict[str, list], ranges: dict[str, np.ndarray], alpha
                 output = node.output[0]
                 node.output[0] = f"{output}{COMPENSATION_SUFFIX}_input"
                 constant = f"{output}{COMPENSATION_SUFFIX}"
-                shift = (center / factor).astype(np.float32)
+                shift = (center / (factor * divisor)).astype(np.float32)
                 model.graph.initializer.append(numpy_helper.from_array(shift @ scaled_weight, constant))
                 add = helper.make_node("Add", [node.output[0], constant], [output], name=f"{node.name}{COMPENSATION_SUFFIX}")
                 new_nodes.append((matmul_at[node.name], add))
         inverse = f"{tensor}{SMOOTH_SUFFIX}_inverse_factor"
-        model.graph.initializer.append(numpy_helper.from_array((1.0 / factor).astype(np.float32), inverse))
+        model.graph.initializer.append(numpy_helper.from_array((1.0 / (factor * divisor)).astype(np.float32), inverse))
         source = tensor
         if shifted:
             source = f"{tensor}{SMOOTH_SUFFIX}_centered"
@@ -170,8 +281,9 @@ def smooth(model, targets: dict[str, list], ranges: dict[str, np.ndarray], alpha
                 copy = model.graph.value_info.add()
                 copy.CopyFrom(info)
                 copy.name = name
-        peak = float(np.max(activation_peak / factor))
-        done.append(SmoothedInput(tensor, tuple(node.name for node in matmuls), float(factor.max()), shifted, strength, peak))
+        peak = float(np.max(activation_peak / (factor * divisor)))
+        done.append(SmoothedInput(tensor, tuple(node.name for node in matmuls), float(factor.max()), shifted, strength, peak,
+                                  tuple(int(c) for c in split), tuple(int(c) for c in copies)))
     # Each new node goes right after the node it reads from, in the order made (Sub before Mul),
     # keeping the node list topologically sorted.
     for _, (position, node) in sorted(enumerate(new_nodes), key=lambda item: (item[1][0], item[0]), reverse=True):

@@ -365,6 +365,57 @@ def test_one_sided_gelu_outputs_are_shifted_then_quantized(tmp_path: Path):
     assert decided[down["node"]]["reason"] == "rule-post-gelu" and not decided[down["node"]]["quantized"]
 
 
+def test_a_gelu_channel_far_above_the_rest_is_split_into_copies(tmp_path: Path, monkeypatch):
+    folder = tmp_path / "ffn"
+    validation = model_folder(folder, FFN_MODEL, FFN_CONFIG, seed=1)
+    split_work, whole_work = tmp_path / "split", tmp_path / "whole"
+    quantize(folder, split_work, bias_correction=False)
+    # `up` in float for the error comparison below: its own INT8 error on channels 3 and 40 (30x) would
+    # hide the down-projection's.
+    up = next(d["node"] for d in json.loads((split_work / "quantization.json").read_text())["decisions"]
+              if d["op_type"] == "MatMul" and d["reason"] == "int8")
+    quantize(folder, split_work, bias_correction=False, exclude=(up,))
+    with monkeypatch.context() as patch:
+        patch.setattr("miaotui.export.smoothing.SPLIT_MEDIANS", float("inf"))
+        quantize(folder, whole_work, bias_correction=False, exclude=(up,))
+
+    # GELU channels 3 and 40 (30x the others) are split; each copy is a column more of `up`, a row more of `down`.
+    smoothed = json.loads((split_work / "quantization.json").read_text())["smoothed_inputs"]
+    shifted = next(s for s in smoothed if s["shifted"])
+    assert shifted["split"] == [3, 40] and min(shifted["copies"]) >= 2, shifted
+    extra = sum(shifted["copies"]) - 2
+    graphs = {name: onnx.load(str(work / "model.int8.onnx")) for name, work in (("split", split_work), ("whole", whole_work))}
+    assert [n.op_type for n in graphs["split"].graph.node] == [n.op_type for n in graphs["whole"].graph.node]  # no new op
+    for name, graph in graphs.items():
+        width = 64 + extra + (-(64 + extra) % 64) if name == "split" else 64  # zero channels keep it a multiple of 64
+        shapes = {tuple(i.dims) for i in graph.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2}
+        assert (width, 16) in shapes, (name, shapes)  # `up` is float here, `down` INT8
+    # The step of the down-projection's input scale is what the copies refine.
+    scales = {}
+    for name, graph in graphs.items():
+        values = {init.name: numpy_helper.to_array(init) for init in graph.graph.initializer}
+        smoothed_input = next(s["tensor"] for s in smoothed if s["shifted"]) + "_smoothed"
+        scales[name] = next(float(values[n.input[1]]) for n in graph.graph.node
+                            if n.op_type == "QuantizeLinear" and n.input[0] == smoothed_input)
+    assert scales["split"] < 0.75 * scales["whole"], scales
+    build_with_tensorrt_rtx(split_work / "model.int8.onnx", load_config(folder / "config.toml"))
+
+    # The down-projection's output (before the pooling) drifts less from FP32.
+    def down_error(work: Path) -> float:
+        import onnxruntime as ort
+
+        outputs = []
+        for file in ("model.opt.onnx", "model.int8.onnx"):
+            model = onnx.load(str(work / file))
+            pooled = next(n.input[0] for n in model.graph.node if n.op_type == "ReduceMean")
+            model.graph.output.append(onnx.helper.make_tensor_value_info(pooled, onnx.TensorProto.FLOAT, None))
+            session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+            outputs.append(session.run([pooled], {"features": validation})[0])
+        return float(np.abs(outputs[0] - outputs[1]).mean())
+
+    assert down_error(split_work) < 0.9 * down_error(whole_work), (down_error(split_work), down_error(whole_work))
+
+
 def test_bias_correction_removes_the_mean_error_and_changes_only_biases(tmp_path: Path):
     folder = tmp_path / "ffn"
     validation = model_folder(folder, FFN_MODEL, FFN_CONFIG, seed=2, validation_samples=512)

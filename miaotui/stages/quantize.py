@@ -24,6 +24,7 @@ class SearchSummary:
     kept_float: list[str]
     steps: int
     seconds: float
+    int8_macs_share: float = 1.0
 
 
 @dataclass
@@ -68,7 +69,7 @@ class QuantizeResult(StageResult):
     def search(self) -> SearchSummary | None:
         found = self.details.get("search")
         return SearchSummary(found["target"], found["met"], found["agreement"], found["samples"], found["kept_float"],
-                             found["steps"], found["seconds"]) if found else None
+                             found["steps"], found["seconds"], found.get("int8_macs_share", 1.0)) if found else None
 
     @property
     def check(self) -> str:
@@ -80,7 +81,8 @@ class QuantizeResult(StageResult):
         if (search := self.search) is not None:
             text += (f"; search for >= {search.target:g}: {'met' if search.met else 'NOT met'} with "
                      f"{len(search.kept_float)} kept in float ({search.agreement:.4f} on {search.samples} "
-                     f"held-out calibration samples, {search.steps} steps, {search.seconds:.0f} s)")
+                     f"held-out calibration samples, {search.int8_macs_share:.0%} of its multiply-accumulates "
+                     f"left INT8, {search.steps} steps, {search.seconds:.0f} s)")
         return text
 
 
