@@ -112,6 +112,9 @@ def test_the_search_rescues_a_model_the_rules_fail(outlier: Path):
     assert sqnr[fc2] < min(v for k, v in sqnr.items() if k != fc2) - 10
     assert [s["kept_float"] for s in report["steps"]][:2] == [0, 3] and report["steps"][0]["met"] is False
     assert quantization["ops"]["quantized"] == 2
+    macs = {item["node"]: item["macs"] for item in report["ranking"]}
+    assert 0 < report["int8_macs_share"] < 1
+    assert abs(report["int8_macs_share"] - (1 - macs[fc2] / sum(macs.values()))) < 1e-4  # what fc2 in float costs
 
 
 def test_target_from_the_config_and_the_command_line(outlier: Path, tmp_path: Path):
