@@ -37,23 +37,17 @@ def margins(logits: np.ndarray, reference: np.ndarray) -> np.ndarray:
 
 
 def test_logits(path: Path, feeds: list[dict], threads: int) -> np.ndarray:
-    import onnxruntime as ort
+    from miaotui.export.parity import onnxruntime_session
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = onnxruntime_session(path, threads)
     return np.concatenate([session.run(None, feed)[0] for feed in feeds])
 
 
 def timed(engines: dict[str, Path], threads: int, rounds: int) -> dict[str, dict[int, float]]:
     """Median ms per call of each engine at batch 1 and 32, sequence 128, rounds interleaved."""
-    import onnxruntime as ort
+    from miaotui.export.parity import onnxruntime_session
 
-    sessions = {}
-    for name, path in engines.items():
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        sessions[name] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    sessions = {name: onnxruntime_session(path, threads) for name, path in engines.items()}
     rng = np.random.default_rng(0)
     result: dict[str, dict[int, float]] = {name: {} for name in engines}
     for batch, calls in ((1, 20), (32, 3)):

@@ -36,7 +36,7 @@ INT8_NAME = GRAPHS["int8"]
 # Bumped when the same inputs would give another model.int8.onnx (2: one-sided inputs shifted,
 # weight tables under 30 dB kept float; 3: shifted inputs' ranges from their channel ranges; 4: bias
 # correction, and the search's sensitivities count real tokens only; 5: lookups feeding a recurrent layer float;
-# 6: outlier input channels split off into float).
+# 6: outlier GELU channels split into copies, and the search starts from the rules' graph).
 QUANTIZE_RECIPE = "6"
 SEARCH_SAMPLES = 384  # held-out calibration samples the search measures agreement on (time-bounded)
 MIN_HELD_OUT = 32  # fewer held-out samples than this: the search measures on the ranges' own samples

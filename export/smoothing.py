@@ -136,11 +136,10 @@ def split_channels(activation_peak: np.ndarray) -> np.ndarray:
     return np.sort(highest[activation_peak[highest] > SPLIT_MEDIANS * median]).astype(np.int64)
 
 
-def _widenable(model, tensor: str, matmuls: list, readers: dict[str, int], initializers: dict):
+def _widenable(tensor: str, matmuls: list, producers: dict, readers: dict[str, int], initializers: dict):
     """(MatMul, bias Add or None, elementwise op) when `tensor` = op(MatMul(x, W) [+ b]) with a 2-D W
     and b, every one read once and `tensor` only by `matmuls`: a chain whose channels can be copied
     by copying W's columns. None otherwise."""
-    producers = {output: node for node in model.graph.node for output in node.output}
     activation = producers.get(tensor)
     if activation is None or activation.op_type not in ("Gelu", "Relu") or readers.get(tensor, 0) != len(matmuls):
         return None
@@ -194,6 +193,9 @@ def smooth(model, targets: dict[str, list], ranges: dict[str, np.ndarray], alpha
             readers[name] = readers.get(name, 0) + 1
     done = []
     insert_at = {output: index for index, node in enumerate(model.graph.node) for output in node.output}
+    # Built once: the renames below (a shifted MatMul's output) leave a chain that makes a shifted
+    # input either as it was or refused by its read counts, so no target needs a fresh map.
+    producers = {output: node for node in model.graph.node for output in node.output}
     matmul_at = {node.name: index for index, node in enumerate(model.graph.node)}
     new_nodes = []
     for tensor, matmuls in targets.items():
@@ -212,7 +214,7 @@ def smooth(model, targets: dict[str, list], ranges: dict[str, np.ndarray], alpha
         factor[live] = activation_peak[live] ** strength / weight_peak[live] ** (1 - strength)
         factor = np.clip(factor, 1e-4, 1e4).astype(np.float32)
         split, copies = np.zeros(0, np.int64), np.zeros(0, np.int64)
-        chain = _widenable(model, tensor, matmuls, readers, initializers) if shifted else None
+        chain = _widenable(tensor, matmuls, producers, readers, initializers) if shifted else None
         if chain is not None:
             split = split_channels(activation_peak)
             split = split[weight_peak[split] > 0]
@@ -226,6 +228,7 @@ def smooth(model, targets: dict[str, list], ranges: dict[str, np.ndarray], alpha
                 factor[split] = (row_peak / weight_peak[split]).astype(np.float32)
                 copies = np.ceil(activation_peak[split] / factor[split] / input_peak - 1e-6).astype(np.int64)
                 copies = np.clip(copies, 1, MAX_COPIES)
+        divisor = np.ones_like(factor)  # each copy of a split channel reads 1 / copies of it
         if len(split):
             # Channel j becomes copies[j] channels, each (x_j - z_j) / (copies[j] s_j) with the row s_j w_j.
             extra = np.repeat(split, copies - 1)
@@ -233,7 +236,6 @@ def smooth(model, targets: dict[str, list], ranges: dict[str, np.ndarray], alpha
             # column, bias and row) keep the widened dimension a multiple of 64 where it was one.
             pad = -(len(factor) + len(extra)) % WIDTH_MULTIPLE if len(factor) % WIDTH_MULTIPLE == 0 else 0
             _widen(model, chain, initializers, extra, pad)
-            divisor = np.ones_like(factor)
             divisor[split] = copies
 
             def grown(values: np.ndarray, fill: float) -> np.ndarray:
@@ -242,8 +244,7 @@ def smooth(model, targets: dict[str, list], ranges: dict[str, np.ndarray], alpha
             factor, center, divisor = grown(factor, 1.0), grown(center, 0.0), grown(divisor, 1.0)
             activation_peak = grown(activation_peak, 0.0)
             weights = [grown(w, 0.0) for w in weights]
-        else:
-            divisor = np.ones_like(factor)
+        input_factor = factor * divisor  # what the activation is divided by (the weights take `factor`)
         smoothed = tensor + SMOOTH_SUFFIX
         for node, weight in zip(matmuls, weights):
             name = node.input[1]
@@ -261,12 +262,12 @@ def smooth(model, targets: dict[str, list], ranges: dict[str, np.ndarray], alpha
                 output = node.output[0]
                 node.output[0] = f"{output}{COMPENSATION_SUFFIX}_input"
                 constant = f"{output}{COMPENSATION_SUFFIX}"
-                shift = (center / (factor * divisor)).astype(np.float32)
+                shift = (center / input_factor).astype(np.float32)
                 model.graph.initializer.append(numpy_helper.from_array(shift @ scaled_weight, constant))
                 add = helper.make_node("Add", [node.output[0], constant], [output], name=f"{node.name}{COMPENSATION_SUFFIX}")
                 new_nodes.append((matmul_at[node.name], add))
         inverse = f"{tensor}{SMOOTH_SUFFIX}_inverse_factor"
-        model.graph.initializer.append(numpy_helper.from_array((1.0 / (factor * divisor)).astype(np.float32), inverse))
+        model.graph.initializer.append(numpy_helper.from_array((1.0 / input_factor).astype(np.float32), inverse))
         source = tensor
         if shifted:
             source = f"{tensor}{SMOOTH_SUFFIX}_centered"
@@ -281,7 +282,7 @@ def smooth(model, targets: dict[str, list], ranges: dict[str, np.ndarray], alpha
                 copy = model.graph.value_info.add()
                 copy.CopyFrom(info)
                 copy.name = name
-        peak = float(np.max(activation_peak / (factor * divisor)))
+        peak = float(np.max(activation_peak / input_factor))
         done.append(SmoothedInput(tensor, tuple(node.name for node in matmuls), float(factor.max()), shifted, strength, peak,
                                   tuple(int(c) for c in split), tuple(int(c) for c in copies)))
     # Each new node goes right after the node it reads from, in the order made (Sub before Mul),
