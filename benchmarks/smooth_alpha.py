@@ -31,11 +31,11 @@ from channel_split import margins, test_logits  # noqa: E402  (a sibling script,
 SPLITS = ("validation", "test")
 
 
-def engine_logits(path: Path, feeds: list[dict], threads: int) -> np.ndarray:
+def engine_logits(path: Path, feeds: list[dict], threads: int, output: str) -> np.ndarray:
     from miaotui.runtime import Engine
 
     engine = Engine.load(path, threads=threads)
-    return np.concatenate([engine(**feed)["logits"] for feed in feeds])
+    return np.concatenate([engine(**feed)[output] for feed in feeds])
 
 
 def scores(logits: np.ndarray, reference: np.ndarray) -> dict:
@@ -85,7 +85,8 @@ def main() -> None:
             if args.openvino:
                 engine = run_build_stage(config, work, BuildOptions(backend="openvino")).path
                 for split in SPLITS:
-                    row[f"openvino {split}"] = scores(engine_logits(engine, feeds[split], args.threads), reference[split])
+                    row[f"openvino {split}"] = scores(engine_logits(engine, feeds[split], args.threads, base.model.outputs[0]),
+                                                      reference[split])
             rows[alpha] = row
             print(alpha, json.dumps(row), flush=True)
     sizes = {split: sum(len(next(iter(f.values()))) for f in feeds[split]) for split in SPLITS}
