@@ -36,6 +36,37 @@ def margins(logits: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return (logits[rows, top] - logits[rows, runner]) - (reference[rows, top] - reference[rows, runner])
 
 
+def scores(logits: np.ndarray, reference: np.ndarray) -> dict:
+    """Top-1 flips against `reference` and the RMS of the margin error (`margins`)."""
+    error = margins(logits, reference)
+    return {"flips": int(np.sum(logits.argmax(1) != reference.argmax(1))),
+            "margin_error_rms": round(float(np.sqrt(np.mean(error**2))), 4)}
+
+
+def model_source(config, model: str) -> Path:
+    """build/<model>, which must hold model.opt.onnx: the benchmarks quantize copies of it."""
+    source = REPO / "build" / config.name
+    if not (source / "model.opt.onnx").is_file():
+        raise SystemExit(f"{source}/model.opt.onnx does not exist: run `miaotui optimize {model}` first")
+    return source
+
+
+def split_feeds(tokenizer, split: str, batch: int) -> list[dict]:
+    """The split's texts, shortest first, tokenized in batches of `batch`."""
+    from miaotui.data.corpus import load_split
+    from miaotui.data.tokenizers import encode
+
+    texts = [e.text for e in sorted(load_split(split), key=lambda e: len(e.text))]
+    return [encode(tokenizer, texts[start:start + batch]) for start in range(0, len(texts), batch)]
+
+
+def scratch_copy(source: Path, work: Path, *also_ignored: str) -> None:
+    """`source` copied to `work` without what the quantize and build stages make again."""
+    shutil.copytree(source, work, ignore=shutil.ignore_patterns(
+        "engines", "peers", "bench*", "triton", "reports", "model.int8.onnx*", "quantization.json", "model.fp16*",
+        *also_ignored))
+
+
 def test_logits(path: Path, feeds: list[dict], threads: int) -> np.ndarray:
     from miaotui.export.parity import onnxruntime_session
 
@@ -75,42 +106,35 @@ def main() -> None:
     args = parser.parse_args()
 
     import miaotui.export.smoothing as smoothing
-    from miaotui.data.corpus import load_split
-    from miaotui.data.tokenizers import encode, load_tokenizer
+    from miaotui.data.tokenizers import load_tokenizer
     from miaotui.engines import BuildOptions
     from miaotui.models import resolve_config
     from miaotui.stages import run_build_stage, run_quantize_stage
 
     config = resolve_config(args.model)
-    source = REPO / "build" / config.name
-    if not (source / "model.opt.onnx").is_file():
-        raise SystemExit(f"{source}/model.opt.onnx does not exist: run `miaotui optimize {args.model}` first")
-    tokenizer = load_tokenizer(config.model.tokenizer, 128)
-    texts = [e.text for e in sorted(load_split("test"), key=lambda e: len(e.text))]
-    feeds = [encode(tokenizer, texts[start:start + 64]) for start in range(0, len(texts), 64)]
+    source = model_source(config, args.model)
+    feeds = split_feeds(load_tokenizer(config.model.tokenizer, 128), "test", 64)
     reference = test_logits(source / "model.opt.onnx", feeds, args.threads)
     rows, engines = {}, {}
     with tempfile.TemporaryDirectory(prefix="miaotui-split-") as scratch:
         for name, medians in (("split (default)", smoothing.SPLIT_MEDIANS), ("no split", float("inf"))):
             work = Path(scratch) / name.split()[0]
-            shutil.copytree(source, work, ignore=shutil.ignore_patterns(
-                "engines", "peers", "bench*", "triton", "reports", "model.int8.onnx*", "quantization.json", "model.fp16*"))
+            scratch_copy(source, work)
             smoothing.SPLIT_MEDIANS = medians
             details = run_quantize_stage(config, work, force=True, progress=False).details
             engines[name] = run_build_stage(config, work, BuildOptions(backend="onnxruntime")).path
-            logits = test_logits(work / "model.int8.onnx", feeds, args.threads)
-            error, flips = margins(logits, reference), int(np.sum(logits.argmax(1) != reference.argmax(1)))
+            test = scores(test_logits(work / "model.int8.onnx", feeds, args.threads), reference)
             report = json.loads((work / "quantization.json").read_text())
             rows[name] = {
                 "split": {s["tensor"]: dict(zip(s["split"], s["copies"])) for s in report["smoothed_inputs"] if s["split"]},
                 "validation_agreement": round(details["agreement"]["top1_agreement"], 4),
-                "test_agreement": round(1 - flips / len(texts), 4),
-                "test_flips": flips,
-                "test_margin_error_rms": round(float(np.sqrt(np.mean(error**2))), 4),
+                "test_agreement": round(1 - test["flips"] / len(reference), 4),
+                "test_flips": test["flips"],
+                "test_margin_error_rms": test["margin_error_rms"],
             }
             print(name, json.dumps(rows[name]), flush=True)
         speed = timed(engines, args.threads, args.rounds)
-    print(f"\n{config.name}, {len(texts)} test texts, {args.threads} threads: "
+    print(f"\n{config.name}, {len(reference)} test texts, {args.threads} threads: "
           f"`python benchmarks/channel_split.py --model {args.model} --rounds {args.rounds}`\n")
     print("| graph | split channels (copies) | validation agreement | test agreement (flips) | test margin error RMS "
           "| onnxruntime b1 ms | b32 ms |\n|---|---|---|---|---|---|---|")

@@ -16,17 +16,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from channel_split import margins, test_logits  # noqa: E402  (a sibling script, not a package)
+from channel_split import model_source, scores, scratch_copy, split_feeds, test_logits  # noqa: E402  (a sibling script)
 
 SPLITS = ("validation", "test")
 
@@ -38,12 +36,6 @@ def engine_logits(path: Path, feeds: list[dict], threads: int, output: str) -> n
     return np.concatenate([engine(**feed)[output] for feed in feeds])
 
 
-def scores(logits: np.ndarray, reference: np.ndarray) -> dict:
-    error = margins(logits, reference)
-    return {"flips": int(np.sum(logits.argmax(1) != reference.argmax(1))),
-            "margin_error_rms": round(float(np.sqrt(np.mean(error**2))), 4)}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="minilm-sentiment")
@@ -52,31 +44,23 @@ def main() -> None:
     parser.add_argument("--openvino", action="store_true", help="also build and score the openvino engine")
     args = parser.parse_args()
 
-    from miaotui.data.corpus import load_split
-    from miaotui.data.tokenizers import encode, load_tokenizer
+    from miaotui.data.tokenizers import load_tokenizer
     from miaotui.engines import BuildOptions
     from miaotui.models import resolve_config
     from miaotui.stages import run_build_stage, run_quantize_stage
 
     base = resolve_config(args.model)
-    source = REPO / "build" / base.name
-    if not (source / "model.opt.onnx").is_file():
-        raise SystemExit(f"{source}/model.opt.onnx does not exist: run `miaotui optimize {args.model}` first")
+    source = model_source(base, args.model)
     tokenizer = load_tokenizer(base.model.tokenizer, 128)
-    feeds, reference = {}, {}
-    for split in SPLITS:
-        texts = [e.text for e in sorted(load_split(split), key=lambda e: len(e.text))]
-        feeds[split] = [encode(tokenizer, texts[start:start + 32]) for start in range(0, len(texts), 32)]
-        reference[split] = test_logits(source / "model.opt.onnx", feeds[split], args.threads)
+    feeds = {split: split_feeds(tokenizer, split, 32) for split in SPLITS}
+    reference = {split: test_logits(source / "model.opt.onnx", feeds[split], args.threads) for split in SPLITS}
     runtimes = ("onnxruntime", "openvino") if args.openvino else ("onnxruntime",)
     rows = {}
     with tempfile.TemporaryDirectory(prefix="miaotui-alpha-") as scratch:
         for alpha in (float(a) for a in args.alphas.split(",")):
             config = dataclasses.replace(base, quantize=dataclasses.replace(base.quantize, smooth_alpha=alpha))
             work = Path(scratch) / f"alpha-{alpha}"
-            shutil.copytree(source, work, ignore=shutil.ignore_patterns(
-                "engines", "peers", "bench*", "triton", "reports", "model.int8.onnx*", "quantization.json",
-                "calibration.json", "model.fp16*"))
+            scratch_copy(source, work, "calibration.json")
             run_quantize_stage(config, work, force=True, progress=False)
             row = {}
             for split in SPLITS:
@@ -89,8 +73,7 @@ def main() -> None:
                                                       reference[split])
             rows[alpha] = row
             print(alpha, json.dumps(row), flush=True)
-    sizes = {split: sum(len(next(iter(f.values()))) for f in feeds[split]) for split in SPLITS}
-    print(f"\n{base.name}, {sizes['validation']} validation and {sizes['test']} test texts, QDQ graph in ONNX Runtime"
+    print(f"\n{base.name}, {len(reference['validation'])} validation and {len(reference['test'])} test texts, QDQ graph in ONNX Runtime"
           f"{' and the openvino engine' if args.openvino else ''}: `python benchmarks/smooth_alpha.py --model "
           f"{args.model} --alphas {args.alphas}{' --openvino' if args.openvino else ''}`\n")
     columns = [f"{runtime} {split}" for runtime in runtimes for split in SPLITS]
