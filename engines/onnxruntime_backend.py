@@ -4,8 +4,10 @@ applied ahead of time, plus the session settings the runtime must load it with.
 ONNX Runtime writes the optimized graph itself (SessionOptions.optimized_model_filepath); saving at
 ORT_ENABLE_ALL bakes in layout choices for this CPU, so the sidecar records the CPU it was built on.
 On the CPU an INT8 graph is first rewritten into the form ONNX Runtime's fast kernels take
-(engines/cpu_int8.py). One InferenceSession serves every thread: ONNX Runtime's run() is safe to
-call concurrently.
+(engines/cpu_int8.py). On the CPU the build also times the engine at its largest batch whole and in
+row chunks (engines/call_split.py) and, where chunks are faster, records the budget the runner splits
+larger batches by. One InferenceSession serves every thread: ONNX Runtime's run() is safe to call
+concurrently.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 
 from miaotui.engines.backend import (Backend, BackendBuild, BuildJob, TensorSignature, numpy_feed, run_failed,
                                      version_tuple)
+from miaotui.engines.call_split import run_in_chunks
 from miaotui.engines.metadata import EngineMetadata, TensorRange
 from miaotui.errors import CheckFailed, InputError, first_line
 
@@ -83,26 +86,45 @@ def _save_ort(onnx_path: Path, engine_path: Path, provider: str):
     return actual, requested, session_settings, device, warnings
 
 
+def _session(path: Path, session_settings: dict, engine_format: bool):
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    if engine_format:
+        options.graph_optimization_level = getattr(onnxruntime.GraphOptimizationLevel,
+                                                   session_settings["graph_optimization_level"])
+        options.add_session_config_entry("session.load_model_format", "ORT")
+    return onnxruntime.InferenceSession(str(path), options, providers=session_settings["providers"])
+
+
+def measure_call_split(engine: Path, session_settings: dict, ranges: list[TensorRange], config) -> dict | None:
+    """The engine timed at its largest batch (and typical rest of the shape), whole and in row chunks
+    (engines/call_split.py); None where its inputs and outputs share no batch axis."""
+    import dataclasses
+
+    from miaotui.engines import call_split
+    from miaotui.engines.shapes import synthetic_feed
+
+    session = _session(engine, session_settings, engine_format=True)
+    shapes = [r.dims for r in ranges] + [tuple(o.shape) for o in session.get_outputs()]
+    if not ranges or not call_split.batch_axis_shared(shapes):
+        return None
+    largest = [dataclasses.replace(r, opt=(r.max[0], *r.opt[1:])) for r in ranges]
+    feed = synthetic_feed(largest, "opt", config)
+    chosen, timings = call_split.measure_call_split(lambda arrays: session.run(None, arrays), feed)
+    return {"max_call_elements": chosen, "shape": list(largest[0].opt), "ms": timings}
+
+
 def check_engine(onnx_path: Path, engine: Path, name: str, session_settings: dict,
                  ranges: list[TensorRange], config) -> dict:
     """The engine runs at the min and max shapes, and at opt answers like ONNX Runtime on the source."""
-    import onnxruntime
-
     from miaotui.engines.shapes import max_diff, run_at_extremes, synthetic_feed
 
-    def session(path: Path, engine_format: bool):
-        options = onnxruntime.SessionOptions()
-        options.log_severity_level = 3
-        if engine_format:
-            options.graph_optimization_level = getattr(onnxruntime.GraphOptimizationLevel,
-                                                       session_settings["graph_optimization_level"])
-            options.add_session_config_entry("session.load_model_format", "ORT")
-        return onnxruntime.InferenceSession(str(path), options, providers=session_settings["providers"])
-
-    built = session(engine, True)
+    built = _session(engine, session_settings, engine_format=True)
     run_at_extremes(lambda feed: built.run(None, feed), ranges, config, str(onnx_path), "the model")
     feed = synthetic_feed(ranges, "opt", config)
-    expected = session(onnx_path, False).run(None, feed)
+    expected = _session(onnx_path, session_settings, engine_format=False).run(None, feed)
     actual = built.run(None, feed)
     worst = max(max_diff(e, a) for e, a in zip(expected, actual))
     if not worst <= ENGINE_ATOL:
@@ -167,10 +189,13 @@ class OnnxRuntimeRunner:
         self.provider = self.session.get_providers()[0]  # what really runs (onnxruntime-gpu may fall back to CPU)
         self.threads = threads
         self.output_names = [o.name for o in metadata.outputs]
+        self.max_call_elements = metadata.session.get("max_call_elements")  # larger batches in row chunks
 
     def run(self, arrays: dict[str, object]) -> list[np.ndarray]:
         feed = numpy_feed(arrays)
         try:
+            if self.max_call_elements:
+                return run_in_chunks(lambda part: self.session.run(self.output_names, part), feed, self.max_call_elements)
             return self.session.run(self.output_names, feed)
         except Exception as error:  # ORT's own exception types; the inputs passed the sidecar's checks
             raise run_failed("ONNX Runtime", feed, error) from None
@@ -189,7 +214,8 @@ class OnnxRuntime(Backend):
     help = "onnxruntime (any machine)"
     triton_platform = "onnxruntime_onnx"
     preference = 40
-    form = "3"  # 2: INT8 MatMuls take their biases; 3: attention fused (cpu_int8)
+    # 2: INT8 MatMuls take their biases; 3: attention fused (cpu_int8); 4: the build measures a call split (call_split)
+    form = "4"
 
     def version(self) -> str:
         import onnxruntime
@@ -214,6 +240,12 @@ class OnnxRuntime(Backend):
             checks = check_engine(source, job.engine_path, job.engine_name, session, job.ranges, job.config)
             if source != job.onnx_path:  # the rewritten graph is checked above; how far it is from the source:
                 checks["vs_source_onnx_max_abs_diff"] = _compare_sources(job.onnx_path, source, job.ranges, job.config)
+            if actual == "CPUExecutionProvider":
+                split = measure_call_split(job.engine_path, session, job.ranges, job.config)
+                if split is not None:
+                    checks["call_split"] = split
+                    if split["max_call_elements"]:
+                        session["max_call_elements"] = split["max_call_elements"]
         return BackendBuild(self.version(), device, settings, checks, session=session, warnings=warnings)
 
     def check_machine(self, path: Path, metadata: EngineMetadata) -> None:
