@@ -1,14 +1,14 @@
-"""Large batches in row chunks: for engines whose speed per row falls when one call gets too large.
+"""How many rows one call should take: for engines whose speed per row falls when a call gets large.
 
 ONNX Runtime's CPU kernels run a graph op by op over whole tensors, and an INT8 transformer's float
 passes between its INT8 MatMuls (GELU, smoothing's scales, quantize) are bound by memory once a
 call's activations outgrow the caches. Measured on minilm-sentiment's INT8 engine (2 threads,
 benchmarks/NOTES.md): 36 ms per 1k tokens at 1-3k tokens a call, 41 at 4k (batch 32 x seq 128),
 54 at 8k (batch 64), whatever the mix of batch and sequence length. Where the build measures a gain,
-the sidecar records the most input elements one call may take (`max_call_elements`) and the runner
-splits larger batches into row chunks under it: the rows are independent, so the answer is the same
-per row. Written here: ONNX Runtime has no setting for it, and the batch axis is the engine's own
-contract (every input and output's first dimension, one symbolic name).
+the sidecar's session settings record the most input elements one call may take
+(`max_call_elements`), and `Engine.run` cuts larger batches into row slices under it (as it already
+does past the engine's largest batch): rows are independent, so each row's answer is the same.
+Written here: ONNX Runtime has no setting for it.
 """
 
 from __future__ import annotations
@@ -25,30 +25,20 @@ CANDIDATE_ELEMENTS = (4096, 2048, 1024)
 MIN_GAIN = 0.05
 TIMING_REPEATS = 3
 
-Run = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
+Run = Callable[[dict[str, np.ndarray]], object]
 
 
-def batch_axis_shared(shapes: list[tuple]) -> bool:
-    """Whether every shape (each input's and output's dims) starts with one symbolic dimension, the batch."""
-    firsts = {tuple(dims)[0] if len(dims) else None for dims in shapes}
-    return len(firsts) == 1 and isinstance(next(iter(firsts)), str)
-
-
-def rows_per_call(feed: dict[str, np.ndarray], max_elements: int) -> int:
-    """How many rows of `feed` one call takes under `max_elements` (at least one)."""
-    first = next(iter(feed.values()))
-    per_row = int(np.prod(first.shape[1:], dtype=np.int64)) if first.ndim > 1 else 1
+def rows_per_call(arrays: dict[str, object], max_elements: int) -> int:
+    """How many rows of `arrays` (batch first) one call takes under `max_elements` (at least one)."""
+    first = next(iter(arrays.values()))
+    per_row = int(np.prod(tuple(first.shape[1:]), dtype=np.int64))
     return max(1, max_elements // max(per_row, 1))
 
 
-def run_in_chunks(run: Run, feed: dict[str, np.ndarray], max_elements: int) -> list[np.ndarray]:
-    """`run(feed)`, in row chunks when the batch is larger than one call should take."""
+def _in_slices(run: Run, feed: dict[str, np.ndarray], rows: int) -> None:
     batch = len(next(iter(feed.values())))
-    rows = rows_per_call(feed, max_elements)
-    if batch <= rows:
-        return run(feed)
-    parts = [run({name: array[start:start + rows] for name, array in feed.items()}) for start in range(0, batch, rows)]
-    return [np.concatenate([part[index] for part in parts]) for index in range(len(parts[0]))]
+    for start in range(0, batch, rows):
+        run({name: array[start:start + rows] for name, array in feed.items()})
 
 
 def _seconds(call: Callable[[], object]) -> float:
@@ -63,14 +53,15 @@ def _seconds(call: Callable[[], object]) -> float:
 
 def measure_call_split(run: Run, feed: dict[str, np.ndarray]) -> tuple[int | None, dict[str, float]]:
     """The budget (input elements per call) that runs `feed` fastest, None when whole calls are as fast
-    (within MIN_GAIN), and the milliseconds each took ("whole" and each tried budget)."""
-    first = next(iter(feed.values()))
-    total = int(first.size)
+    (within MIN_GAIN), and the milliseconds each took ("whole" and each budget that splits the feed)."""
+    batch = len(next(iter(feed.values())))
     timings = {"whole": _seconds(lambda: run(feed)) * 1000}
     for budget in CANDIDATE_ELEMENTS:
-        if budget < total and rows_per_call(feed, budget) < len(first):
-            timings[str(budget)] = _seconds(lambda: run_in_chunks(run, feed, budget)) * 1000
+        rows = rows_per_call(feed, budget)
+        if rows < batch:
+            timings[str(budget)] = _seconds(lambda: _in_slices(run, feed, rows)) * 1000
+    timings = {name: round(ms, 2) for name, ms in timings.items()}
     best = min(timings, key=timings.get)
     if best == "whole" or timings[best] > (1 - MIN_GAIN) * timings["whole"]:
-        return None, {k: round(v, 2) for k, v in timings.items()}
-    return int(best), {k: round(v, 2) for k, v in timings.items()}
+        return None, timings
+    return int(best), timings

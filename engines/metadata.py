@@ -38,6 +38,12 @@ class TensorRange:
         return " .. ".join("x".join(map(str, s)) for s in (self.min, self.max))
 
 
+def batch_axis_shared(inputs: list[TensorRange]) -> bool:
+    """Axis 0 is a batch dim that may be split: one symbolic dim, the same in every input."""
+    first = {t.dims[0] if t.dims else None for t in inputs}
+    return len(first) == 1 and isinstance(next(iter(first)), str)
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     name: str

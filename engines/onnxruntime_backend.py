@@ -5,7 +5,7 @@ ONNX Runtime writes the optimized graph itself (SessionOptions.optimized_model_f
 ORT_ENABLE_ALL bakes in layout choices for this CPU, so the sidecar records the CPU it was built on.
 On the CPU an INT8 graph is first rewritten into the form ONNX Runtime's fast kernels take
 (engines/cpu_int8.py). On the CPU the build also times the engine at its largest batch whole and in
-row chunks (engines/call_split.py) and, where chunks are faster, records the budget the runner splits
+row slices (engines/call_split.py) and, where slices are faster, records the budget `Engine.run` splits
 larger batches by. One InferenceSession serves every thread: ONNX Runtime's run() is safe to call
 concurrently.
 """
@@ -21,8 +21,7 @@ import numpy as np
 
 from miaotui.engines.backend import (Backend, BackendBuild, BuildJob, TensorSignature, numpy_feed, run_failed,
                                      version_tuple)
-from miaotui.engines.call_split import run_in_chunks
-from miaotui.engines.metadata import EngineMetadata, TensorRange
+from miaotui.engines.metadata import EngineMetadata, TensorRange, batch_axis_shared
 from miaotui.errors import CheckFailed, InputError, first_line
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -99,20 +98,19 @@ def _session(path: Path, session_settings: dict, engine_format: bool):
 
 
 def measure_call_split(engine: Path, session_settings: dict, ranges: list[TensorRange], config) -> dict | None:
-    """The engine timed at its largest batch (and typical rest of the shape), whole and in row chunks
-    (engines/call_split.py); None where its inputs and outputs share no batch axis."""
+    """The engine timed at its largest batch (and typical rest of the shape), whole and in row slices
+    (engines/call_split.py); None where its inputs share no batch axis."""
     import dataclasses
 
-    from miaotui.engines import call_split
+    from miaotui.engines.call_split import measure_call_split as measure
     from miaotui.engines.shapes import synthetic_feed
 
-    session = _session(engine, session_settings, engine_format=True)
-    shapes = [r.dims for r in ranges] + [tuple(o.shape) for o in session.get_outputs()]
-    if not ranges or not call_split.batch_axis_shared(shapes):
+    if not ranges or not batch_axis_shared(ranges):  # the only split Engine.run makes
         return None
+    session = _session(engine, session_settings, engine_format=True)
     largest = [dataclasses.replace(r, opt=(r.max[0], *r.opt[1:])) for r in ranges]
     feed = synthetic_feed(largest, "opt", config)
-    chosen, timings = call_split.measure_call_split(lambda arrays: session.run(None, arrays), feed)
+    chosen, timings = measure(lambda arrays: session.run(None, arrays), feed)
     return {"max_call_elements": chosen, "shape": list(largest[0].opt), "ms": timings}
 
 
@@ -189,13 +187,10 @@ class OnnxRuntimeRunner:
         self.provider = self.session.get_providers()[0]  # what really runs (onnxruntime-gpu may fall back to CPU)
         self.threads = threads
         self.output_names = [o.name for o in metadata.outputs]
-        self.max_call_elements = metadata.session.get("max_call_elements")  # larger batches in row chunks
 
     def run(self, arrays: dict[str, object]) -> list[np.ndarray]:
         feed = numpy_feed(arrays)
         try:
-            if self.max_call_elements:
-                return run_in_chunks(lambda part: self.session.run(self.output_names, part), feed, self.max_call_elements)
             return self.session.run(self.output_names, feed)
         except Exception as error:  # ORT's own exception types; the inputs passed the sidecar's checks
             raise run_failed("ONNX Runtime", feed, error) from None

@@ -17,9 +17,10 @@ import numpy as np
 
 from miaotui.artifacts import sha256_file
 from miaotui.engines.backend import get_backend
-from miaotui.engines.metadata import EngineMetadata, TensorInfo, TensorRange, read_metadata
+from miaotui.engines.call_split import rows_per_call
+from miaotui.engines.metadata import EngineMetadata, TensorInfo, TensorRange, batch_axis_shared, read_metadata
 from miaotui.errors import InputError
-from miaotui.runtime.inputs import batch_axis_shared, batch_slices, is_torch, to_feed
+from miaotui.runtime.inputs import batch_slices, is_torch, to_feed
 
 
 class Engine:
@@ -31,6 +32,8 @@ class Engine:
         self._backend = backend
         self._splittable = batch_axis_shared(metadata.inputs)
         self.max_batch = min(t.max[0] for t in metadata.inputs) if self._splittable else None
+        # Input elements one call runs fastest under, as the build measured it (engines/call_split.py).
+        self.max_call_elements = metadata.session.get("max_call_elements") if self._splittable else None
 
     @classmethod
     def load(cls, path: str | Path, threads: int | None = None) -> "Engine":
@@ -74,12 +77,14 @@ class Engine:
         return self.run(inputs)
 
     def run(self, inputs: Mapping[str, object], batch_size: int | None = None) -> dict:
-        """Outputs by name. Batches larger than `batch_size` (default and at most: the engine's max)
-        are run in slices and joined."""
+        """Outputs by name. Batches larger than `batch_size` (at most the engine's max; by default the
+        rows under the call size its build measured fastest, else the max) are run in slices and joined."""
         feed = to_feed(self.metadata.inputs, inputs)
         if batch_size is not None and batch_size < 1:
             raise InputError(f"batch_size={batch_size}: expected a positive number of rows")
         limit = self.max_batch if self._splittable else feed.batch
+        if batch_size is None and self.max_call_elements:
+            batch_size = rows_per_call(feed.arrays, self.max_call_elements)
         size = min(batch_size or limit, limit)
         if feed.batch <= size:
             results = [self._backend.run(feed.arrays)]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from miaotui.engines.backend import is_torch
-from miaotui.engines.metadata import TensorRange
+from miaotui.engines.metadata import TensorRange, batch_axis_shared
 from miaotui.errors import InputError
 
 
@@ -26,12 +26,6 @@ class Feed:
 
 def _dtype_name(value) -> str:
     return str(value.dtype).removeprefix("torch.")
-
-
-def batch_axis_shared(inputs: list[TensorRange]) -> bool:
-    """Axis 0 is a batch dim that may be split: one symbolic dim, the same in every input."""
-    first = {t.dims[0] if t.dims else None for t in inputs}
-    return len(first) == 1 and isinstance(next(iter(first)), str)
 
 
 def to_feed(inputs: list[TensorRange], given: Mapping[str, object]) -> Feed:

@@ -420,37 +420,32 @@ def test_int8_matmuls_take_their_biases_inside():
     assert int8_matmuls_with_bias(kept) == 0 and "MatMulIntegerToFloat" not in [n.op_type for n in kept.graph.node]
 
 
-def test_large_batches_run_in_row_chunks_with_the_same_answers(lstm_work: Path, tmp_path: Path):
-    """The build times the engine at its largest batch whole and in row chunks and records what it
-    found; a runner with a budget splits a larger batch into calls under it and answers row for row
-    as one call does."""
-    import dataclasses
+def test_large_batches_run_in_row_slices_with_the_same_answers(lstm_work: Path, tmp_path: Path):
+    """The build times the engine at its largest batch whole and in row slices and records what it
+    found; with a budget in the sidecar, Engine.run cuts a larger batch into calls under it (an
+    explicit batch_size still wins) and answers row for row as one call does."""
+    from miaotui.runtime import Engine
 
-    from miaotui.engines.call_split import batch_axis_shared
-    from miaotui.engines.onnxruntime_backend import OnnxRuntimeRunner
-
-    engine = tmp_path / "lstm.ort"
-    assert run_cli("build", str(lstm_work / "model.int8.onnx"), "-o", str(engine)).returncode == 0
-    metadata = read_metadata(engine)
+    engine_path = tmp_path / "lstm.ort"
+    assert run_cli("build", str(lstm_work / "model.int8.onnx"), "-o", str(engine_path)).returncode == 0
+    metadata = read_metadata(engine_path)
     split = metadata.checks["call_split"]
     assert split["shape"] == [64, 128] and "whole" in split["ms"] and all(ms > 0 for ms in split["ms"].values())
-    assert metadata.session.get("max_call_elements") == split["max_call_elements"]  # what the runner will use
+    assert metadata.session.get("max_call_elements") == split["max_call_elements"]  # what Engine.run will use
 
     tokenizer = load_tokenizer(resolve_config("lstm-sentiment").model.tokenizer, MAX_LENGTH)
     feed = {"input_ids": encode(tokenizer, [e.text for e in load_split("validation")[:45]])["input_ids"]}
-    whole = _ort_engine_session(engine).run(None, feed)[0]
+    whole = _ort_engine_session(engine_path).run(None, feed)[0]
+    sidecar = Path(f"{engine_path}.json")
+    data = json.loads(sidecar.read_text())
+    data["session"]["max_call_elements"] = 8 * feed["input_ids"].shape[1]  # 8 rows a call
+    sidecar.write_text(json.dumps(data))
+    engine = Engine.load(engine_path)
     calls = []
-    runner = OnnxRuntimeRunner(engine, dataclasses.replace(metadata, session={**metadata.session, "max_call_elements":
-                                                                              8 * feed["input_ids"].shape[1]}))
-    session = runner.session
-
-    class Counting:  # the real session, its calls counted
-        def run(self, names, part):
-            calls.append(len(part["input_ids"]))
-            return session.run(names, part)
-
-    runner.session = Counting()
-    (chunked,) = runner.run(feed)
+    runner_run = engine._backend.run
+    engine._backend.run = lambda arrays: calls.append(len(arrays["input_ids"])) or runner_run(arrays)
+    np.testing.assert_allclose(engine.run(feed)["logits"], whole, atol=1e-5, rtol=0)
     assert calls == [8, 8, 8, 8, 8, 5]
-    np.testing.assert_allclose(chunked, whole, atol=1e-5, rtol=0)
-    assert batch_axis_shared([("batch", "seq"), ("batch", 2)]) and not batch_axis_shared([("batch", "seq"), (1, 2)])
+    calls.clear()
+    engine.run(feed, batch_size=20)
+    assert calls == [20, 20, 5]
