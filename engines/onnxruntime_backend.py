@@ -97,12 +97,12 @@ def _session(path: Path, session_settings: dict, engine_format: bool):
     return onnxruntime.InferenceSession(str(path), options, providers=session_settings["providers"])
 
 
-def measure_call_split(engine: Path, session_settings: dict, ranges: list[TensorRange], config) -> dict | None:
+def _time_call_split(engine: Path, session_settings: dict, ranges: list[TensorRange], config) -> dict | None:
     """The engine timed at its largest batch (and typical rest of the shape), whole and in row slices
     (engines/call_split.py); None where its inputs share no batch axis."""
     import dataclasses
 
-    from miaotui.engines.call_split import measure_call_split as measure
+    from miaotui.engines.call_split import measure_call_split
     from miaotui.engines.shapes import synthetic_feed
 
     if not ranges or not batch_axis_shared(ranges):  # the only split Engine.run makes
@@ -110,7 +110,7 @@ def measure_call_split(engine: Path, session_settings: dict, ranges: list[Tensor
     session = _session(engine, session_settings, engine_format=True)
     largest = [dataclasses.replace(r, opt=(r.max[0], *r.opt[1:])) for r in ranges]
     feed = synthetic_feed(largest, "opt", config)
-    chosen, timings = measure(lambda arrays: session.run(None, arrays), feed)
+    chosen, timings = measure_call_split(lambda arrays: session.run(None, arrays), feed)
     return {"max_call_elements": chosen, "shape": list(largest[0].opt), "ms": timings}
 
 
@@ -236,7 +236,7 @@ class OnnxRuntime(Backend):
             if source != job.onnx_path:  # the rewritten graph is checked above; how far it is from the source:
                 checks["vs_source_onnx_max_abs_diff"] = _compare_sources(job.onnx_path, source, job.ranges, job.config)
             if actual == "CPUExecutionProvider":
-                split = measure_call_split(job.engine_path, session, job.ranges, job.config)
+                split = _time_call_split(job.engine_path, session, job.ranges, job.config)
                 if split is not None:
                     checks["call_split"] = split
                     if split["max_call_elements"]:
