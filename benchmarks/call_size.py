@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import time
-
-import numpy as np
 
 SHAPES = {64: (8, 16, 32, 64), 128: (4, 8, 16, 24, 32, 64), 256: (2, 4, 8, 16)}
 
@@ -24,6 +21,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per shape (best kept)")
     args = parser.parse_args()
 
+    from miaotui.bench.worker import time_calls
     from miaotui.engines.shapes import synthetic_feed
     from miaotui.runtime import Engine
 
@@ -38,12 +36,8 @@ def main() -> None:
             if any(not r.accepts(r.opt) for r in ranges):
                 continue
             feed = synthetic_feed(ranges, "opt", None)
-            engine.run(feed, batch_size=batch)  # a first call on a new shape pays for its setup
-            best = float("inf")
-            for _ in range(args.repeats):
-                started = time.perf_counter()
-                engine.run(feed, batch_size=batch)
-                best = min(best, time.perf_counter() - started)
+            best = min(time_calls(lambda: engine.run(feed, batch_size=batch), min_seconds=0, warmup_seconds=0,
+                                  min_calls=args.repeats, max_calls=args.repeats))
             cells.setdefault(batch * seq, {})[seq] = f"{best * 1000 / (batch * seq) * 1000:.1f} (b{batch})"
     for tokens in sorted(cells):
         print(f"| {tokens:,} | " + " | ".join(cells[tokens].get(seq, "") for seq in SHAPES) + " |")

@@ -3,8 +3,8 @@
 ONNX Runtime's CPU kernels run a graph op by op over whole tensors, and an INT8 transformer's float
 passes between its INT8 MatMuls (GELU, smoothing's scales, quantize) are bound by memory once a
 call's activations outgrow the caches. Measured on minilm-sentiment's INT8 engine (2 threads,
-benchmarks/NOTES.md): 36 ms per 1k tokens at 1-3k tokens a call, 41 at 4k (batch 32 x seq 128),
-54 at 8k (batch 64), whatever the mix of batch and sequence length. Where the build measures a gain,
+benchmarks/call_size.py, benchmarks/NOTES.md): at seq 128, 35.5 ms per 1k tokens in calls of 2k
+tokens, 44.1 at 4k (batch 32), 50.8 at 8k (batch 64). Where the build measures a gain,
 the sidecar's session settings record the most input elements one call may take
 (`max_call_elements`), and `Engine.run` cuts larger batches into row slices under it (as it already
 does past the engine's largest batch): rows are independent, so each row's answer is the same.
@@ -14,7 +14,7 @@ Written here: ONNX Runtime has no setting for it.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -35,10 +35,10 @@ def rows_per_call(arrays: dict[str, object], max_elements: int) -> int:
     return max(1, max_elements // max(per_row, 1))
 
 
-def _in_slices(run: Run, feed: dict[str, np.ndarray], rows: int) -> None:
-    batch = len(next(iter(feed.values())))
-    for start in range(0, batch, rows):
-        run({name: array[start:start + rows] for name, array in feed.items()})
+def row_slices(arrays: dict[str, object], rows: int) -> Iterator[dict[str, object]]:
+    """`arrays` (batch first) cut into consecutive row ranges of at most `rows` rows."""
+    for start in range(0, len(next(iter(arrays.values()))), rows):
+        yield {name: array[start:start + rows] for name, array in arrays.items()}
 
 
 def _seconds(call: Callable[[], object]) -> float:
@@ -59,7 +59,7 @@ def measure_call_split(run: Run, feed: dict[str, np.ndarray]) -> tuple[int | Non
     for budget in CANDIDATE_ELEMENTS:
         rows = rows_per_call(feed, budget)
         if rows < batch:
-            timings[str(budget)] = _seconds(lambda: _in_slices(run, feed, rows)) * 1000
+            timings[str(budget)] = _seconds(lambda: [run(part) for part in row_slices(feed, rows)]) * 1000
     timings = {name: round(ms, 2) for name, ms in timings.items()}
     best = min(timings, key=timings.get)
     if best == "whole" or timings[best] > (1 - MIN_GAIN) * timings["whole"]:

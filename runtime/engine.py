@@ -17,10 +17,10 @@ import numpy as np
 
 from miaotui.artifacts import sha256_file
 from miaotui.engines.backend import get_backend
-from miaotui.engines.call_split import rows_per_call
+from miaotui.engines.call_split import row_slices, rows_per_call
 from miaotui.engines.metadata import EngineMetadata, TensorInfo, TensorRange, batch_axis_shared, read_metadata
 from miaotui.errors import InputError
-from miaotui.runtime.inputs import batch_slices, is_torch, to_feed
+from miaotui.runtime.inputs import is_torch, to_feed
 
 
 class Engine:
@@ -89,7 +89,7 @@ class Engine:
         if feed.batch <= size:
             results = [self._backend.run(feed.arrays)]
         else:
-            results = [self._backend.run(chunk) for chunk in batch_slices(feed, size)]
+            results = [self._backend.run(chunk) for chunk in row_slices(feed.arrays, size)]
         outputs = {}
         for index, info in enumerate(self.metadata.outputs):
             parts = [result[index] for result in results]

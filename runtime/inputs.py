@@ -7,7 +7,7 @@ each mistake names the tensor, what it got and what the engine accepts.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,9 +79,3 @@ def _check_values(spec: TensorRange, value) -> None:
         where = tuple(int(i) for i in (outside.nonzero()[0] if is_torch(value) else np.argwhere(outside)[0]))
         raise InputError(f"input '{spec.name}': value {value[where].item()} at {list(where)} is outside "
                          f"[{low:g}, {high:g}), the values the model takes (its config's [inputs] range)")
-
-
-def batch_slices(feed: Feed, size: int) -> Iterator[dict[str, object]]:
-    """The feed cut into consecutive row ranges of at most `size` rows."""
-    for start in range(0, feed.batch, size):
-        yield {name: array[start:start + size] for name, array in feed.arrays.items()}
