@@ -15,6 +15,7 @@ repository as it was.
 from __future__ import annotations
 
 import contextlib
+import math
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ class TritonOptions:
     version: int = 1
     instances: int = 1  # model instances per device (instance_group count)
     max_queue_delay_us: int = 100  # how long the dynamic batcher waits to fill a preferred batch
-    preferred_batch_sizes: tuple[int, ...] = ()  # default: the engine's opt and max batch
+    preferred_batch_sizes: tuple[int, ...] = ()  # default: default_preferred_batches
     force: bool = False  # replace an entry of the same name
 
 
@@ -61,6 +62,20 @@ def _batch_dim(metadata: EngineMetadata) -> tuple[int, str | None]:
     return min(t.max[0] for t in metadata.inputs), name
 
 
+
+
+def default_preferred_batches(metadata: EngineMetadata, max_batch: int) -> tuple[int, ...]:
+    """The engine's opt and max batch; for an engine whose build found calls faster in row slices
+    (`max_call_elements`, engines/call_split.py), the rows one such call takes at the opt shape instead
+    of the max batch: Triton's onnxruntime backend runs each batch the batcher forms in one call, so the
+    batcher should form the sizes that run fastest per row."""
+    opt = metadata.inputs[0].opt
+    budget = metadata.session.get("max_call_elements")
+    if budget:
+        per_row = max(1, math.prod(opt[1:]))
+        rows = min(max_batch, max(1, budget // per_row))
+        return tuple(sorted({min(opt[0], rows), rows} - {1}))
+    return tuple(sorted({opt[0], max_batch} - {1}))
 
 
 def _labels(work: WorkDir) -> list[str] | None:
@@ -98,7 +113,7 @@ def model_config(metadata: EngineMetadata, name: str, options: TritonOptions, la
         if index == 0 and labels and list(output.dims) == [len(labels)]:
             output.label_filename = "labels.txt"  # Triton's classification extension answers with names
     if max_batch:
-        sizes = options.preferred_batch_sizes or tuple(sorted({metadata.inputs[0].opt[0], max_batch} - {1}))
+        sizes = options.preferred_batch_sizes or default_preferred_batches(metadata, max_batch)
         for size in sizes:
             if not 1 <= size <= max_batch:
                 raise InputError(f"--preferred-batch {size}: the engine takes batches of 1 to {max_batch}")

@@ -89,6 +89,26 @@ def test_tensorrt_sidecar_becomes_a_tensorrt_plan_model(lstm_work: Path, tmp_pat
     assert list(_config(entry).dynamic_batching.preferred_batch_size) == [8, 64]
 
 
+def test_an_engine_faster_in_row_slices_gets_the_slice_as_preferred_batch(lstm_work: Path, tmp_path: Path):
+    """Triton's onnxruntime backend runs each formed batch in one call: where the build found calls of
+    `max_call_elements` faster (the sidecar's session settings), the batcher is told to form those."""
+    work = tmp_path / "work"
+    (work / "engines").mkdir(parents=True)
+    shutil.copy(lstm_work / "config.toml", work / "config.toml")
+    engine = lstm_work / "engines" / "lstm-sentiment.onnxruntime.int8.ort"
+    shutil.copy(engine, work / "engines" / engine.name)
+    sidecar = json.loads((lstm_work / "engines" / (engine.name + ".json")).read_text())
+    opt = sidecar["inputs"][0]["opt"]
+    assert opt[0] == 8
+    sidecar["session"] = sidecar.get("session", {}) | {"max_call_elements": 16 * int(np.prod(opt[1:]))}
+    (work / "engines" / (engine.name + ".json")).write_text(json.dumps(sidecar))
+    result = _package(work, "--triton", tmp_path / "repo")
+    assert result.exit_code == 0, result.output
+    config = _config(tmp_path / "repo" / "lstm-sentiment")
+    assert config.max_batch_size == 64  # clients may still send up to the engine's largest batch
+    assert list(config.dynamic_batching.preferred_batch_size) == [8, 16]
+
+
 def test_two_inputs_with_a_fixed_feature_dim(router: Path, tmp_path: Path):
     from miaotui.engines import BuildOptions
     from miaotui.stages import run_build_stage
