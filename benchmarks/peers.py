@@ -239,10 +239,17 @@ def main() -> None:
     reference = {(r["batch"], r["seq"]): r for r in rows if r["name"] == "pytorch fp32 eager"}
     from miaotui.engines.onnxruntime_backend import cpu_description
 
+    import openvino
+
+    from miaotui.engines.openvino_backend import native_bf16
+
     cpu = cpu_description()
+    # cpu['isa'] lists what changes ONNX Runtime's kernels; OpenVINO's float parts also depend on native BF16
+    # (AVX512-BF16 or AMX), which the openvino engine and OpenVINO's FP32 default then compute in.
+    bf16 = "native BF16 (OpenVINO computes float parts in BF16)" if native_bf16(openvino) else "no native BF16"
     lines = [f"{config.name}, {args.threads} threads, `python benchmarks/peers.py --model {config.name} --batch {args.batch} "
              f"--seq {args.seq} --threads {args.threads} --seconds {args.seconds:g}` ({time.time() - started:.0f} s). {cpu['cpu']} "
-             f"({', '.join(cpu['isa'])}). INT8 GEMM rate here: {rate / 1e9:.0f} GMAC/s.", "",
+             f"({', '.join(cpu['isa'])}; {bf16}). INT8 GEMM rate here: {rate / 1e9:.0f} GMAC/s.", "",
              "| peer | top-1 validation | top-1 test | accuracy (test) | " + " | ".join(
                  f"b{b} s{s} p50 ms (speed-up)" for s in seqs for b in batches) + " |",
              "|---|---|---|---|" + "---|" * (len(batches) * len(seqs))]

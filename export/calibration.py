@@ -84,7 +84,8 @@ def check_sample_count(method: str, samples: int, where: str) -> list[str]:
     if method not in QUANTIZE_METHODS:
         raise InputError(f"calibration method {method!r}: expected one of {', '.join(QUANTIZE_METHODS)}")
     if samples < MIN_SAMPLES[method]:
-        raise InputError(f"{where}: {samples} samples; {method} calibration needs at least {MIN_SAMPLES[method]}")
+        raise InputError(f"{where}: {samples} samples; {method} calibration needs at least {MIN_SAMPLES[method]} "
+                         "(add texts, or --method minmax)")
     if samples < FEW_SAMPLES:
         return [f"{where}: only {samples} calibration samples; ranges may miss what real inputs reach "
                 f"(use {FEW_SAMPLES} or more)"]

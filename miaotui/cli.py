@@ -181,7 +181,7 @@ def optimize(config, work_dir: Path, force: bool, wait: bool, progress: StagePro
                      help="The graph to write: int8 (QDQ), fp16 (FP32 graph in half precision, normalizations, "
                           "softmax and reductions kept in FP32) or int8-fp16 (both)."),
         click.option("--method", type=click.Choice(QUANTIZE_METHODS), default=None,
-                     help="Calibration method (default: the config's [quantize] method, else minmax)."),
+                     help="Calibration method (default: the config's [quantize] method, else percentile)."),
         click.option("--samples", type=int, default=None, help="Calibration samples to use (default: 512)."),
         click.option("--smooth-alpha", type=click.FloatRange(0, 1, max_open=True), default=None,
                      help="SmoothQuant strength for INT8 MatMul inputs (default 0.5; 0 turns smoothing off)."),
@@ -676,7 +676,7 @@ def bench(engine_files, torch_config, batch_text, seq_text, threads, seconds, re
 @click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True,
               help="Model instances per GPU (or on the CPU).")
 @click.option("--preferred-batch", "preferred_text", default=None, metavar="8,32",
-              help="Dynamic batching's preferred batch sizes (default: the engine's opt and max batch).")
+              help="Dynamic batching's preferred batch sizes (default: the engine's opt and max batch, or for an engine faster in row slices its opt batch and the rows of one slice).")
 @click.option("--max-queue-delay-us", type=click.IntRange(min=0), default=100, show_default=True,
               help="How long the dynamic batcher may hold a request to fill a preferred batch.")
 @click.option("--force", is_flag=True, help="Replace a model of the same name in the repository.")

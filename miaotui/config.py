@@ -88,7 +88,10 @@ VALIDATE_BARS = ("max_abs_error", "max_mean_abs_error", "max_rel_error", "min_co
 
 @dataclass(frozen=True)
 class QuantizeSpec:
-    method: str = "minmax"
+    # percentile (99.999th of each activation's histogram): on the built-in models at the current recipe it
+    # agreed with FP32 at least as often as minmax on every split (minilm-sentiment test 0.9994 against
+    # 0.9966, lstm-sentiment validation 1.0000 against 0.9989; docs/quantization.md). It needs 16 samples.
+    method: str = "percentile"
     samples: int | None = 512  # calibration samples; None = the whole calibration set
     # SmoothQuant migration strength for INT8 MatMul inputs; 0 = off. 0.8: on minilm-sentiment the logit-margin
     # error RMS on held-out calibration texts was 0.072 at 0.5, 0.060 at 0.65, 0.049 at 0.8 and 0.9, 0.052 at

@@ -100,12 +100,12 @@ def test_rerun_is_skipped_and_calibration_is_cached(router: Path, tmp_path: Path
     report = json.loads((work / "quantization.json").read_text())
     assert next(d for d in report["decisions"] if d["node"] == head)["reason"] == "user-exclude"
 
-    other_method = quantize(router, work, method="percentile")
+    other_method = quantize(router, work, method="minmax")
     assert not other_method.details["calibration"]["cached"]
-    assert json.loads((work / "calibration.json").read_text())["key"]["method"] == "percentile"
+    assert json.loads((work / "calibration.json").read_text())["key"]["method"] == "minmax"
 
     write_data(router, seed=5)  # new data: calibrated again
-    assert not quantize(router, work, method="percentile").details["calibration"]["cached"]
+    assert not quantize(router, work, method="minmax").details["calibration"]["cached"]
 
 
 def test_calibration_reads_npz_in_batches_and_counts_samples(router: Path, tmp_path: Path):
@@ -155,6 +155,8 @@ def test_too_few_samples_is_an_error_for_histograms_and_a_warning_for_minmax(rou
     write_data(router, samples=8)
     with pytest.raises(InputError, match="entropy calibration needs at least 16"):
         quantize(router, tmp_path / "a", method="entropy")
+    with pytest.raises(InputError, match=r"percentile calibration needs at least 16 \(add texts, or --method minmax\)"):
+        quantize(router, tmp_path / "c")  # the default method
     result = quantize(router, tmp_path / "b", method="minmax")
     assert any("only 8 calibration samples" in w for w in result.warnings)
 
