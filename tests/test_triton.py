@@ -40,9 +40,14 @@ def test_onnxruntime_engine_becomes_an_onnxruntime_model_that_answers_like_it(ls
     (logits,) = config.output
     assert logits.data_type == pb.TYPE_FP32 and list(logits.dims) == [2] and logits.label_filename == "labels.txt"
     assert (entry / "labels.txt").read_text().split() == ["negative", "positive"]
-    assert list(config.dynamic_batching.preferred_batch_size) == [8, 64]
-    assert [(g.count, g.kind) for g in config.instance_group] == [(1, pb.ModelInstanceGroup.KIND_CPU)]
     sidecar = json.loads((entry / "engine.json").read_text())
+    # The opt batch and the max batch, unless this machine's build found calls faster in row slices (as
+    # lstm-sentiment's did on an AMD EPYC; test_an_engine_faster_in_row_slices_... pins that case): then
+    # one slice's rows at the opt shape.
+    split = sidecar["session"].get("max_call_elements")
+    rows = min(64, split // int(np.prod(sidecar["inputs"][0]["opt"][1:]))) if split else 64
+    assert list(config.dynamic_batching.preferred_batch_size) == sorted({min(8, rows), rows} - {1})
+    assert [(g.count, g.kind) for g in config.instance_group] == [(1, pb.ModelInstanceGroup.KIND_CPU)]
     assert sidecar["backend"] == "onnxruntime" and sidecar["precision"] == "int8"
     # Triton's onnxruntime backend runs model.onnx: it must answer like the engine that passed the gate.
     engine = Engine.load(lstm_work / "engines" / "lstm-sentiment.onnxruntime.int8.ort")
