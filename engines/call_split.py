@@ -30,8 +30,12 @@ Run = Callable[[dict[str, np.ndarray]], object]
 
 def rows_per_call(arrays: dict[str, object], max_elements: int) -> int:
     """How many rows of `arrays` (batch first) one call takes under `max_elements` (at least one)."""
-    first = next(iter(arrays.values()))
-    per_row = int(np.prod(tuple(first.shape[1:]), dtype=np.int64))
+    return rows_within(tuple(next(iter(arrays.values())).shape[1:]), max_elements)
+
+
+def rows_within(row_shape: tuple[int, ...], max_elements: int) -> int:
+    """How many rows of `row_shape` (the dims after the batch) fit in `max_elements` (at least one)."""
+    per_row = int(np.prod(row_shape, dtype=np.int64))
     return max(1, max_elements // max(per_row, 1))
 
 

@@ -184,7 +184,7 @@ def optimize(config, work_dir: Path, force: bool, wait: bool, progress: StagePro
                      help="Calibration method (default: the config's [quantize] method, else percentile)."),
         click.option("--samples", type=int, default=None, help="Calibration samples to use (default: 512)."),
         click.option("--smooth-alpha", type=click.FloatRange(0, 1, max_open=True), default=None,
-                     help="SmoothQuant strength for INT8 MatMul inputs (default 0.5; 0 turns smoothing off)."),
+                     help="SmoothQuant strength for INT8 MatMul inputs (default 0.8; 0 turns smoothing off)."),
         click.option("--calibration", "calibration_data", default=None, metavar="NPZ|MODULE:FUNCTION",
                      help="Calibration data instead of the config's data.calibration."),
         click.option("--include", multiple=True, metavar="NODE_OR_PATTERN",

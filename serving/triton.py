@@ -15,13 +15,13 @@ repository as it was.
 from __future__ import annotations
 
 import contextlib
-import math
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from miaotui.engines.backend import get_backend, triton_backends
+from miaotui.engines.call_split import rows_within
 from miaotui.engines.metadata import EngineMetadata, read_metadata
 from miaotui.errors import CheckFailed, InputError
 from miaotui.workdir import WorkDir, sidecar_path
@@ -72,8 +72,7 @@ def default_preferred_batches(metadata: EngineMetadata, max_batch: int) -> tuple
     opt = metadata.inputs[0].opt
     budget = metadata.session.get("max_call_elements")
     if budget:
-        per_row = max(1, math.prod(opt[1:]))
-        rows = min(max_batch, max(1, budget // per_row))
+        rows = min(max_batch, rows_within(tuple(opt[1:]), budget))
         return tuple(sorted({min(opt[0], rows), rows} - {1}))
     return tuple(sorted({opt[0], max_batch} - {1}))
 
