@@ -10,6 +10,12 @@ an INT8 graph's float parts run in BF16 where the CPU computes BF16 natively (`o
 as built). The IR itself holds no CPU-specific kernels: it is compiled on the machine that loads it,
 in the sidecar's float precision where that machine has it (else in FP32), one compiled model per
 engine and one infer request per calling thread.
+
+An INT8 graph whose metadata records self-attention ranges (export/attention.py) is also built with
+Q, K, V and the probabilities in INT8 (`openvino_attention`): OpenVINO then runs each attention block
+as one INT8 kernel. Both forms are compiled and timed at the opt shape, and the INT8 one is kept only
+where it is at least ATTENTION_MIN_GAIN faster: it costs some agreement (the gate judges the engine as
+built), and where BF16 attention is fast (AMX) the gain may not be there.
 """
 
 from __future__ import annotations
@@ -30,6 +36,9 @@ from miaotui.errors import InputError, first_line
 
 WEIGHTS_SUFFIX = ".bin"
 FLOAT_PRECISIONS = ("auto", "f32", "bf16")
+ATTENTION_CHOICES = ("auto", "int8", "float")
+ATTENTION_MIN_GAIN = 0.03  # INT8 attention costs agreement: kept when at least this much faster
+ATTENTION_TIMING_ROUNDS = 15
 
 
 def weights_path(engine: Path) -> Path:
@@ -61,12 +70,17 @@ def float_precision(ov, requested: str, graph_precision: str) -> str:
     return requested
 
 
-def compile_ir(xml: Path, weights: Path, precision_hint: str, threads: int | None):
-    """The IR compiled for this CPU, or one line saying why not."""
-    ov = _import_openvino()
+def _compile_config(precision_hint: str, threads: int | None) -> dict[str, Any]:
     config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision_hint}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
+    return config
+
+
+def compile_ir(xml: Path, weights: Path, precision_hint: str, threads: int | None):
+    """The IR compiled for this CPU, or one line saying why not."""
+    ov = _import_openvino()
+    config = _compile_config(precision_hint, threads)
     try:
         core = ov.Core()
         return core.compile_model(core.read_model(str(xml), str(weights)), "CPU", config)
@@ -138,6 +152,60 @@ def _keep_reductions_unfused(model) -> list[str]:
     return [op.output(0).get_any_name() for op in reductions]
 
 
+def _attention_blocks(onnx_path: Path, requested: str, precision: str) -> list:
+    """The attention ranges the INT8 graph records, when INT8 attention may be built."""
+    import onnx
+
+    from miaotui.export.attention import read_metadata
+
+    if requested not in ATTENTION_CHOICES:
+        raise InputError(f"--openvino-attention {requested}: expected one of {', '.join(ATTENTION_CHOICES)}")
+    if requested == "float" or not precision.startswith("int8"):
+        if requested == "int8":
+            raise InputError(f"--openvino-attention int8: {onnx_path} is a {precision} graph; INT8 attention "
+                             "needs an INT8 graph (miaotui quantize)")
+        return []
+    blocks = read_metadata(onnx.load(str(onnx_path), load_external_data=False))
+    if requested == "int8" and not blocks:
+        raise InputError(f"--openvino-attention int8: {onnx_path} records no attention ranges (a graph without "
+                         "self-attention, or quantized by an older miaotui: run miaotui quantize again)")
+    return blocks
+
+
+def _with_int8_attention(ov, onnx_path: Path, blocks: list, ranges: list[TensorRange], folder: Path):
+    """The graph with Q/DQ on each attention block, converted like the graph itself."""
+    import onnx
+
+    from miaotui.export.attention import int8_attention_graph
+
+    model = onnx.load(str(onnx_path))
+    int8_attention_graph(model, blocks)
+    path = folder / "attention.int8.onnx"
+    external = Path(str(onnx_path) + ".data").is_file()
+    onnx.save(model, str(path), save_as_external_data=external, location=path.name + ".data" if external else None)
+    return _convert(ov, path, ranges)
+
+
+def _faster_form(ov, forms: dict, hint: str, feed: dict[str, np.ndarray]) -> dict[str, float]:
+    """Median ms per call of each form at `feed`, compiled as the runtime compiles them, rounds interleaved."""
+    import time
+
+    core = ov.Core()
+    requests = {name: core.compile_model(model, "CPU", _compile_config(hint, None)).create_infer_request()
+                for name, model in forms.items()}
+    inputs = numpy_feed(feed)
+    times: dict[str, list[float]] = {name: [] for name in forms}
+    for request in requests.values():
+        request.infer(inputs)
+        request.infer(inputs)
+    for round_ in range(ATTENTION_TIMING_ROUNDS):
+        for name in (list(requests) if round_ % 2 == 0 else list(requests)[::-1]):
+            started = time.perf_counter()
+            requests[name].infer(inputs)
+            times[name].append(time.perf_counter() - started)
+    return {name: round(float(np.median(values)) * 1000, 3) for name, values in times.items()}
+
+
 def _check(onnx_path: Path, runner: OpenVINORunner, ranges: list[TensorRange], config) -> dict:
     """The compiled IR runs at the min and max shapes, and at opt answers like ONNX Runtime on the graph."""
     from miaotui.engines.shapes import max_diff, run_at_extremes, synthetic_feed
@@ -159,7 +227,7 @@ class OpenVINO(Backend):
     # machine the faster one is chosen (engines/choice.py): on minilm-sentiment's INT8 graph openvino
     # (about 2x), on lstm-sentiment's real texts onnxruntime (a new input shape costs OpenVINO more).
     preference = 45
-    form = "2"  # 2: an INT8 graph's float parts in BF16 where native (openvino_float)
+    form = "3"  # 2: an INT8 graph's float parts in BF16 where native (openvino_float); 3: INT8 attention where faster
 
     def version(self) -> str:
         return _import_openvino().get_version()
@@ -182,10 +250,26 @@ class OpenVINO(Backend):
             raise InputError(f"{job.onnx_path}: ops from {', '.join(job.foreign_domains)} are ONNX Runtime's own; "
                              "OpenVINO cannot convert them")
         hint = float_precision(ov, job.options.openvino_float, job.precision)
+        blocks = _attention_blocks(job.onnx_path, job.options.openvino_attention, job.precision)
         model = _convert(ov, job.onnx_path, job.ranges)
         unfused = _keep_reductions_unfused(model) if job.precision.startswith("int8") else []
         weights = job.stage_file(weights_path(Path(job.engine_name)).name)
+        attention: dict[str, Any] = {"form": "float", "blocks": 0}
         with tempfile.TemporaryDirectory(prefix="miaotui-openvino-") as folder:
+            if blocks:
+                from miaotui.engines.shapes import synthetic_feed
+
+                int8_form = _with_int8_attention(ov, job.onnx_path, blocks, job.ranges, Path(folder))
+                _keep_reductions_unfused(int8_form)
+                attention = {"form": "int8", "blocks": len(blocks)}
+                if job.options.openvino_attention == "auto":
+                    feed = synthetic_feed(job.ranges, "opt", job.config)
+                    timed = _faster_form(ov, {"float": model, "int8": int8_form}, hint, feed)
+                    faster = timed["int8"] <= timed["float"] * (1 - ATTENTION_MIN_GAIN)
+                    attention = {"form": "int8" if faster else "float", "blocks": len(blocks) if faster else 0,
+                                 "ms_at_opt": timed, "min_gain": ATTENTION_MIN_GAIN}
+                if attention["form"] == "int8":
+                    model = int8_form
             xml = Path(folder) / "model.xml"
             ov.save_model(model, str(xml), compress_to_fp16=False)  # the graph's precision, not FP16 weights
             shutil.copyfile(xml, job.engine_path)
@@ -194,8 +278,11 @@ class OpenVINO(Backend):
         runner = OpenVINORunner(compile_ir(job.engine_path, weights, hint, None),
                                 [o.get_any_name() for o in model.outputs if o.get_any_name() not in unfused])
         settings = {"precision_hint": hint, "performance_hint": "LATENCY", "unfused_outputs": unfused,
+                    "attention": attention["form"], "int8_attention_blocks": attention["blocks"],
                     "weights_sha256": sha256_file(weights), "weights_bytes": weights.stat().st_size}
         checks = _check(job.onnx_path, runner, job.ranges, job.config)
+        if "ms_at_opt" in attention:
+            checks["attention_timing"] = {"ms_at_opt": attention["ms_at_opt"], "min_gain": attention["min_gain"]}
         return BackendBuild(self.version(), cpu_description(), settings, checks)
 
     def engine_files(self, engine: Path) -> list[Path]:
@@ -231,7 +318,8 @@ class OpenVINO(Backend):
         diff = metadata.checks.get("vs_onnxruntime_max_abs_diff", float("nan"))
         hint = metadata.settings.get("precision_hint")
         where = " (f32 on CPUs without native BF16)" if hint == "bf16" else ""
-        return (f"openvino {metadata.backend_version.split('-')[0]} IR, float parts in {hint}{where}; "
+        attention = " (attention in INT8)" if metadata.settings.get("attention") == "int8" else ""
+        return (f"openvino {metadata.backend_version.split('-')[0]} IR{attention}, float parts in {hint}{where}; "
                 f"ran at min/opt/max shapes; vs ONNX Runtime on the .onnx max |diff| {diff:.0e}")
 
     def triton_model(self, engine: Path, metadata: EngineMetadata, target: Path, config) -> str:

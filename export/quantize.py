@@ -88,7 +88,7 @@ def quantize_onnx(model, destination: Path, calibration: Calibration, decisions:
         compensated = compensate_shifts(written)  # first: a corrected compensation must not be recomputed
         applied = apply_corrections(written, corrections or {})
         if compensated or applied:
-            _save(written, destination, external_data)
+            save_model(written, destination, external_data)
     return applied
 
 
@@ -100,11 +100,11 @@ def correct_biases(source: Path, destination: Path, corrections: dict[str, np.nd
 
     written = onnx.load(str(source))
     applied = apply_corrections(written, corrections)
-    _save(written, destination, external_data)
+    save_model(written, destination, external_data)
     return applied
 
 
-def _save(model, destination: Path, external_data: bool) -> None:
+def save_model(model, destination: Path, external_data: bool) -> None:
     import onnx
 
     # onnx appends external tensors to an existing file: start it afresh

@@ -30,14 +30,16 @@ import numpy as np
 from miaotui.artifacts import atomic_write_json, sha256_json
 from miaotui.config import Config, QuantizeSpec
 from miaotui.errors import InputError
+from miaotui.export import attention
 from miaotui.workdir import CALIBRATION, GRAPHS, QUANTIZATION
 
 INT8_NAME = GRAPHS["int8"]
 # Bumped when the same inputs would give another model.int8.onnx (2: one-sided inputs shifted,
 # weight tables under 30 dB kept float; 3: shifted inputs' ranges from their channel ranges; 4: bias
 # correction, and the search's sensitivities count real tokens only; 5: lookups feeding a recurrent layer float;
-# 6: outlier GELU channels split into copies, and the search starts from the rules' graph).
-QUANTIZE_RECIPE = "6"
+# 6: outlier GELU channels split into copies, and the search starts from the rules' graph; 7: self-attention
+# blocks and their Q, K, V ranges recorded in the graph's metadata).
+QUANTIZE_RECIPE = "7"
 SEARCH_SAMPLES = 384  # held-out calibration samples the search measures agreement on (time-bounded)
 MIN_HELD_OUT = 32  # fewer held-out samples than this: the search measures on the ranges' own samples
 
@@ -240,13 +242,15 @@ def _smooth(plan: Int8Plan) -> _Smoothing:
     return _Smoothing(smoothed, cached)
 
 
-def _calibrate(plan: Int8Plan, smoothing: _Smoothing, calibrated: Path, scratch: Path):
-    """Step 3: activation ranges (reused from calibration.json when it covers the request)."""
+def _calibrate(plan: Int8Plan, smoothing: _Smoothing, calibrated: Path, scratch: Path, also: tuple[str, ...] = ()):
+    """Step 3: activation ranges (reused from calibration.json when it covers the request); `also`:
+    tensors to calibrate beyond what the QDQ graph quantizes (attention's Q, K and V)."""
     from miaotui.export.calibration import CalibrationRequest, calibrate, save
     from miaotui.export.quantize_rules import tensors_to_calibrate
     from miaotui.export.smoothing import shifted_ranges
 
-    request = CalibrationRequest(plan.calibration_key, tensors_to_calibrate(plan.model, plan.decisions))
+    tensors = tuple(sorted(set(tensors_to_calibrate(plan.model, plan.decisions)) | set(also)))
+    request = CalibrationRequest(plan.calibration_key, tensors)
     cached = smoothing.cached
     calibration = cached if cached and cached.covers(request) else None
     if calibration is None:
@@ -255,6 +259,28 @@ def _calibrate(plan: Int8Plan, smoothing: _Smoothing, calibrated: Path, scratch:
         save(calibration, scratch / CALIBRATION)
     calibration.ranges.update(shifted_ranges(smoothing.inputs))
     return calibration
+
+
+def _attention_blocks(plan: Int8Plan) -> list:
+    """The self-attention blocks whose products the QDQ graph keeps in float (an --include can quantize
+    them there: then the graph already decides)."""
+    quantized = {d.name for d in plan.decisions if d.quantized}
+    return [b for b in attention.find_blocks(plan.model)
+            if b.scores_matmul not in quantized and b.context_matmul not in quantized]
+
+
+def _record_attention(target: Path, blocks: list, external: bool) -> None:
+    """The blocks and their ranges into the written graph's metadata, for the backends that run
+    attention in INT8 (export/attention.py)."""
+    import onnx
+
+    from miaotui.export.quantize import save_model
+
+    if not blocks:
+        return
+    model = onnx.load(str(target))
+    attention.write_metadata(model, blocks)
+    save_model(model, target, external)
 
 
 def _bias_corrections(plan: Int8Plan, probe: Path) -> tuple[dict, float]:
@@ -290,7 +316,8 @@ def write_int8(plan: Int8Plan, scratch: Path) -> dict[str, Any]:
             calibrated = Path(folder) / "model.smoothed.onnx"
             onnx.save(plan.model, str(calibrated), save_as_external_data=plan.external, location=calibrated.name + ".data")
             compare_onnx(plan.optimized, calibrated, config, [config.sizes("opt")], atol=SMOOTHING_ATOL)
-        calibration = _calibrate(plan, smoothing, calibrated, scratch)
+        blocks = _attention_blocks(plan)
+        calibration = _calibrate(plan, smoothing, calibrated, scratch, attention.tensors_to_calibrate(blocks))
         chosen, search, corrections, probe, bias_seconds = plan.decisions, None, {}, None, 0.0
         if options.bias_correction or plan.held_out is not None:
             probe = Path(folder) / "probe.int8.onnx"  # step 4
@@ -310,6 +337,8 @@ def write_int8(plan: Int8Plan, scratch: Path) -> dict[str, Any]:
             corrected = correct_biases(probe, target, corrections, plan.external)  # the probe is the graph
         else:
             corrected = quantize_onnx(plan.model, target, calibration, chosen, plan.external, corrections)
+        attention_blocks = attention.ranged(blocks, calibration.ranges)
+        _record_attention(target, attention_blocks, plan.external)
     final = confirm_decisions(target, chosen)  # step 7
     check = check_qdq(target, plan.model, calibration)
     agreement = compare_top1(plan.optimized, target, plan.data.agreement_set.batches(), config.model.outputs[0],
@@ -335,6 +364,8 @@ def write_int8(plan: Int8Plan, scratch: Path) -> dict[str, Any]:
                             "max_rms": round(max((c.rms for c in corrected), default=0.0), 6),
                             "seconds": round(bias_seconds, 3)},
         "qdq_check": asdict(check),
+        # Self-attention blocks whose Q, K and V ranges model.int8.onnx's metadata records (export/attention.py).
+        "attention": {"blocks": len(attention_blocks)},
         "agreement": asdict(agreement) | {"set": plan.data.agreement_set.where},
         "warnings": warnings,
     }

@@ -93,6 +93,10 @@ def test_checkpoint_folder_and_csv_through_the_whole_pipeline(family: str, corpu
     engines = sorted(p.name for p in (work / "engines").iterdir() if not p.name.endswith(".json"))
     assert f"tiny-{family}.onnxruntime.int8.ort" in engines
     assert f"tiny-{family}.tensorrt-rtx.int8.plan" in engines  # TensorRT-RTX parsed and built the INT8 graph
+    # Both layers' self-attention found and its ranges recorded for INT8 attention (DeBERTa's disentangled
+    # attention adds position terms to the scores: not the plain block, left in float).
+    recorded = json.loads((work / "quantization.json").read_text())["attention"]["blocks"]
+    assert recorded == (0 if family == "deberta-v2" else 2)
 
     # The exported graph answers like transformers itself, padding included.
     tokenizer = load_tokenizer(config.model.tokenizer, 128)

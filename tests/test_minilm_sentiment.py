@@ -237,6 +237,7 @@ def test_int8_graph_follows_the_rules_and_tensorrt_builds_it(exported, quantized
     assert len(reasons[("MatMul", "rule-activation-matmul")]) == 12  # Q x K^T and softmax x V, 6 layers
     assert len(reasons[("MatMul", "int8-shifted")]) == 6  # FFN down-projections, their GELU inputs shifted
     assert quantized.details["smoothing"]["shifted"] == 6
+    assert quantized.details["attention"] == {"blocks": 6}  # Q, K, V ranges of every layer, for INT8 attention
     assert len(reasons[("Gather", "rule-table-range")]) == 2  # word and position tables: under 30 dB in INT8
     assert ("LayerNormalization", "rule-op-type") in reasons and ("Softmax", "int8") not in reasons
     assert quantized.details["qdq_check"]["weights"] == quantized.details["ops"]["quantized"]

@@ -259,3 +259,119 @@ def test_the_text_model_carries_the_irs_weights(openvino_work: Path, tmp_path: P
     direct = Classifier.load(openvino_work, backend="openvino", precision="int8").predict(
         ["质量很好，物流也快", "太差了，完全不值这个价钱"])
     assert [p.label for p in served] == [p.label for p in direct]
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_work(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny Hugging Face BERT (two layers, random weights) quantized by `miaotui quantize`: its
+    model.int8.onnx records the attention ranges. Returns (config, work dir)."""
+    import csv
+    import warnings
+
+    from miaotui.cli import main
+    from miaotui.data.corpus import LABELS, load_split
+    from miaotui.models.huggingface_tiny import save_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny-bert")
+    for split, rows in (("calibration", 64), ("validation", 64)):
+        with (root / f"{split}.csv").open("w", newline="", encoding="utf-8") as stream:
+            writer = csv.writer(stream)
+            writer.writerow(["text", "label"])
+            writer.writerows([e.text, LABELS[e.label]] for e in load_split(split)[:rows])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        save_checkpoint(root / "checkpoint", "bert", [e.text for e in load_split("train")[:2000]], vocab_size=300)
+    config = root / "config.toml"
+    runner = CliRunner()
+    result = runner.invoke(main, ["init", str(root / "checkpoint"), "-o", str(config), "--calibration",
+                                  str(root / "calibration.csv"), "--validation", str(root / "validation.csv")])
+    assert result.exit_code == 0, result.output
+    config.write_text(config.read_text().replace("seq = { min = 1, opt = 128, max = 130 }",
+                                                 "seq = { min = 1, opt = 64, max = 128 }"))
+    result = runner.invoke(main, ["quantize", str(config), "--out", str(root / "work")])
+    assert result.exit_code == 0, result.output
+    return config, root / "work"
+
+
+def _fake_quantizes(xml: Path) -> int:
+    return xml.read_text().count('type="FakeQuantize"')
+
+
+def test_the_int8_graph_records_each_attention_block_with_its_calibrated_ranges(tiny_bert_work):
+    """Q, K and V are where the projections write them (before the head split), their steps are the
+    calibrated ranges / 127, and the QDQ graph itself keeps the attention products in float."""
+    import json
+
+    import onnx
+
+    from miaotui.export.attention import find_blocks, read_metadata
+
+    _, work = tiny_bert_work
+    graph = onnx.load(str(work / "model.int8.onnx"))
+    recorded = read_metadata(graph)
+    assert len(recorded) == 2 and [r.block for r in recorded] == find_blocks(graph)  # two layers
+    assert json.loads((work / "quantization.json").read_text())["attention"] == {"blocks": 2}
+    ranges = json.loads((work / "calibration.json").read_text())["ranges"]
+    producers = {out: node.op_type for node in graph.graph.node for out in node.output}
+    readers = {name: node.op_type for node in graph.graph.node for name in node.input}
+    for ranged in recorded:
+        for part in ("query", "key", "value"):
+            tensor = getattr(ranged.block, part)
+            assert producers[tensor] == "Add" and readers[tensor] == "Reshape"  # bias added, heads not split yet
+            assert ranged.scales[part] == pytest.approx(max(map(abs, ranges[tensor])) / 127, rel=1e-6)
+        assert readers[ranged.block.probabilities] == "MatMul"  # no Q/DQ in the QDQ graph's attention
+
+
+def test_int8_attention_builds_each_block_in_int8_and_answers_close_to_float(tiny_bert_work, tmp_path: Path):
+    from miaotui.config import load_config
+    from miaotui.engines import BuildOptions, build_engine
+    from miaotui.engines.openvino_backend import BACKEND
+    from miaotui.runtime import Engine
+
+    config_path, work = tiny_bert_work
+    config = load_config(config_path)
+    built = {form: build_engine(work / "model.int8.onnx", tmp_path / f"{form}.xml",
+                                BuildOptions(backend="openvino", openvino_attention=form), config)
+             for form in ("int8", "float")}
+    assert built["int8"].metadata.settings["attention"] == "int8"
+    assert built["int8"].metadata.settings["int8_attention_blocks"] == 2
+    assert built["float"].metadata.settings["attention"] == "float"
+    # Q, K, V and the probabilities of two blocks: eight more FakeQuantize in the IR.
+    assert _fake_quantizes(tmp_path / "int8.xml") - _fake_quantizes(tmp_path / "float.xml") == 8
+    assert "IR (attention in INT8)" in BACKEND.describe(built["int8"].metadata)
+    ids = np.random.default_rng(1).integers(5, 300, (16, 40)).astype(np.int64)
+    inputs = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    logits = {form: Engine.load(tmp_path / f"{form}.xml", threads=2)(**inputs)["logits"] for form in built}
+    spread = float(np.ptp(logits["float"]))
+    difference = float(np.abs(logits["int8"] - logits["float"]).max())
+    assert 0 < difference < 0.1 * spread, (difference, spread)  # it changed, by INT8 noise, not more
+
+
+def test_auto_keeps_int8_attention_only_where_it_measured_faster(tiny_bert_work, tmp_path: Path):
+    from miaotui.config import load_config
+    from miaotui.engines import BuildOptions, build_engine
+    from miaotui.engines.openvino_backend import ATTENTION_MIN_GAIN
+
+    config_path, work = tiny_bert_work
+    built = build_engine(work / "model.int8.onnx", tmp_path / "auto.xml", BuildOptions(backend="openvino"),
+                         load_config(config_path))
+    timing = built.metadata.checks["attention_timing"]
+    faster = timing["ms_at_opt"]["int8"] <= timing["ms_at_opt"]["float"] * (1 - ATTENTION_MIN_GAIN)
+    assert built.metadata.settings["attention"] == ("int8" if faster else "float")
+    assert _fake_quantizes(tmp_path / "auto.xml") > 0
+
+
+def test_int8_attention_is_refused_in_one_line_where_the_graph_records_none(openvino_work: Path, tmp_path: Path):
+    from miaotui.engines import BuildOptions, build_engine
+    from miaotui.models import resolve_config
+
+    config = resolve_config("lstm-sentiment")
+    for graph, expected in (("model.int8.onnx", "records no attention ranges"), ("model.opt.onnx", "is a fp32 graph")):
+        with pytest.raises(InputError, match=f"--openvino-attention int8: .*{graph}.* {expected}"):
+            build_engine(openvino_work / graph, tmp_path / "x.xml",
+                         BuildOptions(backend="openvino", openvino_attention="int8"), config)
+    assert not list(tmp_path.iterdir())  # nothing half-written
+    # On a graph without attention, auto builds the float form without timing anything.
+    built = build_engine(openvino_work / "model.int8.onnx", tmp_path / "auto.xml", BuildOptions(backend="openvino"),
+                         config)
+    assert built.metadata.settings["attention"] == "float" and "attention_timing" not in built.metadata.checks
