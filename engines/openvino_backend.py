@@ -152,8 +152,9 @@ def _keep_reductions_unfused(model) -> list[str]:
     return [op.output(0).get_any_name() for op in reductions]
 
 
-def _attention_blocks(onnx_path: Path, requested: str, precision: str) -> list:
-    """The attention ranges the INT8 graph records, when INT8 attention may be built."""
+def _attention_blocks(onnx_path: Path, requested: str, precision: str) -> tuple[list, Any]:
+    """The attention ranges the INT8 graph records, when INT8 attention may be built, and the graph
+    they were read from (its external weights not loaded yet); ([], None) when none may be."""
     import onnx
 
     from miaotui.export.attention import read_metadata
@@ -164,25 +165,26 @@ def _attention_blocks(onnx_path: Path, requested: str, precision: str) -> list:
         if requested == "int8":
             raise InputError(f"--openvino-attention int8: {onnx_path} is a {precision} graph; INT8 attention "
                              "needs an INT8 graph (miaotui quantize)")
-        return []
-    blocks = read_metadata(onnx.load(str(onnx_path), load_external_data=False))
+        return [], None
+    graph = onnx.load(str(onnx_path), load_external_data=False)
+    blocks = read_metadata(graph)
     if requested == "int8" and not blocks:
         raise InputError(f"--openvino-attention int8: {onnx_path} records no attention ranges (a graph without "
                          "self-attention, or quantized by an older miaotui: run miaotui quantize again)")
-    return blocks
+    return blocks, graph
 
 
-def _with_int8_attention(ov, onnx_path: Path, blocks: list, ranges: list[TensorRange], folder: Path):
-    """The graph with Q/DQ on each attention block, converted like the graph itself."""
-    import onnx
+def _with_int8_attention(ov, graph, onnx_path: Path, blocks: list, ranges: list[TensorRange], folder: Path):
+    """`graph` (read from `onnx_path`) with Q/DQ on each attention block, converted like the graph itself."""
+    from onnx.external_data_helper import load_external_data_for_model
 
     from miaotui.export.attention import int8_attention_graph
+    from miaotui.export.quantize import save_model
 
-    model = onnx.load(str(onnx_path))
-    int8_attention_graph(model, blocks)
+    load_external_data_for_model(graph, str(onnx_path.parent))
+    int8_attention_graph(graph, blocks)
     path = folder / "attention.int8.onnx"
-    external = Path(str(onnx_path) + ".data").is_file()
-    onnx.save(model, str(path), save_as_external_data=external, location=path.name + ".data" if external else None)
+    save_model(graph, path, Path(str(onnx_path) + ".data").is_file())
     return _convert(ov, path, ranges)
 
 
@@ -250,7 +252,7 @@ class OpenVINO(Backend):
             raise InputError(f"{job.onnx_path}: ops from {', '.join(job.foreign_domains)} are ONNX Runtime's own; "
                              "OpenVINO cannot convert them")
         hint = float_precision(ov, job.options.openvino_float, job.precision)
-        blocks = _attention_blocks(job.onnx_path, job.options.openvino_attention, job.precision)
+        blocks, graph = _attention_blocks(job.onnx_path, job.options.openvino_attention, job.precision)
         model = _convert(ov, job.onnx_path, job.ranges)
         unfused = _keep_reductions_unfused(model) if job.precision.startswith("int8") else []
         weights = job.stage_file(weights_path(Path(job.engine_name)).name)
@@ -259,7 +261,7 @@ class OpenVINO(Backend):
             if blocks:
                 from miaotui.engines.shapes import synthetic_feed
 
-                int8_form = _with_int8_attention(ov, job.onnx_path, blocks, job.ranges, Path(folder))
+                int8_form = _with_int8_attention(ov, graph, job.onnx_path, blocks, job.ranges, Path(folder))
                 _keep_reductions_unfused(int8_form)
                 attention = {"form": "int8", "blocks": len(blocks)}
                 if job.options.openvino_attention == "auto":

@@ -51,9 +51,11 @@ class RangedBlock:
 def find_blocks(model) -> list[AttentionBlock]:
     """Each softmax(Q K^T ...) V of `model` (an onnx.ModelProto) whose Q, K and V trace back to a
     computed tensor that only the block reads."""
+    from onnx import numpy_helper
+
     graph = model.graph
-    constants = {init.name for init in graph.initializer} | {o for n in graph.node if n.op_type == "Constant"
-                                                             for o in n.output}
+    initializers = {init.name: init for init in graph.initializer}
+    constants = set(initializers) | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
     producers = {output: node for node in graph.node for output in node.output}
     consumers: dict[str, list] = {}
     for node in graph.node:
@@ -67,11 +69,8 @@ def find_blocks(model) -> list[AttentionBlock]:
     def scalar(name: str) -> bool:
         if name not in constants:
             return False
-        from onnx import numpy_helper
-
-        init = next((i for i in graph.initializer if i.name == name), None)
-        if init is not None:
-            return numpy_helper.to_array(init).size == 1
+        if name in initializers:
+            return numpy_helper.to_array(initializers[name]).size == 1
         node = producers[name]
         value = next((a.t for a in node.attribute if a.name == "value"), None)
         return value is not None and numpy_helper.to_array(value).size == 1
