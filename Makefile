@@ -41,7 +41,7 @@ train: setup
 	$(BIN)/python -m miaotui.models.$(subst -,_,$(MODEL)).train
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=20
 
 clean:
 	rm -rf build

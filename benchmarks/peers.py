@@ -1,8 +1,9 @@
 """miaotui's INT8 engine against the tools a user would otherwise reach for, on one model, in one run.
 
-    python benchmarks/peers.py [--model minilm-sentiment] [--batch 1,32] [--seq 128] [--threads 2]
+    python benchmarks/peers.py [--model minilm-sentiment] [--batch 1,32] [--seq 128] [--threads 2] [--rounds 6]
 
-Peers, each timed in its own process (miaotui.bench) on the same shapes, and scored on the same
+Peers, each timed in its own process (miaotui.bench) on the same shapes (with --rounds N, all loaded at
+once and timed in N alternating rounds: a shared machine's drift then lands on every peer alike), and scored on the same
 validation split (the gate's) and test split (neither calibration nor the gate saw it): top-1
 agreement with PyTorch FP32, and accuracy on the test split:
 - PyTorch FP32 eager: the reference.
@@ -204,6 +205,7 @@ def main() -> None:
     parser.add_argument("--seq", default="128")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--rounds", type=int, default=1, help="interleave the peers in this many rounds (1: one after another)")
     args = parser.parse_args()
 
     from miaotui.bench import Subject, run_bench, write_bench_reports
@@ -228,7 +230,7 @@ def main() -> None:
                 Subject("pytorch dynamic int8", "torch-dynamic-int8", None, str(config.path))]
     subjects += [Subject(name, kind, path, str(work / "config.toml")) for name, (kind, path) in peers.items()]
     started = time.time()
-    rows = run_bench(subjects, batches, seqs, args.threads, min_seconds=args.seconds)
+    rows = run_bench(subjects, batches, seqs, args.threads, min_seconds=args.seconds, rounds=args.rounds)
     module = config.model.factory.split(":")[0]  # the built-in models' test split
     splits = {"validation": config.data.validation, "test": f"{module}:test_batches"}
     scores = split_scores(config, peers, splits)
@@ -247,8 +249,11 @@ def main() -> None:
     # cpu['isa'] lists what changes ONNX Runtime's kernels; OpenVINO's float parts also depend on native BF16
     # (AVX512-BF16 or AMX), which the openvino engine and OpenVINO's FP32 default then compute in.
     bf16 = "native BF16 (OpenVINO computes float parts in BF16)" if native_bf16(openvino) else "no native BF16"
+    rounds = f" --rounds {args.rounds}" if args.rounds > 1 else ""
+    how = f"interleaved in {args.rounds} rounds" if args.rounds > 1 else "one peer after another"
     lines = [f"{config.name}, {args.threads} threads, `python benchmarks/peers.py --model {config.name} --batch {args.batch} "
-             f"--seq {args.seq} --threads {args.threads} --seconds {args.seconds:g}` ({time.time() - started:.0f} s). {cpu['cpu']} "
+             f"--seq {args.seq} --threads {args.threads} --seconds {args.seconds:g}{rounds}` ({time.time() - started:.0f} s, "
+             f"{how}). {cpu['cpu']} "
              f"({', '.join(cpu['isa'])}; {bf16}). INT8 GEMM rate here: {rate / 1e9:.0f} GMAC/s.", "",
              "| peer | top-1 validation | top-1 test | accuracy (test) | " + " | ".join(
                  f"b{b} s{s} p50 ms (speed-up)" for s in seqs for b in batches) + " |",

@@ -624,10 +624,13 @@ def _sizes(option: str, text: str) -> list[int]:
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Threads per subject (default: every core).")
 @click.option("--seconds", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
               help="Minimum timed seconds per shape (after a warm-up).")
+@click.option("--rounds", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Interleave: load every subject at once and time each shape in this many alternating rounds "
+                   "(steadier ratios on a shared machine).")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder for bench.json, bench.md, bench.png (default: <work dir of the first engine>/reports).")
 @reports_errors
-def bench(engine_files, torch_config, batch_text, seq_text, threads, seconds, report_dir) -> None:
+def bench(engine_files, torch_config, batch_text, seq_text, threads, seconds, rounds, report_dir) -> None:
     """Latency (p50/p90/p99) and throughput of engines and, with --torch, of the PyTorch model, each in
     its own process with the thread count set."""
     import os
@@ -643,9 +646,11 @@ def bench(engine_files, torch_config, batch_text, seq_text, threads, seconds, re
     if torch_config:
         subjects.insert(0, torch_subject(resolve_config(torch_config).path))
     threads = threads or os.cpu_count() or 1
-    rows = run_bench(subjects, _sizes("--batch", batch_text), _sizes("--seq", seq_text), threads, min_seconds=seconds)
+    rows = run_bench(subjects, _sizes("--batch", batch_text), _sizes("--seq", seq_text), threads, min_seconds=seconds,
+                     rounds=rounds)
     written = write_bench_reports(rows, report_dir or default_report_dir(list(engine_files), torch_config), threads)
-    table = Table(title=f"miaotui bench: {threads} thread(s), each subject in its own process", title_justify="left")
+    how = f", interleaved in {rounds} rounds" if rounds > 1 else ""
+    table = Table(title=f"miaotui bench: {threads} thread(s), each subject in its own process{how}", title_justify="left")
     for column, justify in (("subject", "left"), ("batch", "right"), ("seq", "right"), ("p50 ms", "right"),
                             ("p90 ms", "right"), ("p99 ms", "right"), ("samples/s", "right"), ("vs PyTorch", "right"),
                             ("calls", "right")):

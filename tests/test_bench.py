@@ -33,6 +33,27 @@ def test_bench_times_an_engine_and_the_pytorch_model_and_writes_reports(lstm_wor
     assert "samples/s" in result.stdout
 
 
+def test_bench_interleaved_times_every_subject_in_each_round(lstm_work: Path, tmp_path: Path):
+    """--rounds 3: both subjects loaded at once and timed in three alternating rounds; each row's
+    p50 is over every round's calls, its round_p50_ms holds each round's own, and a shape outside
+    the engine's range is said, not timed."""
+    engine = lstm_work / "engines" / "lstm-sentiment.onnxruntime.int8.ort"
+    result = run_cli("bench", str(engine), "--torch", "lstm-sentiment", "--batch", "2", "--seq", "16,300",
+                     "--threads", "1", "--seconds", "0.6", "--rounds", "3", "--report", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "interleaved in 3 rounds" in result.stdout
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    timed = [row for row in rows if "p50_ms" in row]
+    assert len(timed) == 2 and {row["seq"] for row in timed} == {16}
+    for row in timed:
+        assert row["rounds"] == 3 and len(row["round_p50_ms"]) == 3 and row["calls"] >= 9
+        assert min(row["round_p50_ms"]) <= row["p50_ms"] <= max(row["round_p50_ms"])
+    assert [row["skipped"] for row in rows if row["seq"] == 300] == ["outside the engine's shape range"] * 2
+    torch_row = next(row for row in timed if row["name"] == "pytorch fp32 eager")
+    engine_row = next(row for row in timed if row["name"] != "pytorch fp32 eager")
+    assert engine_row["vs_torch"] == round(torch_row["p50_ms"] / engine_row["p50_ms"], 3)
+
+
 def test_bench_refuses_bad_sizes_and_missing_engines(tmp_path: Path):
     bad = run_cli("bench", "--torch", "lstm-sentiment", "--batch", "0,4")
     assert bad.returncode == 2 and "--batch 0,4" in bad.stderr

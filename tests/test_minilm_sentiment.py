@@ -300,7 +300,9 @@ def test_the_parity_gate_passes_on_the_int8_engine(exported, quantized):
 @pytest.mark.parametrize("precision", ["fp16", "int8-fp16"])
 def test_half_precision_graphs_pass_the_gate_and_build_with_tensorrt_rtx(exported, quantized, precision: str):
     """The GPU precisions, checked on the CPU: FP16 top-1 agreement with FP32 >= 0.999 (int8-fp16: the
-    INT8 bar), the parity gate on the onnxruntime engine, and a strongly typed TensorRT-RTX plan."""
+    INT8 bar), the parity gate on the onnxruntime engine, and a strongly typed TensorRT-RTX plan. The
+    gate runs on the fp16 engine only: for int8-fp16 it would run ONNX Runtime on the same graph over
+    the same validation split as the stage's agreement check just did (45 s on 2 cores)."""
     from miaotui.engines import BuildOptions
     from miaotui.stages import Build, Pipeline, validate_engine
 
@@ -311,8 +313,9 @@ def test_half_precision_graphs_pass_the_gate_and_build_with_tensorrt_rtx(exporte
     half = pipeline.result(precision)
     assert half.details["agreement"]["top1_agreement"] >= (0.999 if precision == "fp16" else 0.99)
     assert half.details["fp32_nodes"] == {"LayerNormalization": 13, "Softmax": 6, "ReduceSum": 2, "Clip": 1}
-    report = validate_engine(built.path, config, work, progress=False)
-    assert report.passed and report.from_work_dir, [c.sentence() for c in report.checks if not c.passed]
+    if precision == "fp16":
+        report = validate_engine(built.path, config, work, progress=False)
+        assert report.passed and report.from_work_dir, [c.sentence() for c in report.checks if not c.passed]
     plan = pipeline.run(Build(BuildOptions(backend="tensorrt-rtx", precision=precision)))
     types = plan.details["network"]["tensorrt"]["by_output_type"]
     assert types["HALF"] > 300 and ("INT8" in types) == (precision == "int8-fp16")

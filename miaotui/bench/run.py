@@ -1,10 +1,13 @@
-"""Runs each benchmark subject in its own process (miaotui.bench.worker) and gathers the rows."""
+"""Runs each benchmark subject in its own process (miaotui.bench.worker) and gathers the rows: one
+subject after another, or (rounds > 1) all loaded at once and timed in alternating rounds, so that a
+shared machine's drift lands on every subject alike instead of on whichever ran in a slow spell."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,20 +22,38 @@ class Subject:
     config: str | None = None  # the model's config (torch subjects; value ranges for the others)
 
 
+# Between two subjects' slices in interleaved mode: the last one's idle threads stop spinning (GNU
+# OpenMP's and ONNX Runtime's spin-waits last well under this) before the next one is timed.
+SETTLE_SECONDS = 0.3
+
+
+def _spec(subject: Subject, batches: list[int], seqs: list[int], threads: int, min_seconds: float,
+          warmup_seconds: float) -> dict:
+    return {"name": subject.name, "kind": subject.kind, "path": subject.path, "config": subject.config,
+            "batches": batches, "seqs": seqs, "threads": threads, "min_seconds": min_seconds,
+            "warmup_seconds": warmup_seconds}
+
+
 def run_bench(subjects: list[Subject], batches: list[int], seqs: list[int], threads: int, progress: bool = True,
-              min_seconds: float = 2.0, warmup_seconds: float = 0.5) -> list[dict]:
+              min_seconds: float = 2.0, warmup_seconds: float = 0.5, rounds: int = 1) -> list[dict]:
+    """A row per subject and shape. `rounds` > 1: interleaved, each shape's `min_seconds` split into
+    that many slices, the subjects' order reversed every other round; the row's p50 is over every
+    slice's calls and `round_p50_ms` holds each slice's own."""
     from tqdm import tqdm
 
     if threads < 1:
         raise InputError(f"--threads {threads}: expected at least 1")
     if not batches or not seqs or min(batches) < 1 or min(seqs) < 1:
         raise InputError("--batch and --seq take positive sizes, e.g. --batch 1,8,32 --seq 128")
+    if rounds < 1:
+        raise InputError(f"--rounds {rounds}: expected at least 1")
+    if rounds > 1:
+        return with_torch_ratios(_interleaved(subjects, batches, seqs, threads, progress, min_seconds,
+                                              warmup_seconds, rounds))
     rows = []
     with tqdm(total=len(subjects) * len(batches) * len(seqs), desc="bench", unit="shape", disable=not progress) as bar:
         for subject in subjects:
-            spec = {"name": subject.name, "kind": subject.kind, "path": subject.path, "config": subject.config,
-                    "batches": batches, "seqs": seqs, "threads": threads, "min_seconds": min_seconds,
-                    "warmup_seconds": warmup_seconds}
+            spec = _spec(subject, batches, seqs, threads, min_seconds, warmup_seconds)
             process = subprocess.Popen([sys.executable, "-m", "miaotui.bench.worker", json.dumps(spec)],
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for line in process.stdout:
@@ -47,6 +68,80 @@ def run_bench(subjects: list[Subject], batches: list[int], seqs: list[int], thre
                 last = (process.stderr.read().strip().splitlines() or ["no message"])[-1]
                 raise InputError(f"benchmarking {subject.name} failed: {last}")
     return with_torch_ratios(rows)
+
+
+def _interleaved(subjects: list[Subject], batches: list[int], seqs: list[int], threads: int, progress: bool,
+                 min_seconds: float, warmup_seconds: float, rounds: int) -> list[dict]:
+    from tqdm import tqdm
+
+    from miaotui.bench.worker import summarize
+
+    processes = {}
+    try:
+        for subject in subjects:  # every subject loaded in its own process before any is timed
+            spec = _spec(subject, batches, seqs, threads, min_seconds, warmup_seconds) | {"serve": True}
+            processes[subject.name] = subprocess.Popen(
+                [sys.executable, "-m", "miaotui.bench.worker", json.dumps(spec)], stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for name, process in processes.items():
+            _answer(name, process)
+        latencies: dict[tuple, list[list[float]]] = {}
+        skipped: set[tuple] = set()
+        shapes = [(batch, seq) for seq in seqs for batch in batches]
+        with tqdm(total=rounds * len(shapes) * len(subjects), desc="bench (interleaved)", unit="slice",
+                  disable=not progress) as bar:
+            for round_ in range(rounds):
+                order = subjects if round_ % 2 == 0 else subjects[::-1]
+                for batch, seq in shapes:
+                    for subject in order:
+                        key = (subject.name, batch, seq)
+                        if key in skipped:
+                            bar.update(1)
+                            continue
+                        process = processes[subject.name]
+                        process.stdin.write(f"{batch} {seq} {min_seconds / rounds}\n")
+                        process.stdin.flush()
+                        answer = _answer(subject.name, process)
+                        if "skipped" in answer:
+                            skipped.add(key)
+                        else:
+                            latencies.setdefault(key, []).append(answer["latencies"])
+                        bar.set_postfix_str(f"round {round_ + 1} {subject.name} b{batch} s{seq}")
+                        bar.update(1)
+                        time.sleep(SETTLE_SECONDS)
+    finally:
+        for process in processes.values():
+            if process.stdin:
+                process.stdin.close()
+            process.kill()
+            process.wait()
+    rows = []
+    for subject in subjects:
+        for batch, seq in shapes:
+            row = {"name": subject.name, "kind": subject.kind, "batch": batch, "seq": seq, "threads": threads}
+            key = (subject.name, batch, seq)
+            if key in skipped:
+                rows.append(row | {"skipped": "outside the engine's shape range"})
+                continue
+            slices = latencies[key]
+            row |= summarize([value for part in slices for value in part], batch)
+            row["rounds"] = rounds
+            row["round_p50_ms"] = [round(summarize(part, batch)["p50_ms"], 3) for part in slices]
+            rows.append(row)
+    return rows
+
+
+def _answer(name: str, process: subprocess.Popen) -> dict:
+    """The worker's next JSON line, or one line saying why it has none."""
+    line = process.stdout.readline()
+    answer = json.loads(line) if line.strip() else None
+    if answer is None or "error" in answer:
+        if answer is None:
+            process.kill()
+            last = (process.stderr.read().strip().splitlines() or ["no message"])[-1]
+            raise InputError(f"benchmarking {name} failed: {last}")
+        raise InputError(answer["error"])
+    return answer
 
 
 # Below this many timed calls a p50 rests on too little (a loaded machine, one slow call): say so.

@@ -4,7 +4,9 @@
 
 Thread counts are fixed before torch, numpy or onnxruntime are imported (torch and ONNX Runtime in
 one process fight over threads: a 3x distortion was seen). Prints one JSON line per measurement, so
-the parent can show progress while it runs.
+the parent can show progress while it runs. With "serve": true it loads the subject, says
+{"ready": true} and then times one shape per line read from stdin ("BATCH SEQ SECONDS"), answering
+with that slice's latencies: the parent alternates subjects in rounds (run.py, interleaved mode).
 """
 
 from __future__ import annotations
@@ -132,6 +134,23 @@ def _onnx_dtype(type_text: str) -> str:
             "tensor(float16)": "float16", "tensor(bool)": "bool"}.get(type_text, "float32")
 
 
+def serve(spec: dict, call, specs, config, fits) -> None:
+    """Time the shape each stdin line names ("BATCH SEQ SECONDS") and answer with its latencies."""
+    print(json.dumps({"ready": True}), flush=True)
+    feeds = {}
+    for line in sys.stdin:
+        batch, seq, seconds = int(line.split()[0]), int(line.split()[1]), float(line.split()[2])
+        if (batch, seq) not in feeds:
+            feeds[batch, seq] = _feed(specs, batch, seq, config)
+        feed = feeds[batch, seq]
+        if not fits(feed):
+            print(json.dumps({"skipped": "outside the engine's shape range"}), flush=True)
+            continue
+        # A warm-up each round: the other subjects ran in between and took the caches.
+        latencies = time_calls(lambda: call(feed), seconds, spec.get("warmup_seconds", 0.5), min_calls=3)
+        print(json.dumps({"latencies": latencies}), flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     spec = json.loads((argv or sys.argv[1:])[0])
     _fix_threads(spec["threads"])
@@ -142,6 +161,9 @@ def main(argv: list[str] | None = None) -> None:
     except MiaotuiError as error:  # the parent reports it as one line
         print(json.dumps({"error": str(error)}), flush=True)
         sys.exit(error.exit_code)
+    if spec.get("serve"):
+        serve(spec, call, specs, config, fits)
+        return
     for seq in spec["seqs"]:
         for batch in spec["batches"]:
             feed = _feed(specs, batch, seq, config)
