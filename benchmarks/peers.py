@@ -15,7 +15,7 @@ agreement with PyTorch FP32, and accuracy on the test split:
 - OpenVINO FP32: model.opt.onnx compiled by OpenVINO with the CPU plugin's defaults (on CPUs with AMX
   or AVX512-BF16 that computes in BF16).
 - NNCF INT8: nncf.quantize with its defaults on the same 512 calibration samples, run by OpenVINO
-  with its defaults: what an OpenVINO user gets (needs `pip install nncf`); and the same with
+  with its defaults: what an OpenVINO user gets (needs `pip install -e '.[bench]'`); and the same with
   `model_type=TRANSFORMER` (NNCF's scheme for transformers, what Optimum Intel uses for them).
 - miaotui INT8: the onnxruntime engine `miaotui run` builds, and the openvino engine
   (`--backend openvino`, float parts in BF16 where the CPU has it) from the same model.int8.onnx.
@@ -66,7 +66,12 @@ def nncf_int8(config, work: Path, transformer: bool = False) -> Path:
         return target
     import itertools
 
-    import nncf
+    try:
+        import nncf
+    except ImportError:
+        print("error: benchmarks/peers.py: NNCF is not installed; pip install -e '.[bench]' (nncf 3.4.0, the "
+              "tables' version)", file=sys.stderr)
+        sys.exit(2)
     import openvino
 
     from miaotui.data.datasets import data_set, sample_rows, without_labels
