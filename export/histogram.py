@@ -56,8 +56,9 @@ def fast_collector(calibrator):
             for tensor, arrays in name_to_arr.items():
                 values = arrays[0] if isinstance(arrays, list) and len(arrays) == 1 else np.asarray(arrays)
                 values = values.ravel()
-                if values.dtype == np.float64 or tensor not in self.histogram_dict or values.size == 0:
-                    super().collect_absolute_value({tensor: values})  # its first batch, and what it refuses
+                if values.dtype != np.float32 or tensor not in self.histogram_dict or values.size == 0:
+                    # its first batch; FP16 too (guesses in FP16 arithmetic could miss by more than a bin)
+                    super().collect_absolute_value({tensor: values})
                     continue
                 lowest, highest = np.nanmin(values), np.nanmax(values)
                 top = max(abs(lowest), abs(highest))  # max |x|, without another pass
