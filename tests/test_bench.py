@@ -54,6 +54,21 @@ def test_bench_interleaved_times_every_subject_in_each_round(lstm_work: Path, tm
     assert engine_row["vs_torch"] == round(torch_row["p50_ms"] / engine_row["p50_ms"], 3)
 
 
+def test_an_interleaved_subject_that_dies_is_one_line_naming_it():
+    """A worker that fails to load (here, a kind no worker knows) ends the run with its last stderr
+    line and the subject's name, and takes the other workers down with it."""
+    import pytest
+
+    from miaotui.bench import Subject, run_bench
+    from miaotui.errors import InputError
+    from miaotui.models import resolve_config
+
+    config = str(resolve_config("lstm-sentiment").path)
+    subjects = [Subject("pytorch", "torch", None, config), Subject("broken", "no-such-kind")]
+    with pytest.raises(InputError, match=r"benchmarking broken failed: ValueError: unknown subject kind 'no-such-kind'"):
+        run_bench(subjects, [1], [8], 1, progress=False, min_seconds=0.2, rounds=2)
+
+
 def test_bench_refuses_bad_sizes_and_missing_engines(tmp_path: Path):
     bad = run_cli("bench", "--torch", "lstm-sentiment", "--batch", "0,4")
     assert bad.returncode == 2 and "--batch 0,4" in bad.stderr

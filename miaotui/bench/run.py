@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,15 +77,17 @@ def _interleaved(subjects: list[Subject], batches: list[int], seqs: list[int], t
 
     from miaotui.bench.worker import summarize
 
-    processes = {}
+    processes, errors = {}, {}
     try:
         for subject in subjects:  # every subject loaded in its own process before any is timed
             spec = _spec(subject, batches, seqs, threads, min_seconds, warmup_seconds) | {"serve": True}
+            # stderr to a file: a worker's warnings must not fill a pipe nobody reads until the end
+            errors[subject.name] = tempfile.TemporaryFile("w+")
             processes[subject.name] = subprocess.Popen(
                 [sys.executable, "-m", "miaotui.bench.worker", json.dumps(spec)], stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                stdout=subprocess.PIPE, stderr=errors[subject.name], text=True)
         for name, process in processes.items():
-            _answer(name, process)
+            _answer(name, process, errors[name])
         latencies: dict[tuple, list[list[float]]] = {}
         skipped: set[tuple] = set()
         shapes = [(batch, seq) for seq in seqs for batch in batches]
@@ -101,7 +104,7 @@ def _interleaved(subjects: list[Subject], batches: list[int], seqs: list[int], t
                         process = processes[subject.name]
                         process.stdin.write(f"{batch} {seq} {min_seconds / rounds}\n")
                         process.stdin.flush()
-                        answer = _answer(subject.name, process)
+                        answer = _answer(subject.name, process, errors[subject.name])
                         if "skipped" in answer:
                             skipped.add(key)
                         else:
@@ -111,10 +114,11 @@ def _interleaved(subjects: list[Subject], batches: list[int], seqs: list[int], t
                         time.sleep(SETTLE_SECONDS)
     finally:
         for process in processes.values():
-            if process.stdin:
-                process.stdin.close()
+            process.stdin.close()
             process.kill()
             process.wait()
+        for file in errors.values():
+            file.close()
     rows = []
     for subject in subjects:
         for batch, seq in shapes:
@@ -131,15 +135,17 @@ def _interleaved(subjects: list[Subject], batches: list[int], seqs: list[int], t
     return rows
 
 
-def _answer(name: str, process: subprocess.Popen) -> dict:
-    """The worker's next JSON line, or one line saying why it has none."""
+def _answer(name: str, process: subprocess.Popen, errors) -> dict:
+    """The worker's next JSON line, or one line saying why it has none (the last of its stderr)."""
     line = process.stdout.readline()
     answer = json.loads(line) if line.strip() else None
-    if answer is None or "error" in answer:
-        if answer is None:
-            process.kill()
-            last = (process.stderr.read().strip().splitlines() or ["no message"])[-1]
-            raise InputError(f"benchmarking {name} failed: {last}")
+    if answer is None:
+        process.kill()
+        process.wait()
+        errors.seek(0)
+        last = (errors.read().strip().splitlines() or ["no message"])[-1]
+        raise InputError(f"benchmarking {name} failed: {last}")
+    if "error" in answer:
         raise InputError(answer["error"])
     return answer
 
