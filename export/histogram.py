@@ -9,8 +9,8 @@ themselves, which puts every value where searchsorted would (a value equal to an
 it opens, the last edge in the last bin, anything outside or NaN nowhere). Edges further than a
 quarter bin from an even grid (where a guess could be off by more) fall back to np.histogram.
 
-Measured on a 6M-value MiniLM activation: 0.154 s with the edge array, 0.047 s this way. The counts,
-and so the ranges, equal ONNX Runtime's bit for bit (tests/test_calibration.py).
+Measured on 128 MiniLM calibration samples (55 tensors): the histograms 20.3 s with the edge arrays,
+7.8 s this way. The counts, and so the ranges, equal ONNX Runtime's bit for bit (tests/test_histogram.py).
 """
 
 from __future__ import annotations

@@ -89,7 +89,7 @@ def _interleaved(subjects: list[Subject], batches: list[int], seqs: list[int], t
         for name, process in processes.items():
             _answer(name, process, errors[name])
         latencies: dict[tuple, list[list[float]]] = {}
-        skipped: set[tuple] = set()
+        skipped: dict[tuple, str] = {}  # what the worker said instead of timing the shape
         shapes = [(batch, seq) for seq in seqs for batch in batches]
         with tqdm(total=rounds * len(shapes) * len(subjects), desc="bench (interleaved)", unit="slice",
                   disable=not progress) as bar:
@@ -106,7 +106,7 @@ def _interleaved(subjects: list[Subject], batches: list[int], seqs: list[int], t
                         process.stdin.flush()
                         answer = _answer(subject.name, process, errors[subject.name])
                         if "skipped" in answer:
-                            skipped.add(key)
+                            skipped[key] = answer["skipped"]
                         else:
                             latencies.setdefault(key, []).append(answer["latencies"])
                         bar.set_postfix_str(f"round {round_ + 1} {subject.name} b{batch} s{seq}")
@@ -125,7 +125,7 @@ def _interleaved(subjects: list[Subject], batches: list[int], seqs: list[int], t
             row = {"name": subject.name, "kind": subject.kind, "batch": batch, "seq": seq, "threads": threads}
             key = (subject.name, batch, seq)
             if key in skipped:
-                rows.append(row | {"skipped": "outside the engine's shape range"})
+                rows.append(row | {"skipped": skipped[key]})
                 continue
             slices = latencies[key]
             row |= summarize([value for part in slices for value in part], batch)

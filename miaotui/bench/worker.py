@@ -17,6 +17,9 @@ import sys
 import time
 
 
+OUTSIDE_RANGE = "outside the engine's shape range"  # a shape's row says this instead of timings
+
+
 def _fix_threads(threads: int) -> None:
     for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[variable] = str(threads)
@@ -139,12 +142,13 @@ def serve(spec: dict, call, specs, config, fits) -> None:
     print(json.dumps({"ready": True}), flush=True)
     feeds = {}
     for line in sys.stdin:
-        batch, seq, seconds = int(line.split()[0]), int(line.split()[1]), float(line.split()[2])
+        words = line.split()
+        batch, seq, seconds = int(words[0]), int(words[1]), float(words[2])
         if (batch, seq) not in feeds:
             feeds[batch, seq] = _feed(specs, batch, seq, config)
         feed = feeds[batch, seq]
         if not fits(feed):
-            print(json.dumps({"skipped": "outside the engine's shape range"}), flush=True)
+            print(json.dumps({"skipped": OUTSIDE_RANGE}), flush=True)
             continue
         # A warm-up each round: the other subjects ran in between and took the caches.
         latencies = time_calls(lambda: call(feed), seconds, spec.get("warmup_seconds", 0.5), min_calls=3)
@@ -169,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
             feed = _feed(specs, batch, seq, config)
             row = {"name": spec["name"], "kind": spec["kind"], "batch": batch, "seq": seq, "threads": spec["threads"]}
             if not fits(feed):
-                print(json.dumps(row | {"skipped": "outside the engine's shape range"}), flush=True)
+                print(json.dumps(row | {"skipped": OUTSIDE_RANGE}), flush=True)
                 continue
             latencies = time_calls(lambda: call(feed), spec.get("min_seconds", 2.0), spec.get("warmup_seconds", 0.5))
             print(json.dumps(row | summarize(latencies, batch)), flush=True)
