@@ -13,7 +13,6 @@ Written here: ONNX Runtime has no setting for it.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -23,7 +22,7 @@ CANDIDATE_ELEMENTS = (4096, 2048, 1024)
 # A split must beat whole calls by this much at the measured shape to be recorded: below it, timing
 # noise on a busy machine could pick a split that gains nothing.
 MIN_GAIN = 0.05
-TIMING_REPEATS = 3
+TIMING_ROUNDS = 3  # each candidate once a round (engines/timing.py): calls at the largest shape are slow
 
 Run = Callable[[dict[str, np.ndarray]], object]
 
@@ -45,26 +44,19 @@ def row_slices(arrays: dict[str, object], rows: int) -> Iterator[dict[str, objec
         yield {name: array[start:start + rows] for name, array in arrays.items()}
 
 
-def _seconds(call: Callable[[], object]) -> float:
-    call()  # a first call on new shapes pays for their setup
-    best = float("inf")
-    for _ in range(TIMING_REPEATS):
-        started = time.perf_counter()
-        call()
-        best = min(best, time.perf_counter() - started)
-    return best
-
-
 def measure_call_split(run: Run, feed: dict[str, np.ndarray]) -> tuple[int | None, dict[str, float]]:
     """The budget (input elements per call) that runs `feed` fastest, None when whole calls are as fast
     (within MIN_GAIN), and the milliseconds each took ("whole" and each budget that splits the feed)."""
+    from miaotui.engines.timing import interleaved_ms
+
     batch = len(next(iter(feed.values())))
-    timings = {"whole": _seconds(lambda: run(feed)) * 1000}
+    calls = {"whole": lambda: run(feed)}
     for budget in CANDIDATE_ELEMENTS:
         rows = rows_per_call(feed, budget)
         if rows < batch:
-            timings[str(budget)] = _seconds(lambda: [run(part) for part in row_slices(feed, rows)]) * 1000
-    timings = {name: round(ms, 2) for name, ms in timings.items()}
+            parts = list(row_slices(feed, rows))
+            calls[str(budget)] = lambda parts=parts: [run(part) for part in parts]
+    timings = {name: round(ms, 2) for name, ms in interleaved_ms(calls, TIMING_ROUNDS).items()}
     best = min(timings, key=timings.get)
     if best == "whole" or timings[best] > (1 - MIN_GAIN) * timings["whole"]:
         return None, timings

@@ -190,22 +190,15 @@ def _with_int8_attention(ov, graph, onnx_path: Path, blocks: list, ranges: list[
 
 def _faster_form(ov, forms: dict, hint: str, feed: dict[str, np.ndarray]) -> dict[str, float]:
     """Median ms per call of each form at `feed`, compiled as the runtime compiles them, rounds interleaved."""
-    import time
+    from miaotui.engines.timing import interleaved_ms
 
     core = ov.Core()
     requests = {name: core.compile_model(model, "CPU", _compile_config(hint, None)).create_infer_request()
                 for name, model in forms.items()}
     inputs = numpy_feed(feed)
-    times: dict[str, list[float]] = {name: [] for name in forms}
-    for request in requests.values():
-        request.infer(inputs)
-        request.infer(inputs)
-    for round_ in range(ATTENTION_TIMING_ROUNDS):
-        for name in (list(requests) if round_ % 2 == 0 else list(requests)[::-1]):
-            started = time.perf_counter()
-            requests[name].infer(inputs)
-            times[name].append(time.perf_counter() - started)
-    return {name: round(float(np.median(values)) * 1000, 3) for name, values in times.items()}
+    timed = interleaved_ms({name: (lambda request=request: request.infer(inputs)) for name, request in requests.items()},
+                           ATTENTION_TIMING_ROUNDS, warmup=2)
+    return {name: round(ms, 3) for name, ms in timed.items()}
 
 
 def _check(onnx_path: Path, runner: OpenVINORunner, ranges: list[TensorRange], config) -> dict:

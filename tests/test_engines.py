@@ -449,3 +449,16 @@ def test_large_batches_run_in_row_slices_with_the_same_answers(lstm_work: Path, 
     calls.clear()
     engine.run(feed, batch_size=20)
     assert calls == [20, 20, 5]
+
+
+def test_build_timing_interleaves_its_candidates_and_warms_each_first():
+    """The build's comparisons (call split, OpenVINO's attention form) time every candidate once a
+    round, the order reversed every other round, after warm-up calls that are not counted."""
+    from miaotui.engines.timing import interleaved_ms
+
+    order: list[str] = []
+    timed = interleaved_ms({name: (lambda name=name: order.append(name)) for name in ("a", "b", "c")}, rounds=3,
+                           warmup=2)
+    assert order[:6] == ["a", "a", "b", "b", "c", "c"]
+    assert order[6:] == ["a", "b", "c", "c", "b", "a", "a", "b", "c"]
+    assert set(timed) == {"a", "b", "c"} and all(ms >= 0 for ms in timed.values())
