@@ -109,6 +109,34 @@ def test_padding_does_not_change_the_answer(exported):
     np.testing.assert_allclose(short, long, atol=1e-4)
 
 
+def test_validation_texts_are_batched_by_length_within_runs_and_keep_every_row():
+    """The agreement sets (validation, test) hold the split's texts, each batch padded only to its
+    longest text, texts ordered by length within each run of LENGTH_RUN_ROWS: every stored row once,
+    a run's rows in that run, and far fewer padded tokens than batches in stored order."""
+    from miaotui.data.feeds import LENGTH_RUN_ROWS, corpus_batches
+    from miaotui.models.minilm_sentiment import validation_batches
+
+    def texts(batches):
+        rows = []
+        for feed in batches:
+            for ids, mask, label in zip(feed["input_ids"], feed["attention_mask"], feed["labels"]):
+                length = int(mask.sum())
+                assert mask[:length].all() and not mask[length:].any() and not ids[length:].any()
+                rows.append((tuple(ids[:length]), int(label)))
+            assert feed["attention_mask"][:, -1].any()  # no column of padding only
+        return rows
+
+    grouped = list(validation_batches())
+    stored = list(corpus_batches("validation", HERE / "tokenizer.json", MAX_LENGTH, ("input_ids", "attention_mask"),
+                                 with_labels=True))
+    grouped_rows, stored_rows = texts(grouped), texts(stored)
+    assert sorted(grouped_rows) == sorted(stored_rows) and len(stored_rows) == len(load_split("validation"))
+    assert sorted(grouped_rows[:LENGTH_RUN_ROWS]) == sorted(stored_rows[:LENGTH_RUN_ROWS])
+    lengths = [len(ids) for ids, _ in grouped_rows[:LENGTH_RUN_ROWS]]
+    assert lengths == sorted(lengths)
+    assert sum(f["input_ids"].size for f in grouped) < 0.5 * sum(f["input_ids"].size for f in stored)
+
+
 def test_exported_model_has_the_reported_test_accuracy(exported):
     config, model, onnx_path = exported
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])

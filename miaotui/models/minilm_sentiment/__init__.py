@@ -74,10 +74,11 @@ def build() -> BertClassifier:
     return model
 
 
-def _split_batches(split: str, with_labels: bool = False):
+def _split_batches(split: str, with_labels: bool = False, by_length: bool = False):
     from miaotui.data.feeds import corpus_batches
 
-    return corpus_batches(split, HERE / "tokenizer.json", MAX_LENGTH, ("input_ids", "attention_mask"), with_labels=with_labels)
+    return corpus_batches(split, HERE / "tokenizer.json", MAX_LENGTH, ("input_ids", "attention_mask"),
+                          with_labels=with_labels, by_length=by_length)
 
 
 def calibration_batches():
@@ -86,10 +87,12 @@ def calibration_batches():
 
 
 def validation_batches():
-    """Feed dicts with `labels` over the corpus validation split (the config's [data] validation)."""
-    return _split_batches("validation", with_labels=True)
+    """Feed dicts with `labels` over the corpus validation split (the config's [data] validation), texts
+    of similar length batched together (the gate, the reference and every agreement read all of it)."""
+    return _split_batches("validation", with_labels=True, by_length=True)
 
 
 def test_batches():
-    """Feed dicts with `labels` over the corpus test split (benchmarks; never calibration or the gate)."""
-    return _split_batches("test", with_labels=True)
+    """Feed dicts with `labels` over the corpus test split (benchmarks; never calibration or the gate),
+    texts of similar length batched together."""
+    return _split_batches("test", with_labels=True, by_length=True)
