@@ -123,13 +123,11 @@ class LayersReport:
 
 def inspect_layers(path: Path, config_or_model: str | None, reference: Path | None, samples: int,
                    report_dir: Path | None, progress=None) -> LayersReport:
-    """Run an INT8 graph and its FP32 graph (model.opt.onnx beside it) on `samples` samples of the
-    validation set (else the calibration set); write layers.json and layers.png (default: reports/
+    """Run an INT8 graph and its FP32 graph (model.opt.onnx beside it) on `samples` samples spread over
+    the validation set (else the calibration set); write layers.json and layers.png (default: reports/
     of the work dir the graph is in)."""
-    import itertools
-
     from miaotui.artifacts import atomic_write_json
-    from miaotui.data.datasets import data_set, rebatch, sample_rows
+    from miaotui.data.datasets import data_set, rebatch, spread_rows
     from miaotui.errors import InputError
     from miaotui.export.inspect_onnx import summarize_onnx
     from miaotui.models import resolve_config
@@ -148,7 +146,7 @@ def inspect_layers(path: Path, config_or_model: str | None, reference: Path | No
         raise InputError(f"{path}: no {work.config.name} beside it; give --config CONFIG|MODEL (for its data)")
     config = resolve_config(config_or_model or work.config)
     data = data_set(config, "validation" if config.data.validation else "calibration")
-    rows = itertools.islice(sample_rows(data.batches(samples)), samples)
+    rows = spread_rows(data, samples)
     if progress is not None:
         progress(f"run {path.name} and {reference.name} on {samples} samples")
     result = layer_divergence(reference, path, rebatch(rows, 8), config.padding_mask)

@@ -408,7 +408,7 @@ def _size(size: int) -> str:
 @click.option("--reference", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="FP32.onnx",
               help="--layers: the FP32 graph (default: model.opt.onnx beside the ONNX file).")
 @click.option("--samples", type=click.IntRange(min=1), default=64, show_default=True,
-              help="--layers: samples of the validation set (else the calibration set) to run.")
+              help="--layers: samples, spread over the validation set (else the calibration set), to run.")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="--layers: folder for layers.json and layers.png (default: <work dir>/reports).")
 @reports_errors

@@ -137,6 +137,19 @@ def test_validation_texts_are_batched_by_length_within_runs_and_keep_every_row()
     assert sum(f["input_ids"].size for f in grouped) < 0.5 * sum(f["input_ids"].size for f in stored)
 
 
+def test_single_calls_and_layer_samples_spread_over_a_set_batched_by_length():
+    """The gate's one-text calls (the engine choice's latency) and `inspect --layers` take samples
+    spread over the set: its first rows are now the shortest texts of the first run."""
+    from miaotui.data.datasets import data_set, spread_rows
+
+    validation = data_set(resolve_config("minilm-sentiment"), "validation")
+    lengths = np.concatenate([feed["attention_mask"].sum(1) for feed in validation.batches()])
+    picked = [int(row["attention_mask"].sum()) for row in spread_rows(validation, 32)]
+    assert len(picked) == 32 and max(picked) >= 100 and min(picked) <= 30
+    assert abs(np.mean(picked) - lengths.mean()) < 0.3 * lengths.mean()
+    assert np.mean(lengths[:32]) < 0.5 * lengths.mean()  # what a prefix would have timed
+
+
 def test_exported_model_has_the_reported_test_accuracy(exported):
     config, model, onnx_path = exported
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])

@@ -253,6 +253,16 @@ def _function_batches(config: Config, source: str, where: str) -> Iterator[dict]
         yield from batches
 
 
+def spread_rows(data: DataSet, count: int) -> list[dict[str, np.ndarray]]:
+    """`count` samples (each a batch of one) spread evenly over the whole set, in the set's order. A
+    prefix would do for a set in stored order, but a set batched by length (data/feeds.py) begins
+    with its shortest texts. Two passes: one to count."""
+    total = summarize(data).samples
+    step = max(total / count, 1.0)
+    wanted = {int(index * step) for index in range(min(count, total))}
+    return [row for index, row in enumerate(sample_rows(data.batches())) if index in wanted]
+
+
 def sample_rows(batches):
     """One sample at a time (as a batch of one), so a sample count can be cut exactly."""
     for feed in batches:

@@ -61,13 +61,11 @@ SINGLE_CALLS = 32
 
 
 def single_call_seconds(engine, validation, config: Config) -> float:
-    """Seconds per call for the set's first samples sent one at a time, each cut to its real length (by
+    """Seconds per call for SINGLE_CALLS samples spread over the set sent one at a time, each cut to its real length (by
     the config's padding mask, else by the tokenizer's padding id in input_ids) as Classifier.predict
     sends one text, after a warm-up call: the latency side of the engine choice (a new input shape
     costs some engines more than others)."""
-    import itertools
-
-    from miaotui.data.datasets import sample_rows, without_labels
+    from miaotui.data.datasets import spread_rows, without_labels
     from miaotui.data.tokenizers import load_tokenizer, padding_id
 
     pad = None
@@ -75,7 +73,7 @@ def single_call_seconds(engine, validation, config: Config) -> float:
         pad = padding_id(load_tokenizer(config.model.tokenizer))
     seq_min = {t.name: t.min[1] if len(t.min) > 1 else 0 for t in engine.inputs}
     rows = []
-    for row in itertools.islice(sample_rows(validation.batches(SINGLE_CALLS)), SINGLE_CALLS):
+    for row in spread_rows(validation, SINGLE_CALLS):
         row = without_labels(row)
         if config.padding_mask and row.get(config.padding_mask, np.empty(0)).ndim == 2:
             name, real = config.padding_mask, row[config.padding_mask][0] != 0
