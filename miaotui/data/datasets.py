@@ -253,11 +253,12 @@ def _function_batches(config: Config, source: str, where: str) -> Iterator[dict]
         yield from batches
 
 
-def spread_rows(data: DataSet, count: int) -> list[dict[str, np.ndarray]]:
+def spread_rows(data: DataSet, count: int, total: int | None = None) -> list[dict[str, np.ndarray]]:
     """`count` samples (each a batch of one) spread evenly over the whole set, in the set's order. A
     prefix would do for a set in stored order, but a set batched by length (data/feeds.py) begins
-    with its shortest texts. Two passes: one to count."""
-    total = summarize(data).samples
+    with its shortest texts. `total`: the set's sample count where the caller has summarized it,
+    else counted here in a pass of its own."""
+    total = summarize(data).samples if total is None else total
     step = max(total / count, 1.0)
     wanted = {int(index * step) for index in range(min(count, total))}
     return [row for index, row in enumerate(sample_rows(data.batches())) if index in wanted]

@@ -47,7 +47,7 @@ def validate_engine(engine_path: str | Path, config: Config, work_dir: str | Pat
     samples, metrics, checks, warnings, inside = compare_engine(engine, validation, summary.has_labels, bars, reference,
                                                                 reference_stage.path, from_work_dir, Path(work_dir),
                                                                 progress)
-    single = single_call_seconds(engine, validation, config)
+    single = single_call_seconds(engine, validation, config, summary.samples)
     return ParityReport(
         engine=str(engine.path), backend=engine.backend, precision=precision, provider=engine.provider,
         config=str(config.path), validation_set=validation.where, samples=samples, from_work_dir=from_work_dir,
@@ -60,11 +60,11 @@ def validate_engine(engine_path: str | Path, config: Config, work_dir: str | Pat
 SINGLE_CALLS = 32
 
 
-def single_call_seconds(engine, validation, config: Config) -> float:
-    """Seconds per call for SINGLE_CALLS samples spread over the set sent one at a time, each cut to its real length (by
-    the config's padding mask, else by the tokenizer's padding id in input_ids) as Classifier.predict
-    sends one text, after a warm-up call: the latency side of the engine choice (a new input shape
-    costs some engines more than others)."""
+def single_call_seconds(engine, validation, config: Config, samples: int) -> float:
+    """Seconds per call for SINGLE_CALLS of the set's `samples` samples, spread over it, sent one at a
+    time, each cut to its real length (by the config's padding mask, else by the tokenizer's padding
+    id in input_ids) as Classifier.predict sends one text, after a warm-up call: the latency side of
+    the engine choice (a new input shape costs some engines more than others)."""
     from miaotui.data.datasets import spread_rows, without_labels
     from miaotui.data.tokenizers import load_tokenizer, padding_id
 
@@ -73,7 +73,7 @@ def single_call_seconds(engine, validation, config: Config) -> float:
         pad = padding_id(load_tokenizer(config.model.tokenizer))
     seq_min = {t.name: t.min[1] if len(t.min) > 1 else 0 for t in engine.inputs}
     rows = []
-    for row in spread_rows(validation, SINGLE_CALLS):
+    for row in spread_rows(validation, SINGLE_CALLS, samples):
         row = without_labels(row)
         if config.padding_mask and row.get(config.padding_mask, np.empty(0)).ndim == 2:
             name, real = config.padding_mask, row[config.padding_mask][0] != 0
