@@ -251,12 +251,60 @@ calibration = "{data.name}"
     assert not out.exists()
 
 
+def minilm_text_config(folder: Path, calibration: str, seq_min: int = 1, validation: str | None = None):
+    """The built-in minilm-sentiment config with text files for its data sets (names in `folder`)."""
+    from miaotui.config import load_config
+
+    package = Path(__import__("miaotui.models.minilm_sentiment", fromlist=["x"]).__file__).parent
+    text = (package / "config.toml").read_text().replace('"tokenizer.json"', f'"{package / "tokenizer.json"}"')
+    text = text.replace('"miaotui.models.minilm_sentiment:calibration_batches"', f'"{calibration}"')
+    if validation:
+        text = text.replace('"miaotui.models.minilm_sentiment:validation_batches"', f'"{validation}"')
+    text = text.replace('seq = { min = 1,', f'seq = {{ min = {seq_min},')
+    (folder / "config.toml").write_text(text)
+    return load_config(folder / "config.toml")
+
+
+def test_a_validation_text_file_is_batched_by_length_within_runs(tmp_path: Path):
+    """A validation CSV (read whole by every stage) comes in batches of texts of alike length, ordered
+    within runs of rows: every row once with its label, a run's rows in that run, each batch padded to
+    its longest text and at least the seq dim's min, far fewer padded tokens than in file order. The
+    calibration file keeps its order (a prefix of it is the calibration sample)."""
+    from miaotui.data.datasets import data_set
+    from miaotui.data.feeds import LENGTH_RUN_ROWS
+
+    write_texts(tmp_path / "texts.csv", "validation", 300)
+    config = minilm_text_config(tmp_path, "texts.csv", seq_min=8, validation="texts.csv")
+    assert str(config.data.validation).endswith("texts.csv")
+
+    def texts(batches):
+        rows = []
+        for feed in batches:
+            assert feed["input_ids"].shape[1] >= 8
+            assert feed["attention_mask"][:, -1].any() or feed["input_ids"].shape[1] == 8  # no padding-only column
+            for ids, mask, label in zip(feed["input_ids"], feed["attention_mask"], feed["labels"]):
+                length = int(mask.sum())
+                assert mask[:length].all() and not mask[length:].any()
+                rows.append((tuple(ids[:length]), int(label)))
+        return rows
+
+    validation, calibration = data_set(config, "validation"), data_set(config, "calibration")
+    assert validation.by_length and not calibration.by_length
+    grouped, stored = list(validation.batches()), list(calibration.batches())
+    grouped_rows, stored_rows = texts(grouped), texts(stored)
+    assert len(stored_rows) == 300 and sorted(grouped_rows) == sorted(stored_rows)
+    assert [label for _, label in stored_rows] == [e.label for e in load_split("validation")[:300]]  # file order
+    assert sorted(grouped_rows[:LENGTH_RUN_ROWS]) == sorted(stored_rows[:LENGTH_RUN_ROWS])
+    lengths = [len(ids) for ids, _ in grouped_rows[:LENGTH_RUN_ROWS]]
+    assert lengths == sorted(lengths) and lengths[0] < lengths[-1]
+    assert sum(f["input_ids"].size for f in grouped) < 0.6 * sum(f["input_ids"].size for f in stored)
+
+
 def test_text_files_of_each_format_give_the_same_batches(tmp_path: Path):
     """CSV, TSV, JSONL and Parquet of the same rows -> the same tokenized feeds and labels."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from miaotui.config import load_config
     from miaotui.data.datasets import data_set
 
     examples = load_split("test")[:70]
@@ -271,12 +319,7 @@ def test_text_files_of_each_format_give_the_same_batches(tmp_path: Path):
         writer.writerows(rows)
     (tmp_path / "t.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "t.parquet", row_group_size=16)
-    package = Path(__import__("miaotui.models.minilm_sentiment", fromlist=["x"]).__file__).parent
-    config_text = (package / "config.toml").read_text().replace('"tokenizer.json"', f'"{package / "tokenizer.json"}"')
-    config_text = config_text.replace('"miaotui.models.minilm_sentiment:calibration_batches"', '"t.csv"')
-    config_text = config_text.replace('seq = { min = 1,', 'seq = { min = 40,')
-    (tmp_path / "config.toml").write_text(config_text)
-    config = load_config(tmp_path / "config.toml")
+    config = minilm_text_config(tmp_path, "t.csv", seq_min=40)
 
     def flat(suffix: str):
         batches = list(data_set(config, "calibration", str(tmp_path / f"t.{suffix}")).batches())

@@ -37,6 +37,14 @@ class DataSet:
     def where(self) -> str:
         return f"data.{self.key} ({self.source})"
 
+    @property
+    def by_length(self) -> bool:
+        """Whether a text file is batched by length (data/feeds.py): the validation set, which every
+        stage reads whole (the gate, the reference, the quantizer's agreement), of a model that takes
+        attention_mask, whose answers do not depend on which texts share a batch. Calibration keeps the
+        file's order: a prefix of it is the calibration sample."""
+        return self.key == "validation" and "attention_mask" in self.config.inputs
+
     def batches(self, samples: int | None = None) -> Iterator[dict[str, np.ndarray]]:
         """Checked feed dicts (with `labels` when the set has them), at most `samples` rows in all."""
         remaining, offset = samples, 0
@@ -63,7 +71,8 @@ class DataSet:
         if self.source.endswith(".npz"):
             return _npz_batches(Path(self.source), self.where, _npz_batch_size(self.config))
         if is_text_file(self.source):
-            return tokenized_batches(self.config, Path(self.source), self.where, _npz_batch_size(self.config))
+            return tokenized_batches(self.config, Path(self.source), self.where, _npz_batch_size(self.config),
+                                     by_length=self.by_length)
         return _function_batches(self.config, self.source, self.where)
 
 

@@ -16,6 +16,19 @@ import numpy as np
 LENGTH_RUN_ROWS = 256
 
 
+def run_rows(batch_size: int, by_length: bool) -> int:
+    """How many texts to read and tokenize at once: a batch, or with `by_length` the whole batches
+    that cover LENGTH_RUN_ROWS (a run cut into batches leaves no short batch but its last)."""
+    return -(-LENGTH_RUN_ROWS // batch_size) * batch_size if by_length else batch_size
+
+
+def batch_rows(lengths: np.ndarray, batch_size: int, by_length: bool) -> Iterator[np.ndarray]:
+    """Row indices of a run's batches: in stored order, or with `by_length` by token count (stable)."""
+    order = np.argsort(lengths, kind="stable") if by_length else np.arange(len(lengths))
+    for first in range(0, len(order), batch_size):
+        yield order[first : first + batch_size]
+
+
 def corpus_batches(
     split: str,
     tokenizer_path: Path,
@@ -34,15 +47,13 @@ def corpus_batches(
 
     tokenizer = load_tokenizer(tokenizer_path, max_length)
     examples = load_split(split)
-    run = LENGTH_RUN_ROWS if by_length else batch_size
+    run = run_rows(batch_size, by_length)
     for start in range(0, len(examples), run):
         chunk = examples[start : start + run]
         encoded = encode(tokenizer, [e.text for e in chunk], names=tuple(dict.fromkeys((*input_names, "attention_mask"))))
         lengths = encoded["attention_mask"].sum(axis=1)
         labels = np.array([e.label for e in chunk], dtype=np.int64)
-        order = np.argsort(lengths, kind="stable") if by_length else np.arange(len(chunk))
-        for first in range(0, len(chunk), batch_size):
-            rows = order[first : first + batch_size]
+        for rows in batch_rows(lengths, batch_size, by_length):
             width = max(int(lengths[rows].max()), 1)  # right padding: the columns past it are padding only
             feed = {name: encoded[name][rows, :width] for name in input_names}
             if with_labels:

@@ -164,9 +164,14 @@ def _parquet_records(path: Path, columns: Columns):
             yield f"{path}: row {number}", record, has_label
 
 
-def tokenized_batches(config: Config, path: Path, where: str, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+def tokenized_batches(config: Config, path: Path, where: str, batch_size: int,
+                      by_length: bool = False) -> Iterator[dict[str, np.ndarray]]:
     """Feed dicts of the model's inputs (and `labels` when the file has them), each batch padded to
-    its longest text (at least the seq dim's min) and truncated to the seq dim's max."""
+    its longest text (at least the seq dim's min) and truncated to the seq dim's max: in the file's
+    order, or with `by_length` ordered by token count within runs of rows (data/feeds.py), for a set
+    read whole by a model that masks padding."""
+    from miaotui.data.feeds import run_rows
+
     names = list(config.inputs)
     others = [name for name in names if name not in ENCODED]
     if others or "input_ids" not in names:
@@ -181,22 +186,28 @@ def tokenized_batches(config: Config, path: Path, where: str, batch_size: int) -
     tokenizer = load_tokenizer(config.model.tokenizer, longest)
     columns = Columns(config.data.text_column, config.data.text_pair_column, config.data.label_column,
                       config.model.labels)
-    vocabulary = config.inputs["input_ids"].range
+    run = run_rows(batch_size, by_length)
 
     rows: list[TextRow] = []
     for row in read_rows(path, columns):
         rows.append(row)
-        if len(rows) == batch_size:
-            yield _encode_rows(rows, tokenizer, config, shortest, vocabulary)
+        if len(rows) == run:
+            yield from _run_batches(rows, tokenizer, config, shortest, batch_size, by_length)
             rows = []
     if rows:
-        yield _encode_rows(rows, tokenizer, config, shortest, vocabulary)
+        yield from _run_batches(rows, tokenizer, config, shortest, batch_size, by_length)
 
 
-def _encode_rows(rows: list[TextRow], tokenizer, config: Config, shortest: int, vocabulary) -> dict:
+def _run_batches(rows: list[TextRow], tokenizer, config: Config, shortest: int, batch_size: int,
+                 by_length: bool) -> Iterator[dict[str, np.ndarray]]:
+    """A run of rows tokenized at once (each checked against the vocabulary), cut into batches."""
+    from miaotui.data.feeds import batch_rows
+
     pairs = [row.pair for row in rows] if rows[0].pair is not None else None
-    encoded = encode(tokenizer, [row.text for row in rows], pairs, names=list(config.inputs))
-    encoded = pad_to(encoded, shortest, padding_id(tokenizer))  # the engine's profile starts at the seq dim's min
+    # the mask counts real tokens even for a model that takes ids alone: it sets each batch's width
+    encoded = encode(tokenizer, [row.text for row in rows], pairs,
+                     names=list(dict.fromkeys([*config.inputs, "attention_mask"])))
+    vocabulary = config.inputs["input_ids"].range
     if vocabulary is not None:
         high = int(vocabulary[1])
         bad = np.flatnonzero((encoded["input_ids"] >= high).any(axis=1))
@@ -205,7 +216,14 @@ def _encode_rows(rows: list[TextRow], tokenizer, config: Config, shortest: int, 
             raise InputError(f"{row.where}: the tokenizer ({config.model.tokenizer}) gives token id "
                              f"{int(encoded['input_ids'][bad[0]].max())}, outside inputs.input_ids.range "
                              f"[{int(vocabulary[0])}, {high}): the tokenizer does not match the model")
-    feed = {name: encoded[name].astype(config.inputs[name].dtype, copy=False) for name in config.inputs}
-    if rows[0].label is not None:
-        feed[LABELS] = np.array([row.label for row in rows], dtype=np.int64)
-    return feed
+    lengths = encoded["attention_mask"].sum(axis=1)
+    labels = np.array([row.label for row in rows], dtype=np.int64) if rows[0].label is not None else None
+    pad_id = padding_id(tokenizer)
+    for batch in batch_rows(lengths, batch_size, by_length):
+        width = max(int(lengths[batch].max()), 1)  # right padding: the columns past it are padding only
+        feed = {name: encoded[name][batch, :width] for name in config.inputs}
+        feed = pad_to(feed, shortest, pad_id)  # the engine's profile starts at the seq dim's min
+        feed = {name: feed[name].astype(config.inputs[name].dtype, copy=False) for name in config.inputs}
+        if labels is not None:
+            feed[LABELS] = labels[batch]
+        yield feed
