@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import platform
 import shutil
 import subprocess
 import sys
@@ -101,10 +100,15 @@ def write_csv(path: Path, split: str) -> list:
     return examples
 
 
-def cpu_flags() -> list[str]:
-    flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("flags")), [])
-    return [f for f in ("avx2", "avx512f", "avx512_vnni", "amx_int8", "amx_bf16") if f in flags]
+def stage_seconds(work: Path, parity: dict) -> dict[str, float]:
+    """Seconds of each stage the run recorded (manifest.json) and of the parity gate itself: where a
+    change to the data path shows (the reference, quantize's agreement and the gate read the validation
+    set whole)."""
+    manifest = json.loads((work / "manifest.json").read_text())
+    seconds = {name: stage.get("seconds") for name, stage in manifest.get("stages", {}).items()}
+    seconds["gate"] = parity.get("seconds")
+    seconds["gate engine calls"] = parity.get("engine_seconds")
+    return seconds
 
 
 def main() -> None:
@@ -130,6 +134,7 @@ def main() -> None:
                     str(out / "calibration.csv"), "--validation", str(out / "validation.csv")], check=True)
     config.write_text(config.read_text().replace('name = "checkpoint"', 'name = "hf-minilm"'))
     work = out / "work"
+    shutil.rmtree(work, ignore_errors=True)  # a whole run each time: run_seconds and the stage times compare
     started = time.perf_counter()
     run = subprocess.run([*miaotui, "run", str(config), "--out", str(work), "--backend", "onnxruntime"],
                          capture_output=True, text=True)
@@ -137,7 +142,10 @@ def main() -> None:
     print(run.stdout[-4000:])
     parity = json.loads((work / "reports" / "hf-minilm.onnxruntime.int8" / "parity.json").read_text())
 
+    from miaotui.engines.onnxruntime_backend import cpu_description
     from miaotui.runtime import Classifier
+
+    cpu = cpu_description()
 
     classifier = Classifier.load(work, backend="onnxruntime", precision="int8", threads=args.threads)
     results = {}
@@ -155,8 +163,9 @@ def main() -> None:
     record = {"model": "BertForSequenceClassification from the minilm-sentiment encoder, fine-tuned",
               "training": training,
               "run_exit_status": run.returncode, "run_seconds": round(run_seconds, 1),
-              "gate_passed": parity.get("passed"), "splits": results, "cpu": platform.processor() or platform.machine(),
-              "instruction_sets": cpu_flags(), "threads": args.threads,
+              "stage_seconds": stage_seconds(work, parity),
+              "gate_passed": parity.get("passed"), "splits": results, "cpu": cpu["cpu"],
+              "instruction_sets": cpu["isa"], "threads": args.threads,
               "command": f"python benchmarks/huggingface_finetune.py --minutes {args.minutes} --threads {args.threads}"}
     target = REPO / "benchmarks" / "results" / "hf-minilm"
     target.mkdir(parents=True, exist_ok=True)
@@ -166,7 +175,8 @@ def main() -> None:
     (target / "finetune.md").write_text(
         f"# A fine-tuned Hugging Face checkpoint through miaotui\n\n`{record['command']}`; "
         f"{training['epochs']} epochs in {training['seconds']} s; `miaotui run` exit {run.returncode} "
-        f"in {record['run_seconds']} s; CPU flags {', '.join(record['instruction_sets'])}\n\n"
+        f"in {record['run_seconds']} s ({', '.join(f'{k} {v} s' for k, v in record['stage_seconds'].items())}); "
+        f"{record['cpu']}, {', '.join(record['instruction_sets'])}\n\n"
         "| split | texts | checkpoint accuracy | INT8 engine accuracy | INT8 top-1 agreement |\n"
         "|---|---|---|---|---|\n" + rows + "\n")
     print(json.dumps(record, indent=2))
