@@ -272,6 +272,7 @@ def test_a_validation_text_file_is_batched_by_length_within_runs(tmp_path: Path)
     calibration file keeps its order (a prefix of it is the calibration sample)."""
     from miaotui.data.datasets import data_set
     from miaotui.data.feeds import LENGTH_RUN_ROWS
+    from miaotui.errors import InputError
 
     write_texts(tmp_path / "texts.csv", "validation", 300)
     config = minilm_text_config(tmp_path, "texts.csv", seq_min=8, validation="texts.csv")
@@ -298,6 +299,13 @@ def test_a_validation_text_file_is_batched_by_length_within_runs(tmp_path: Path)
     lengths = [len(ids) for ids, _ in grouped_rows[:LENGTH_RUN_ROWS]]
     assert lengths == sorted(lengths) and lengths[0] < lengths[-1]
     assert sum(f["input_ids"].size for f in grouped) < 0.6 * sum(f["input_ids"].size for f in stored)
+
+    # a bad row inside a run still names its own line (a run is read and checked before any batch)
+    lines = (tmp_path / "texts.csv").read_text(encoding="utf-8").splitlines()
+    lines[199] = "很好,neutral"
+    (tmp_path / "bad.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(InputError, match=r"bad\.csv:200: column 'label': expected one of negative, positive"):
+        next(data_set(config, "validation", str(tmp_path / "bad.csv")).batches())
 
 
 def test_text_files_of_each_format_give_the_same_batches(tmp_path: Path):
