@@ -22,11 +22,17 @@ def run_rows(batch_size: int, by_length: bool) -> int:
     return -(-LENGTH_RUN_ROWS // batch_size) * batch_size if by_length else batch_size
 
 
-def batch_rows(lengths: np.ndarray, batch_size: int, by_length: bool) -> Iterator[np.ndarray]:
-    """Row indices of a run's batches: in stored order, or with `by_length` by token count (stable)."""
+def trimmed_batches(encoded: dict[str, np.ndarray], names, batch_size: int,
+                    by_length: bool) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    """A run's right-padded arrays (with `attention_mask`, which counts each row's real tokens) cut
+    into batches: in stored order, or with `by_length` by token count (stable). Yields each batch's
+    row indices and its arrays `names`, trimmed to its longest text."""
+    lengths = encoded["attention_mask"].sum(axis=1)
     order = np.argsort(lengths, kind="stable") if by_length else np.arange(len(lengths))
     for first in range(0, len(order), batch_size):
-        yield order[first : first + batch_size]
+        rows = order[first : first + batch_size]
+        width = max(int(lengths[rows].max()), 1)  # right padding: the columns past it are padding only
+        yield rows, {name: encoded[name][rows, :width] for name in names}
 
 
 def corpus_batches(
@@ -51,11 +57,8 @@ def corpus_batches(
     for start in range(0, len(examples), run):
         chunk = examples[start : start + run]
         encoded = encode(tokenizer, [e.text for e in chunk], names=tuple(dict.fromkeys((*input_names, "attention_mask"))))
-        lengths = encoded["attention_mask"].sum(axis=1)
         labels = np.array([e.label for e in chunk], dtype=np.int64)
-        for rows in batch_rows(lengths, batch_size, by_length):
-            width = max(int(lengths[rows].max()), 1)  # right padding: the columns past it are padding only
-            feed = {name: encoded[name][rows, :width] for name in input_names}
+        for rows, feed in trimmed_batches(encoded, input_names, batch_size, by_length):
             if with_labels:
                 feed["labels"] = labels[rows]
             yield feed

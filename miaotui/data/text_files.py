@@ -201,7 +201,7 @@ def tokenized_batches(config: Config, path: Path, where: str, batch_size: int,
 def _run_batches(rows: list[TextRow], tokenizer, config: Config, shortest: int, batch_size: int,
                  by_length: bool) -> Iterator[dict[str, np.ndarray]]:
     """A run of rows tokenized at once (each checked against the vocabulary), cut into batches."""
-    from miaotui.data.feeds import batch_rows
+    from miaotui.data.feeds import trimmed_batches
 
     pairs = [row.pair for row in rows] if rows[0].pair is not None else None
     # the mask counts real tokens even for a model that takes ids alone: it sets each batch's width
@@ -216,12 +216,9 @@ def _run_batches(rows: list[TextRow], tokenizer, config: Config, shortest: int, 
             raise InputError(f"{row.where}: the tokenizer ({config.model.tokenizer}) gives token id "
                              f"{int(encoded['input_ids'][bad[0]].max())}, outside inputs.input_ids.range "
                              f"[{int(vocabulary[0])}, {high}): the tokenizer does not match the model")
-    lengths = encoded["attention_mask"].sum(axis=1)
     labels = np.array([row.label for row in rows], dtype=np.int64) if rows[0].label is not None else None
     pad_id = padding_id(tokenizer)
-    for batch in batch_rows(lengths, batch_size, by_length):
-        width = max(int(lengths[batch].max()), 1)  # right padding: the columns past it are padding only
-        feed = {name: encoded[name][batch, :width] for name in config.inputs}
+    for batch, feed in trimmed_batches(encoded, config.inputs, batch_size, by_length):
         feed = pad_to(feed, shortest, pad_id)  # the engine's profile starts at the seq dim's min
         feed = {name: feed[name].astype(config.inputs[name].dtype, copy=False) for name in config.inputs}
         if labels is not None:
