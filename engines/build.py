@@ -42,6 +42,10 @@ class BuildOptions:
     # model.int8.onnx records (export/attention.py). "auto": where the build measures it at least 3%
     # faster at the opt shape (MiniLM on an AMD EPYC without AMX: about 6%); "int8" or "float" to choose.
     openvino_attention: str = "auto"
+    # openvino, INT8 graphs with LSTM layers (float in the QDQ graph): the layers in INT8 where their input
+    # has a known bound (engines/openvino_lstm.py). "auto": where the build measures it at least 3% faster
+    # at the opt shape (lstm-sentiment on an AMD EPYC without AMX: about 25%); "int8" or "float" to choose.
+    openvino_lstm: str = "auto"
 
 
 @dataclass

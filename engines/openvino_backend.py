@@ -15,7 +15,9 @@ An INT8 graph whose metadata records self-attention ranges (export/attention.py)
 Q, K, V and the probabilities in INT8 (`openvino_attention`): OpenVINO then runs each attention block
 as one INT8 kernel. Both forms are compiled and timed at the opt shape, and the INT8 one is kept only
 where it is at least ATTENTION_MIN_GAIN faster: it costs some agreement (the gate judges the engine as
-built), and where BF16 attention is fast (AMX) the gain may not be there.
+built), and where BF16 attention is fast (AMX) the gain may not be there. Likewise an INT8 graph's LSTM
+layers (float in the QDQ graph) are built in INT8 form where their input has a known bound
+(engines/openvino_lstm.py, `openvino_lstm`) and kept where at least LSTM_MIN_GAIN faster.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ FLOAT_PRECISIONS = ("auto", "f32", "bf16")
 ATTENTION_CHOICES = ("auto", "int8", "float")
 ATTENTION_MIN_GAIN = 0.03  # INT8 attention costs agreement: kept when at least this much faster
 ATTENTION_TIMING_ROUNDS = 15
+LSTM_CHOICES = ("auto", "int8", "float")
+LSTM_MIN_GAIN = 0.03  # INT8 LSTM layers: kept when at least this much faster (lstm-sentiment: about 25%)
 
 
 def weights_path(engine: Path) -> Path:
@@ -188,6 +192,37 @@ def _with_int8_attention(ov, graph, onnx_path: Path, blocks: list, ranges: list[
     return _convert(ov, path, ranges)
 
 
+def _lstm_bounds(model, onnx_path: Path, requested: str, precision: str) -> list:
+    """The model's LSTM layers that may be built in INT8 ([] when none may be)."""
+    from miaotui.engines.openvino_lstm import int8_lstm_candidates
+
+    if requested not in LSTM_CHOICES:
+        raise InputError(f"--openvino-lstm {requested}: expected one of {', '.join(LSTM_CHOICES)}")
+    if requested == "float" or not precision.startswith("int8"):
+        if requested == "int8":
+            raise InputError(f"--openvino-lstm int8: {onnx_path} is a {precision} graph; INT8 LSTM layers need an "
+                             "INT8 graph (miaotui quantize)")
+        return []
+    bounds = int8_lstm_candidates(model)
+    if requested == "int8" and not bounds:
+        raise InputError(f"--openvino-lstm int8: {onnx_path} has no LSTM layer whose input has a known bound (an "
+                         "embedding table or another LSTM's states)")
+    return bounds
+
+
+def _keep_int8_form(ov, model, int8_form, requested: str, min_gain: float, hint: str, job: BuildJob):
+    """(the model to build, what was decided): the INT8 form where asked for, or with "auto" where it timed at
+    least `min_gain` faster than `model` at the opt shape."""
+    from miaotui.engines.shapes import synthetic_feed
+
+    if requested != "auto":
+        return int8_form, {"form": "int8"}
+    timed = _faster_form(ov, {"float": model, "int8": int8_form}, hint, synthetic_feed(job.ranges, "opt", job.config))
+    faster = timed["int8"] <= timed["float"] * (1 - min_gain)
+    return (int8_form if faster else model), {"form": "int8" if faster else "float", "ms_at_opt": timed,
+                                              "min_gain": min_gain}
+
+
 def _faster_form(ov, forms: dict, hint: str, feed: dict[str, np.ndarray]) -> dict[str, float]:
     """Median ms per call of each form at `feed`, compiled as the runtime compiles them, rounds interleaved."""
     from miaotui.engines.timing import interleaved_ms
@@ -222,7 +257,9 @@ class OpenVINO(Backend):
     # machine the faster one is chosen (engines/choice.py): on minilm-sentiment's INT8 graph openvino
     # (about 2x), on lstm-sentiment's real texts onnxruntime (a new input shape costs OpenVINO more).
     preference = 45
-    form = "3"  # 2: an INT8 graph's float parts in BF16 where native (openvino_float); 3: INT8 attention where faster
+    # 2: an INT8 graph's float parts in BF16 where native (openvino_float); 3: INT8 attention where faster;
+    # 4: INT8 LSTM layers where faster
+    form = "4"
 
     def version(self) -> str:
         return _import_openvino().get_version()
@@ -249,22 +286,20 @@ class OpenVINO(Backend):
         model = _convert(ov, job.onnx_path, job.ranges)
         unfused = _keep_reductions_unfused(model) if job.precision.startswith("int8") else []
         weights = job.stage_file(weights_path(Path(job.engine_name)).name)
-        attention: dict[str, Any] = {"form": "float", "blocks": 0}
+        attention: dict[str, Any] = {"form": "float"}
+        lstm: dict[str, Any] = {"form": "float"}
         with tempfile.TemporaryDirectory(prefix="miaotui-openvino-") as folder:
             if blocks:
-                from miaotui.engines.shapes import synthetic_feed
-
                 int8_form = _with_int8_attention(ov, graph, job.onnx_path, blocks, job.ranges, Path(folder))
                 _keep_reductions_unfused(int8_form)
-                attention = {"form": "int8", "blocks": len(blocks)}
-                if job.options.openvino_attention == "auto":
-                    feed = synthetic_feed(job.ranges, "opt", job.config)
-                    timed = _faster_form(ov, {"float": model, "int8": int8_form}, hint, feed)
-                    faster = timed["int8"] <= timed["float"] * (1 - ATTENTION_MIN_GAIN)
-                    attention = {"form": "int8" if faster else "float", "blocks": len(blocks) if faster else 0,
-                                 "ms_at_opt": timed, "min_gain": ATTENTION_MIN_GAIN}
-                if attention["form"] == "int8":
-                    model = int8_form
+                model, attention = _keep_int8_form(ov, model, int8_form, job.options.openvino_attention,
+                                                   ATTENTION_MIN_GAIN, hint, job)
+            lstm_bounds = _lstm_bounds(model, job.onnx_path, job.options.openvino_lstm, job.precision)
+            if lstm_bounds:
+                from miaotui.engines.openvino_lstm import with_int8_lstm
+
+                model, lstm = _keep_int8_form(ov, model, with_int8_lstm(model, lstm_bounds), job.options.openvino_lstm,
+                                              LSTM_MIN_GAIN, hint, job)
             xml = Path(folder) / "model.xml"
             ov.save_model(model, str(xml), compress_to_fp16=False)  # the graph's precision, not FP16 weights
             shutil.copyfile(xml, job.engine_path)
@@ -273,11 +308,13 @@ class OpenVINO(Backend):
         runner = OpenVINORunner(compile_ir(job.engine_path, weights, hint, None),
                                 [o.get_any_name() for o in model.outputs if o.get_any_name() not in unfused])
         settings = {"precision_hint": hint, "performance_hint": "LATENCY", "unfused_outputs": unfused,
-                    "attention": attention["form"], "int8_attention_blocks": attention["blocks"],
+                    "attention": attention["form"], "int8_attention_blocks": len(blocks) if attention["form"] == "int8" else 0,
+                    "lstm": lstm["form"], "int8_lstm_layers": len(lstm_bounds) if lstm["form"] == "int8" else 0,
                     "weights_sha256": sha256_file(weights), "weights_bytes": weights.stat().st_size}
         checks = _check(job.onnx_path, runner, job.ranges, job.config)
-        if "ms_at_opt" in attention:
-            checks["attention_timing"] = {"ms_at_opt": attention["ms_at_opt"], "min_gain": attention["min_gain"]}
+        for part, decided in (("attention", attention), ("lstm", lstm)):
+            if "ms_at_opt" in decided:
+                checks[f"{part}_timing"] = {"ms_at_opt": decided["ms_at_opt"], "min_gain": decided["min_gain"]}
         return BackendBuild(self.version(), cpu_description(), settings, checks)
 
     def engine_files(self, engine: Path) -> list[Path]:
@@ -314,6 +351,7 @@ class OpenVINO(Backend):
         hint = metadata.settings.get("precision_hint")
         where = " (f32 on CPUs without native BF16)" if hint == "bf16" else ""
         attention = " (attention in INT8)" if metadata.settings.get("attention") == "int8" else ""
+        attention += " (LSTM layers in INT8)" if metadata.settings.get("lstm") == "int8" else ""
         return (f"openvino {metadata.backend_version.split('-')[0]} IR{attention}, float parts in {hint}{where}; "
                 f"ran at min/opt/max shapes; vs ONNX Runtime on the .onnx max |diff| {diff:.0e}")
 

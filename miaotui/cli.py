@@ -315,12 +315,15 @@ def run(config, work_dir: Path, force: bool, wait: bool, progress: StageProgress
 @click.option("--openvino-attention", type=click.Choice(["auto", "int8", "float"]), default="auto", show_default=True,
               help="openvino, INT8 graphs: self-attention (Q, K, V, probabilities) in INT8 from the ranges the graph "
                    "records; auto keeps it where the build measures it at least 3% faster.")
+@click.option("--openvino-lstm", type=click.Choice(["auto", "int8", "float"]), default="auto", show_default=True,
+              help="openvino, INT8 graphs: LSTM layers in INT8 where their input has a known bound (an embedding "
+                   "table, another LSTM's states); auto keeps them where the build measures them at least 3% faster.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="ENGINE",
               help="Engine file (.ort or .plan; default: engines/<name>.<backend>.<precision>.<ext> beside the ONNX file).")
 @_apply(_TENSORRT_OPTIONS)
 @reports_errors
 def build(onnx_path: Path, backend, precision, shapes, config_or_model, provider, cpu_activations, openvino_float,
-          openvino_attention, output, **tensorrt) -> None:
+          openvino_attention, openvino_lstm, output, **tensorrt) -> None:
     """Compile an ONNX file into an engine and its .json sidecar."""
     from miaotui.engines import BuildOptions, build_engine
     from miaotui.engines.build import default_engine_path
@@ -335,7 +338,8 @@ def build(onnx_path: Path, backend, precision, shapes, config_or_model, provider
         config = resolve_config(beside.config)
     options = BuildOptions(backend=backend, precision=precision, shapes=tuple(shapes), provider=provider,
                            tensorrt=_tensorrt_options(**tensorrt), cpu_activations=cpu_activations,
-                           openvino_float=openvino_float, openvino_attention=openvino_attention)
+                           openvino_float=openvino_float, openvino_attention=openvino_attention,
+                           openvino_lstm=openvino_lstm)
     made_folder = None
     if output is None:
         output = default_engine_path(onnx_path, backend, precision, config)

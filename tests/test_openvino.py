@@ -126,7 +126,9 @@ def test_the_gate_passes_on_the_fp32_and_int8_irs(openvino_work: Path):
     metadata = read_metadata(int8)
     assert metadata.settings["unfused_outputs"] == ["amax"]
     assert metadata.settings["precision_hint"] == ("bf16" if bf16 else "f32")
-    assert metadata.checks["vs_onnxruntime_max_abs_diff"] < (0.05 if bf16 else 1e-4)
+    # The LSTM layer in INT8 (where the build timed it faster) is not in the QDQ graph: its noise shows too.
+    int8_lstm = metadata.settings["lstm"] == "int8"
+    assert metadata.checks["vs_onnxruntime_max_abs_diff"] < (0.15 if int8_lstm else 0.05 if bf16 else 1e-4)
     report = validate_engine(int8, resolve_config("lstm-sentiment"), openvino_work, progress=False)
     assert report.passed and report.outputs[0].top1_agreement >= 0.995, [c.sentence() for c in report.failures()]
 
@@ -139,13 +141,14 @@ def test_int8_in_f32_answers_like_the_graph(openvino_work: Path, tmp_path: Path)
     from miaotui.runtime import Engine
 
     built = build_engine(openvino_work / "model.int8.onnx", tmp_path / "f32.xml",
-                         BuildOptions(backend="openvino", openvino_float="f32"), resolve_config("lstm-sentiment"))
+                         BuildOptions(backend="openvino", openvino_float="f32", openvino_lstm="float"),
+                         resolve_config("lstm-sentiment"))
     assert built.metadata.settings["precision_hint"] == "f32" and built.metadata.settings["unfused_outputs"] == ["amax"]
     assert built.metadata.checks["vs_onnxruntime_max_abs_diff"] < 1e-4
     assert Engine.load(tmp_path / "f32.xml").provider == "OpenVINO CPU (f32)"
 
 
-def test_a_bf16_engine_runs_in_f32_where_the_cpu_has_no_bf16(openvino_work: Path, monkeypatch):
+def test_a_bf16_engine_runs_in_f32_where_the_cpu_has_no_bf16(openvino_work: Path, tmp_path: Path, monkeypatch):
     """The IR is compiled where it is loaded: on a CPU without native BF16 (emulated, it would be
     slow) the runtime compiles it in FP32, closer to the graph than what the gate judged."""
     import openvino
@@ -154,7 +157,12 @@ def test_a_bf16_engine_runs_in_f32_where_the_cpu_has_no_bf16(openvino_work: Path
     from miaotui.engines import read_metadata
     from miaotui.runtime import Engine
 
-    int8 = openvino_work / "engines" / "lstm-sentiment.openvino.int8.xml"
+    from miaotui.engines import BuildOptions, build_engine
+    from miaotui.models import resolve_config
+
+    # LSTM float: the graph's own arithmetic, which an f32 run then matches
+    int8 = build_engine(openvino_work / "model.int8.onnx", tmp_path / "bf16.xml", BuildOptions(
+        backend="openvino", openvino_lstm="float"), resolve_config("lstm-sentiment")).engine
     if read_metadata(int8).settings["precision_hint"] != "bf16":
         pytest.skip("this CPU has no native BF16: the engine was built in f32")
     assert Engine.load(int8).provider == "OpenVINO CPU (bf16)"
@@ -375,3 +383,66 @@ def test_int8_attention_is_refused_in_one_line_where_the_graph_records_none(open
     built = build_engine(openvino_work / "model.int8.onnx", tmp_path / "auto.xml", BuildOptions(backend="openvino"),
                          config)
     assert built.metadata.settings["attention"] == "float" and "attention_timing" not in built.metadata.checks
+
+
+def _lstm_runtime_precisions(engine: Path) -> list[str]:
+    """The precision the CPU plugin runs each LSTM layer in, read from the compiled model."""
+    import openvino
+
+    compiled = openvino.Core().compile_model(str(engine), "CPU")
+    return [op.get_rt_info()["runtimePrecision"].astype(str) for op in compiled.get_runtime_model().get_ordered_ops()
+            if op.get_rt_info()["layerType"].astype(str) == "RNNSeq"]
+
+
+def test_int8_lstm_runs_the_layer_in_int8_and_agrees_with_pytorch(openvino_work: Path, tmp_path: Path):
+    """The LSTM, float in the QDQ graph, runs as one INT8 kernel: its input scaled into the hidden state's
+    (-1, 1) by the embedding table's bound, W and R sharing each row's scale (quantized separately, as
+    NNCF does, the kernel applies one set to both; with the input scaled, agreement fell to 0.72)."""
+    import openvino
+
+    from miaotui.engines import BuildOptions, build_engine
+    from miaotui.engines.openvino_lstm import int8_lstm_candidates
+    from miaotui.models import resolve_config
+    from miaotui.stages import validate_engine
+
+    config = resolve_config("lstm-sentiment")
+    graph = openvino_work / "model.int8.onnx"
+    [bound] = int8_lstm_candidates(openvino.convert_model(str(graph)))
+    assert bound.source == "embedding table" and 1 < bound.bound < 100
+    built = {form: build_engine(graph, tmp_path / f"{form}.xml", BuildOptions(backend="openvino", openvino_lstm=form),
+                                config) for form in ("int8", "float")}
+    assert built["int8"].metadata.settings["lstm"] == "int8" and built["int8"].metadata.settings["int8_lstm_layers"] == 1
+    assert built["float"].metadata.settings["lstm"] == "float" and "lstm_timing" not in built["float"].metadata.checks
+    assert _lstm_runtime_precisions(tmp_path / "int8.xml") == ["u8"]
+    assert _lstm_runtime_precisions(tmp_path / "float.xml") != ["u8"]
+    assert _fake_quantizes(tmp_path / "int8.xml") - _fake_quantizes(tmp_path / "float.xml") == 2  # X and H
+    report = validate_engine(tmp_path / "int8.xml", config, openvino_work, progress=False)
+    assert report.passed and report.outputs[0].top1_agreement >= 0.995, [c.sentence() for c in report.failures()]
+
+
+def test_auto_keeps_int8_lstm_only_where_it_measured_faster(openvino_work: Path):
+    from miaotui.engines import read_metadata
+    from miaotui.engines.openvino_backend import LSTM_MIN_GAIN
+
+    metadata = read_metadata(openvino_work / "engines" / "lstm-sentiment.openvino.int8.xml")  # built with auto
+    timing = metadata.checks["lstm_timing"]
+    faster = timing["ms_at_opt"]["int8"] <= timing["ms_at_opt"]["float"] * (1 - LSTM_MIN_GAIN)
+    assert metadata.settings["lstm"] == ("int8" if faster else "float")
+    # The FP32 graph's engine is left as the graph has it, and nothing is timed for it.
+    fp32 = read_metadata(_engine(openvino_work))
+    assert fp32.settings["lstm"] == "float" and "lstm_timing" not in fp32.checks
+
+
+def test_int8_lstm_is_refused_in_one_line_where_it_cannot_be_built(openvino_work: Path, tiny_bert_work,
+                                                                   tmp_path: Path):
+    from miaotui.config import load_config
+    from miaotui.engines import BuildOptions, build_engine
+    from miaotui.models import resolve_config
+
+    config_path, bert_work = tiny_bert_work
+    cases = ((openvino_work / "model.opt.onnx", resolve_config("lstm-sentiment"), "is a fp32 graph"),
+             (bert_work / "model.int8.onnx", load_config(config_path), "has no LSTM layer whose input has a known bound"))
+    for graph, config, expected in cases:
+        with pytest.raises(InputError, match=f"--openvino-lstm int8: .*{graph.name}.* {expected}"):
+            build_engine(graph, tmp_path / "x.xml", BuildOptions(backend="openvino", openvino_lstm="int8"), config)
+    assert not list(tmp_path.iterdir())  # nothing half-written
