@@ -38,10 +38,9 @@ from miaotui.errors import InputError, first_line
 
 WEIGHTS_SUFFIX = ".bin"
 FLOAT_PRECISIONS = ("auto", "f32", "bf16")
-ATTENTION_CHOICES = ("auto", "int8", "float")
+INT8_FORM_CHOICES = ("auto", "int8", "float")  # --openvino-attention, --openvino-lstm
 ATTENTION_MIN_GAIN = 0.03  # INT8 attention costs agreement: kept when at least this much faster
 ATTENTION_TIMING_ROUNDS = 15
-LSTM_CHOICES = ("auto", "int8", "float")
 LSTM_MIN_GAIN = 0.03  # INT8 LSTM layers: kept when at least this much faster (lstm-sentiment: about 25%)
 
 
@@ -156,6 +155,18 @@ def _keep_reductions_unfused(model) -> list[str]:
     return [op.output(0).get_any_name() for op in reductions]
 
 
+def _int8_form_wanted(flag: str, requested: str, onnx_path: Path, precision: str, needs: str) -> bool:
+    """Whether an INT8 form (auto, int8, float) may be built from this graph; int8 asked of a float graph is
+    refused in one line."""
+    if requested not in INT8_FORM_CHOICES:
+        raise InputError(f"{flag} {requested}: expected one of {', '.join(INT8_FORM_CHOICES)}")
+    if requested == "float" or not precision.startswith("int8"):
+        if requested == "int8":
+            raise InputError(f"{flag} int8: {onnx_path} is a {precision} graph; {needs} an INT8 graph (miaotui quantize)")
+        return False
+    return True
+
+
 def _attention_blocks(onnx_path: Path, requested: str, precision: str) -> tuple[list, Any]:
     """The attention ranges the INT8 graph records, when INT8 attention may be built, and the graph
     they were read from (its external weights not loaded yet); ([], None) when none may be."""
@@ -163,12 +174,7 @@ def _attention_blocks(onnx_path: Path, requested: str, precision: str) -> tuple[
 
     from miaotui.export.attention import read_metadata
 
-    if requested not in ATTENTION_CHOICES:
-        raise InputError(f"--openvino-attention {requested}: expected one of {', '.join(ATTENTION_CHOICES)}")
-    if requested == "float" or not precision.startswith("int8"):
-        if requested == "int8":
-            raise InputError(f"--openvino-attention int8: {onnx_path} is a {precision} graph; INT8 attention "
-                             "needs an INT8 graph (miaotui quantize)")
+    if not _int8_form_wanted("--openvino-attention", requested, onnx_path, precision, "INT8 attention needs"):
         return [], None
     graph = onnx.load(str(onnx_path), load_external_data=False)
     blocks = read_metadata(graph)
@@ -196,12 +202,7 @@ def _lstm_bounds(model, onnx_path: Path, requested: str, precision: str) -> list
     """The model's LSTM layers that may be built in INT8 ([] when none may be)."""
     from miaotui.engines.openvino_lstm import int8_lstm_candidates
 
-    if requested not in LSTM_CHOICES:
-        raise InputError(f"--openvino-lstm {requested}: expected one of {', '.join(LSTM_CHOICES)}")
-    if requested == "float" or not precision.startswith("int8"):
-        if requested == "int8":
-            raise InputError(f"--openvino-lstm int8: {onnx_path} is a {precision} graph; INT8 LSTM layers need an "
-                             "INT8 graph (miaotui quantize)")
+    if not _int8_form_wanted("--openvino-lstm", requested, onnx_path, precision, "INT8 LSTM layers need"):
         return []
     bounds = int8_lstm_candidates(model)
     if requested == "int8" and not bounds:
