@@ -255,8 +255,9 @@ class OpenVINO(Backend):
     help = "openvino (x86-64 and ARM CPUs; the same graphs as OpenVINO IR)"
     triton_backend = "openvino"
     # After onnxruntime when nothing was measured; where the parity gate timed both engines on this
-    # machine the faster one is chosen (engines/choice.py): on minilm-sentiment's INT8 graph openvino
-    # (about 2x), on lstm-sentiment's real texts onnxruntime (a new input shape costs OpenVINO more).
+    # machine the faster one is chosen (engines/choice.py); which one depends on the model and the CPU
+    # (minilm-sentiment: openvino on the AMX CPU, onnxruntime on the Zen 5 EPYC; lstm-sentiment with its
+    # LSTM in INT8: openvino on the Zen 5 EPYC).
     preference = 45
     # 2: an INT8 graph's float parts in BF16 where native (openvino_float); 3: INT8 attention where faster;
     # 4: INT8 LSTM layers where faster
