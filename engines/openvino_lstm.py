@@ -35,18 +35,19 @@ class LstmBound:
 
 def _input_bound(output) -> tuple[float, str] | None:
     """max |value| of `output` where it is known without data: a Gather from a constant table (its largest
-    entry) or another LSTM's states, through ops that only move values."""
-    node = output.get_node()
-    while node.get_type_name() in _VALUE_PRESERVING:
-        node = node.input(0).get_source_output().get_node()
-    kind = node.get_type_name()
+    entry) or another LSTM's hidden states (its outputs Y and Ho; not Co, the cell state, which has no
+    bound), through ops that only move values."""
+    while output.get_node().get_type_name() in _VALUE_PRESERVING:
+        output = output.get_node().input(0).get_source_output()
+    node, kind = output.get_node(), output.get_node().get_type_name()
     if kind == "Gather":
         table = node.input(0).get_source_output().get_node()
         if table.get_type_name() == "Constant":
             values = np.asarray(table.get_data(), dtype=np.float64)
             bound = float(np.abs(values).max()) if values.size else 0.0
             return (bound, "embedding table") if bound > 0 else None
-    if kind == "LSTMSequence" and node.get_attributes()["activations"] == _STANDARD_ACTIVATIONS:
+    if kind == "LSTMSequence" and output.get_index() in (0, 1) and \
+            node.get_attributes()["activations"] == _STANDARD_ACTIVATIONS:
         return 1.0, "LSTM states"
     return None
 

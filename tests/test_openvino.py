@@ -446,3 +446,33 @@ def test_int8_lstm_is_refused_in_one_line_where_it_cannot_be_built(openvino_work
         with pytest.raises(InputError, match=f"--openvino-lstm int8: .*{graph.name}.* {expected}"):
             build_engine(graph, tmp_path / "x.xml", BuildOptions(backend="openvino", openvino_lstm="int8"), config)
     assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_another_lstms_hidden_states_are_bounded_its_cell_state_is_not():
+    """A second LSTM reading the first one's hidden states (|H| < 1) may run in INT8 with bound 1; one
+    reading its cell state (no bound) stays float."""
+    import openvino
+    from openvino import opset13 as ops
+
+    from miaotui.engines.openvino_lstm import int8_lstm_candidates
+
+    rng = np.random.default_rng(0)
+
+    def constant(*shape):
+        return ops.constant(rng.normal(size=shape).astype(np.float32))
+
+    def lstm(x, inputs: int, steps: int):
+        zeros = ops.constant(np.zeros((2, 1, 3), np.float32))
+        return ops.lstm_sequence(x, zeros, zeros, ops.constant(np.full(2, steps, np.int32)), constant(1, 12, inputs),
+                                 constant(1, 12, 3), constant(1, 12), 3, "forward")
+
+    def stacked(output: int):
+        ids = ops.parameter([2, 5], np.int64, name="ids")
+        first = lstm(ops.gather(constant(10, 4), ids, ops.constant(np.int64(0))), 4, 5)
+        second = lstm(first.output(output), 3, 1)  # Ho or Co, [2, 1, 3]: one step of 3 inputs
+        return openvino.Model([second.output(0)], [ids])
+
+    table, states = int8_lstm_candidates(stacked(1))
+    assert table.source == "embedding table" and (states.source, states.bound) == ("LSTM states", 1.0)
+    [table] = int8_lstm_candidates(stacked(2))
+    assert table.source == "embedding table"
