@@ -12,8 +12,9 @@ With --peers, the same texts through the same tokenization and batches (Classifi
 batch padded to its longest text) for both miaotui CPU engines and the peers of benchmarks/peers.py
 that take dynamic shapes (ONNX Runtime FP32, OpenVINO FP32, NNCF INT8 default and transformer, each
 run as benchmarks/peers.py runs it): what each would give a service on real texts, where the seq-128
-table measures the kernels. Each engine and peer runs --repeat times in its own process, the order
-reversed every other time; the table shows the median.
+table measures the kernels. Each engine and peer is loaded in a process of its own and makes its first
+pass alone; then the warm passes are interleaved, --repeat rounds (every subject once per call size,
+the order reversed every other round), and the table shows their medians.
 
     python benchmarks/predict_texts.py --model minilm-sentiment --peers --repeat 3
 """
@@ -134,7 +135,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--backend", default=None, help="which of the work dir's engines (default: Classifier's choice)")
     parser.add_argument("--peers", action="store_true", help="both miaotui CPU engines and the peers, same texts and batches")
-    parser.add_argument("--repeat", type=int, default=3, help="with --peers: runs of each engine and peer (median shown)")
+    parser.add_argument("--repeat", type=int, default=3, help="with --peers: interleaved rounds of warm passes (median shown)")
     parser.add_argument("--subject", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     args = parser.parse_args()
@@ -163,9 +164,7 @@ def main() -> None:
         return
     rows = {}
     for subject in ("torch", "engine"):
-        result = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--subject", subject], capture_output=True,
-                                text=True, env=env, check=True)
-        rows[subject] = json.loads(result.stdout.strip().splitlines()[-1])
+        rows[subject] = _subject_rates(sys.argv[1:], subject, env)
     labels = {str(size): ("all" if size == len(texts) else str(size)) for size in sizes}
     engine = args.backend or "Classifier's choice"
     print(f"{args.model} ({engine}), {len(texts)} test-split texts (shuffled), {args.threads} threads: texts/s by call size")
