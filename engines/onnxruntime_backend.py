@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import platform
 import tempfile
+import threading
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -167,26 +169,68 @@ def _compare_sources(original: Path, rewritten: Path, ranges: list[TensorRange],
     return max(max_diff(a, b) for a, b in zip(*outputs))
 
 
+# ONNX Runtime's threads keep spinning for a while after a call returns, waiting for the next one. For
+# a lone engine that is what makes the next call fast (the LSTM engine, one text 5 ms after the last:
+# 0.25 ms with its threads spinning, 0.45 ms with them parked). With two engines in one process called
+# in turn (a service with two classifiers) each one's spinning threads take the cores from the other:
+# on 2 cores MiniLM's engine ran 2x slower called in turn with the LSTM's. So a session spins on after
+# its calls only while it is the process's one live onnxruntime engine; loading a second reopens all of
+# them to stop spinning when a call returns (benchmarks/cohost.py, benchmarks/NOTES.md).
+STOP_SPINNING_WHEN_SHARED = True
+_live_runners: weakref.WeakSet = weakref.WeakSet()
+_live_lock = threading.Lock()
+
+
 class OnnxRuntimeRunner:
     def __init__(self, path: Path, metadata: EngineMetadata, threads: int | None = None):
+        self.path, self.metadata, self.threads = path, metadata, threads
+        self.spinning_stopped = False
+        self.session = self._open(stop_spinning=False)
+        self.provider = self.session.get_providers()[0]  # what really runs (onnxruntime-gpu may fall back to CPU)
+        self.output_names = [o.name for o in metadata.outputs]
+        if STOP_SPINNING_WHEN_SHARED:
+            with _live_lock:
+                others = list(_live_runners)
+                _live_runners.add(self)
+                for runner in [*others, self] if others else []:
+                    runner._stop_spinning()
+
+    def _open(self, stop_spinning: bool, model: bytes | None = None):
         import onnxruntime
 
         options = onnxruntime.SessionOptions()
-        level = metadata.session.get("graph_optimization_level", "ORT_DISABLE_ALL")
+        level = self.metadata.session.get("graph_optimization_level", "ORT_DISABLE_ALL")
         options.graph_optimization_level = getattr(onnxruntime.GraphOptimizationLevel, level)
-        options.add_session_config_entry("session.load_model_format", metadata.session.get("format", "ORT"))
+        options.add_session_config_entry("session.load_model_format", self.metadata.session.get("format", "ORT"))
         options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
+        if self.threads:
+            options.intra_op_num_threads = self.threads
             options.inter_op_num_threads = 1
-        providers = metadata.session.get("providers", ["CPUExecutionProvider"])
+        if stop_spinning:
+            options.add_session_config_entry("session.force_spinning_stop", "1")
+        providers = self.metadata.session.get("providers", ["CPUExecutionProvider"])
         try:
-            self.session = onnxruntime.InferenceSession(str(path), options, providers=providers)
+            return onnxruntime.InferenceSession(model or str(self.path), options, providers=providers)
         except Exception as error:  # ORT raises its own exception types for unreadable files
-            raise InputError(f"{path}: ONNX Runtime cannot load this engine ({first_line(error)}): rebuild it") from None
-        self.provider = self.session.get_providers()[0]  # what really runs (onnxruntime-gpu may fall back to CPU)
-        self.threads = threads
-        self.output_names = [o.name for o in metadata.outputs]
+            raise InputError(f"{self.path}: ONNX Runtime cannot load this engine ({first_line(error)}): "
+                             "rebuild it") from None
+
+    def _stop_spinning(self) -> None:
+        """Reopen the session with threads that stop spinning when a call returns; it is swapped in whole,
+        so a call already running finishes on the old one. Only from the very file Engine.load checked:
+        one rebuilt or removed since keeps its session as it is."""
+        import hashlib
+
+        if self.spinning_stopped:
+            return
+        try:
+            model = self.path.read_bytes()  # hashed and opened from the same bytes
+            if hashlib.sha256(model).hexdigest() != self.metadata.engine_sha256:
+                return
+            self.session = self._open(stop_spinning=True, model=model)
+        except (OSError, InputError):
+            return
+        self.spinning_stopped = True
 
     def run(self, arrays: dict[str, object]) -> list[np.ndarray]:
         feed = numpy_feed(arrays)

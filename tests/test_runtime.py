@@ -222,6 +222,50 @@ assert not loaded, loaded
     assert result.returncode == 0, result.stderr
 
 
+def test_onnxruntime_engines_stop_spinning_between_calls_once_a_second_one_is_loaded(lstm_engine: Path,
+                                                                                      tmp_path: Path):
+    # In a process of its own: the rule counts every onnxruntime engine alive in the process.
+    copy = tmp_path / lstm_engine.name
+    copy.write_bytes(lstm_engine.read_bytes())
+    sidecar_path(copy).write_bytes(sidecar_path(lstm_engine).read_bytes())
+    code = f"""
+import gc, json, pathlib, numpy as np
+from miaotui.runtime import Engine
+
+def stops(engine):
+    try:
+        return engine._backend.session.get_session_options().get_session_config_entry("session.force_spinning_stop") == "1"
+    except RuntimeError:  # ONNX Runtime: no such entry, its default (spin on)
+        return False
+
+ids = np.random.default_rng(0).integers(1, 3000, (3, 17))
+first = Engine.load({str(lstm_engine)!r}, threads=1)
+alone = stops(first), first.run({{"input_ids": ids}})["logits"]
+second = Engine.load({str(lstm_engine)!r}, threads=1)
+shared = [stops(first), stops(second)]
+same = bool(np.array_equal(first.run({{"input_ids": ids}})["logits"], alone[1]))
+del first, second
+gc.collect()
+third = Engine.load({str(lstm_engine)!r}, threads=1)
+alone_again = stops(third)
+del third
+gc.collect()
+# a file replaced after its engine was loaded is never reopened: that engine keeps its session
+replaced = Engine.load({str(copy)!r}, threads=1)
+pathlib.Path({str(copy)!r}).write_bytes(pathlib.Path({str(copy)!r}).read_bytes() + bytes(8))  # still loads
+fourth = Engine.load({str(lstm_engine)!r}, threads=1)
+kept = [stops(replaced), stops(fourth)]
+kept_same = bool(np.array_equal(replaced.run({{"input_ids": ids}})["logits"], alone[1]))
+print(json.dumps({{"alone": alone[0], "shared": shared, "same": same, "alone_again": alone_again, "kept": kept,
+                  "kept_same": kept_same}}))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    facts = json.loads(result.stdout.strip().splitlines()[-1])
+    assert facts == {"alone": False, "shared": [True, True], "same": True, "alone_again": False,
+                     "kept": [False, True], "kept_same": True}
+
+
 def test_classifier_predicts_labels_in_order_like_the_engine(lstm_work: Path):
     classifier = Classifier.load(lstm_work)
     assert classifier.engine.backend == "onnxruntime" and classifier.labels == ["negative", "positive"]
