@@ -2,6 +2,7 @@
 in-process Classifier.predict loop of one text at a time.
 
     python benchmarks/serve.py [--model minilm-sentiment] [--clients 1,8,32] [--seconds 60]
+                               [--instances N --engine-threads auto|default|N]
 
 Packages the work dir's INT8 onnxruntime engine as a text model (build/<model> must hold it:
 `miaotui run MODEL --backend onnxruntime`), starts a real Triton server (miaotui.serving.server) on
@@ -116,6 +117,8 @@ def main() -> None:
     parser.add_argument("--clients", default="1,8,32")
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--warmup", type=float, default=10.0, help="seconds of 8 clients before memory is read")
+    parser.add_argument("--instances", type=int, default=1, help="text-model instances (processes) in the server")
+    parser.add_argument("--engine-threads", default="auto", help="threads per instance: auto, default or N")
     args = parser.parse_args()
 
     from miaotui.data.corpus import load_split
@@ -126,7 +129,8 @@ def main() -> None:
     work = REPO / "build" / args.model
     texts = [e.text for e in load_split("test")]
     with tempfile.TemporaryDirectory(prefix="miaotui-serve-bench-") as folder:
-        text_model = package_text_model(work, Path(folder), TritonOptions(), backend="onnxruntime", precision="int8")
+        options = TritonOptions(instances=args.instances, engine_threads=args.engine_threads)
+        text_model = package_text_model(work, Path(folder), options, backend="onnxruntime", precision="int8")
         server = TritonServer(Path(folder), [text_model.name], http_port=free_port(), grpc_port=free_port(),
                               metrics_port=free_port())
         rows = []
@@ -144,19 +148,23 @@ def main() -> None:
                                "growth": round(memory_at_end - memory_after_warmup, 1)},
               "rows": rows, "cpu": platform.processor() or platform.machine(), "instruction_sets": cpu_flags(),
               "cores": __import__("os").cpu_count(),
+              "instances": args.instances, "engine_threads": args.engine_threads,
               "command": f"python benchmarks/serve.py --model {args.model} --clients {args.clients} "
-                         f"--seconds {args.seconds:g}"}
+                         f"--seconds {args.seconds:g}" + (f" --instances {args.instances} --engine-threads "
+                                                          f"{args.engine_threads}" if args.instances > 1 else "")}
     target = REPO / "benchmarks" / "results" / args.model
     target.mkdir(parents=True, exist_ok=True)
-    (target / "serve.json").write_text(json.dumps(record, indent=2) + "\n")
-    lines = [f"# {args.model} served by Triton (text model, {text_model.engine.name})", "",
+    stem = "serve" if args.instances == 1 else f"serve.instances{args.instances}.{args.engine_threads}"
+    (target / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
+    lines = [f"# {args.model} served by Triton (text model, {text_model.engine.name}, {args.instances} instance(s), "
+             f"engine threads {args.engine_threads})", "",
              f"`{record['command']}`; {record['cores']} cores, CPU flags {', '.join(record['instruction_sets'])}; "
              f"server resident memory {record['resident_mib']['after_warmup']} MiB after warm-up, "
              f"{record['resident_mib']['at_end']} MiB at the end (growth {record['resident_mib']['growth']} MiB)", "",
              "| clients | texts/s | p50 ms | p99 ms | requests | errors |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['clients']} | {r['texts_per_s']} | {r['p50_ms']} | {r['p99_ms']} | {r['requests']} | {r['errors']} |"
               for r in rows]
-    (target / "serve.md").write_text("\n".join(lines) + "\n")
+    (target / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

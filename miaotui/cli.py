@@ -687,14 +687,17 @@ def bench(engine_files, torch_config, batch_text, seq_text, threads, seconds, ro
               help="The model version folder.")
 @click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True,
               help="Model instances per GPU (or on the CPU).")
+@click.option("--engine-threads", default="auto", show_default=True, metavar="auto|default|N",
+              help="Threads of each text-model instance's engine: auto divides the server's CPUs among the "
+                   "instances, default lets each engine size its pool for the whole machine.")
 @click.option("--preferred-batch", "preferred_text", default=None, metavar="8,32",
               help="Dynamic batching's preferred batch sizes (default: the engine's opt and max batch, or for an engine faster in row slices its opt batch and the rows of one slice).")
 @click.option("--max-queue-delay-us", type=click.IntRange(min=0), default=100, show_default=True,
               help="How long the dynamic batcher may hold a request to fill a preferred batch.")
 @click.option("--force", is_flag=True, help="Replace a model of the same name in the repository.")
 @reports_errors
-def package(engine_or_dir: Path, repository: Path, backend, precision, name, model_version, instances, preferred_text,
-            max_queue_delay_us, force) -> None:
+def package(engine_or_dir: Path, repository: Path, backend, precision, name, model_version, instances, engine_threads,
+            preferred_text, max_queue_delay_us, force) -> None:
     """A Triton Inference Server model repository entry for a built engine: config.pbtxt (checked with
     Triton's own schema), the model file in a version folder, labels.txt and the engine's sidecar."""
     from miaotui.engines.metadata import read_metadata
@@ -703,7 +706,7 @@ def package(engine_or_dir: Path, repository: Path, backend, precision, name, mod
     from miaotui.serving.triton import TritonOptions, package_triton
 
     preferred = tuple(_sizes("--preferred-batch", preferred_text)) if preferred_text else ()
-    options = TritonOptions(name=name, version=model_version, instances=instances,
+    options = TritonOptions(name=name, version=model_version, instances=instances, engine_threads=engine_threads,
                             max_queue_delay_us=max_queue_delay_us, preferred_batch_sizes=preferred, force=force)
     with _console(stderr=True).status(f"package {engine_or_dir} for Triton"):
         result = package_triton(engine_or_dir, repository, options, backend, precision)

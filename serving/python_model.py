@@ -20,9 +20,15 @@ class TritonPythonModel:
     def initialize(self, args):
         from miaotui.runtime import Classifier
 
+        from miaotui.runtime.instances import instance_threads
+
         config = json.loads(args["model_config"])
-        self.max_chars = int(config.get("parameters", {}).get("max_text_chars", {}).get("string_value", "10000"))
-        self.classifier = Classifier.load(Path(__file__).resolve().parent / "work")  # its one engine
+        parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+        self.max_chars = int(parameters.get("max_text_chars", "10000"))
+        # Each instance is a process of its own: they share the CPUs rather than each sizing its pool for all.
+        instances = sum(int(group.get("count", 1)) for group in config.get("instance_group", [])) or 1
+        threads = instance_threads(parameters.get("engine_threads", "auto"), instances)
+        self.classifier = Classifier.load(Path(__file__).resolve().parent / "work", threads=threads)  # its one engine
 
     def _texts(self, request) -> list[str]:
         tensor = pb_utils.get_input_tensor_by_name(request, "text")

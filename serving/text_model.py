@@ -56,6 +56,8 @@ def text_model_config(name: str, max_batch: int, classes: int, options: TritonOp
     config.dynamic_batching.max_queue_delay_microseconds = options.max_queue_delay_us
     config.instance_group.add(count=options.instances, kind=pb.ModelInstanceGroup.KIND_CPU)
     config.parameters["max_text_chars"].string_value = str(max_chars)
+    # threads per instance, worked out where the server runs (runtime/instances.py)
+    config.parameters["engine_threads"].string_value = options.engine_threads
     return config
 
 

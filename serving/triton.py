@@ -32,9 +32,19 @@ class TritonOptions:
     name: str | None = None  # the model's name in the repository (default: the config's name)
     version: int = 1
     instances: int = 1  # model instances per device (instance_group count)
+    engine_threads: str = "auto"  # a text model's threads per instance (runtime/instances.py)
     max_queue_delay_us: int = 100  # how long the dynamic batcher waits to fill a preferred batch
     preferred_batch_sizes: tuple[int, ...] = ()  # default: default_preferred_batches
     force: bool = False  # replace an entry of the same name
+
+    def __post_init__(self):
+        from miaotui.runtime.instances import instance_threads
+
+        try:
+            instance_threads(self.engine_threads, self.instances, cpus=1)
+        except ValueError:
+            raise InputError(f"--engine-threads {self.engine_threads}: expected auto, default or a positive number "
+                             "of threads") from None
 
 
 @dataclass

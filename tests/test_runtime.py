@@ -387,3 +387,15 @@ def test_batches_are_cut_by_padded_cost():
     assert cut([5] * 30 + [250, 256]) == [30, 2]  # two long texts would pad thirty short ones 50-fold
     assert cut([10, 11, 12, 13]) == [4]  # small differences are not worth a call
     assert cut([]) == []
+
+
+def test_instances_divide_the_cpus_among_them():
+    from miaotui.runtime.instances import instance_threads
+
+    assert instance_threads("auto", 1, cpus=8) is None  # one instance: the engine's own default
+    assert [instance_threads("auto", n, cpus=8) for n in (2, 3, 4, 8, 16)] == [4, 2, 2, 1, 1]
+    assert instance_threads("default", 4, cpus=8) is None
+    assert instance_threads("3", 4, cpus=8) == 3
+    for bad in ("0", "-1", "two", ""):
+        with pytest.raises(ValueError, match="expected auto, default or a positive number"):
+            instance_threads(bad, 2, cpus=8)

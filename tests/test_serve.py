@@ -38,12 +38,15 @@ pytestmark = pytest.mark.skipif(_server_missing() is not None, reason=f"no Trito
 
 @pytest.fixture(scope="module")
 def served(lstm_work: Path, tmp_path_factory):
-    """lstm-sentiment's text model in a fresh repository, served on free loopback ports."""
+    """lstm-sentiment's text model in a fresh repository, served on free loopback ports; two instances,
+    so that the engines run with the CPUs divided between them (runtime/instances.py)."""
     repository = tmp_path_factory.mktemp("repo")
     result = CliRunner().invoke(main, ["package", str(lstm_work), "--triton", str(repository), "--backend",
-                                       "onnxruntime", "--preferred-batch", "4,16"])
+                                       "onnxruntime", "--preferred-batch", "4,16", "--instances", "2"])
     assert result.exit_code == 0, result.output
     assert (repository / "lstm-sentiment-text" / "1" / "work" / "tokenizer.json").is_file()  # self-contained
+    config = (repository / "lstm-sentiment-text" / "config.pbtxt").read_text()
+    assert re.search(r'key: "engine_threads"\s+value \{\s+string_value: "auto"', config), config
     log = tmp_path_factory.mktemp("log") / "tritonserver.log"
     # The text model, and the ensemble's two Python steps (its engine step needs Triton's onnxruntime
     # or TensorRT backend, which this server has not).

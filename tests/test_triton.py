@@ -137,7 +137,7 @@ def _without_ranges(engine_json: dict) -> dict:
 
 
 @pytest.mark.parametrize("case", ["no engine", "no shape ranges", "empty inputs", "rtx plan", "damaged engine",
-                                  "repo is a file"])
+                                  "repo is a file", "engine threads"])
 def test_bad_input_is_one_line_exit_2_and_leaves_the_repository_alone(lstm_work: Path, tmp_path: Path, case: str):
     work = tmp_path / "work"
     (work / "engines").mkdir(parents=True)
@@ -161,11 +161,12 @@ def test_bad_input_is_one_line_exit_2_and_leaves_the_repository_alone(lstm_work:
     repo = tmp_path / "repo"
     if case == "repo is a file":
         repo.write_text("not a folder")
-    result = _package(work, "--triton", repo)
+    result = _package(work, "--triton", repo, *(["--engine-threads", "0"] if case == "engine threads" else []))
     assert result.exit_code == 2, result.output
     message = result.output.strip()
     assert message.startswith("error: ") and "\n" not in message and "Traceback" not in message
     expected = {"no engine": "no engine there", "no shape ranges": "inputs[0].min", "empty inputs": "shape ranges",
-                "rtx plan": "TensorRT-RTX", "damaged engine": "sha256", "repo is a file": "not a folder"}[case]
+                "rtx plan": "TensorRT-RTX", "damaged engine": "sha256", "repo is a file": "not a folder",
+                "engine threads": "--engine-threads 0: expected auto, default or a positive number"}[case]
     assert expected in message
     assert repo.is_file() if case == "repo is a file" else not repo.exists()
