@@ -25,18 +25,18 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from predict_texts import _calls, _texts  # noqa: E402  (a sibling script: the same shuffled test texts)
+
 SETTINGS = ("spin", "stop")
 LONE = ("lone-spin", "lone-stop")
 
 
-def _texts(count: int) -> list[str]:
-    import random
-
-    from miaotui.data.corpus import load_split
-
-    texts = [example.text for example in load_split("test")]
-    random.Random(0).shuffle(texts)
-    return texts[:count]
+def _timed(classifier, batch: list[str]) -> float:
+    started = time.perf_counter()
+    classifier.predict(batch)
+    return time.perf_counter() - started
 
 
 def _subject(setting: str, works: list[str], backends: list[str | None], texts: list[str], call: int, threads: int,
@@ -45,12 +45,7 @@ def _subject(setting: str, works: list[str], backends: list[str | None], texts: 
     from miaotui.runtime import Classifier
 
     onnxruntime_backend.STOP_SPINNING_WHEN_SHARED = setting == "stop"
-    calls = [texts[start:start + call] for start in range(0, len(texts), call)]
-
-    def timed(classifier, batch) -> float:
-        started = time.perf_counter()
-        classifier.predict(batch)
-        return time.perf_counter() - started
+    calls = _calls(texts, call)
 
     def loaded(work: str, backend: str | None):
         classifier = Classifier.load(work, backend=backend, threads=threads)
@@ -61,11 +56,11 @@ def _subject(setting: str, works: list[str], backends: list[str | None], texts: 
     ratios: list[list[float]] = [[] for _ in classifiers]
     alone_ms: list[list[float]] = [[] for _ in classifiers]
     for _ in range(rounds):
-        alone = [statistics.median(timed(classifier, batch) for batch in calls) for classifier in classifiers]
+        alone = [statistics.median(_timed(classifier, batch) for batch in calls) for classifier in classifiers]
         in_turn: list[list[float]] = [[] for _ in classifiers]
         for batch in calls:
             for index, classifier in enumerate(classifiers):
-                in_turn[index].append(timed(classifier, batch))
+                in_turn[index].append(_timed(classifier, batch))
         for index in range(len(classifiers)):
             ratios[index].append(statistics.median(in_turn[index]) / alone[index])
             alone_ms[index].append(alone[index] * 1e3)
@@ -82,15 +77,12 @@ def _lone(setting: str, work: str, backend: str | None, texts: list[str], call: 
     classifier.predict(texts)
     if setting == "lone-stop":
         classifier.engine._backend._stop_spinning()  # what the rule does once a second engine is loaded
-    calls = [texts[start:start + call] for start in range(0, len(texts), call)]
     medians = []
     for _ in range(rounds):
         times = []
-        for batch in calls:
+        for batch in _calls(texts, call):
             time.sleep(gap_s)
-            started = time.perf_counter()
-            classifier.predict(batch)
-            times.append(time.perf_counter() - started)
+            times.append(_timed(classifier, batch))
         medians.append(statistics.median(times) * 1e3)
     return {"engine": classifier.engine.path.name, "ms": medians}
 

@@ -184,16 +184,13 @@ _live_lock = threading.Lock()
 class OnnxRuntimeRunner:
     def __init__(self, path: Path, metadata: EngineMetadata, threads: int | None = None):
         self.path, self.metadata, self.threads = path, metadata, threads
-        if STOP_SPINNING_WHEN_SHARED:
-            with _live_lock:
-                others = list(_live_runners)
-                self.session = self._open(stop_spinning=bool(others))
-                self.spinning_stopped = bool(others)
-                _live_runners.add(self)
-                for runner in others:
-                    runner._stop_spinning()
-        else:
-            self.session, self.spinning_stopped = self._open(stop_spinning=False), False
+        with _live_lock:
+            others = list(_live_runners) if STOP_SPINNING_WHEN_SHARED else []
+            self.session = self._open(stop_spinning=bool(others))
+            self.spinning_stopped = bool(others)
+            _live_runners.add(self)
+            for runner in others:
+                runner._stop_spinning()
         self.provider = self.session.get_providers()[0]  # what really runs (onnxruntime-gpu may fall back to CPU)
         self.output_names = [o.name for o in metadata.outputs]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-SETTINGS = ("auto", "default")
+EXPECTED = "expected auto, default or a positive number of threads"
 
 
 def available_cpus() -> int:
@@ -28,4 +28,4 @@ def instance_threads(setting: str, instances: int, cpus: int | None = None) -> i
         return None if instances <= 1 else max(1, (cpus or available_cpus()) // instances)
     if setting.isdigit() and int(setting) > 0:
         return int(setting)
-    raise ValueError(f"engine_threads {setting!r}: expected auto, default or a positive number of threads")
+    raise ValueError(f"engine_threads {setting!r}: {EXPECTED}")

@@ -19,7 +19,6 @@ import triton_python_backend_utils as pb_utils
 class TritonPythonModel:
     def initialize(self, args):
         from miaotui.runtime import Classifier
-
         from miaotui.runtime.instances import instance_threads
 
         config = json.loads(args["model_config"])

@@ -38,13 +38,12 @@ class TritonOptions:
     force: bool = False  # replace an entry of the same name
 
     def __post_init__(self):
-        from miaotui.runtime.instances import instance_threads
+        from miaotui.runtime.instances import EXPECTED, instance_threads
 
         try:
             instance_threads(self.engine_threads, self.instances, cpus=1)
         except ValueError:
-            raise InputError(f"--engine-threads {self.engine_threads}: expected auto, default or a positive number "
-                             "of threads") from None
+            raise InputError(f"--engine-threads {self.engine_threads}: {EXPECTED}") from None
 
 
 @dataclass
