@@ -17,7 +17,9 @@ as one INT8 kernel. Both forms are compiled and timed at the opt shape, and the 
 where it is at least ATTENTION_MIN_GAIN faster: it costs some agreement (the gate judges the engine as
 built), and where BF16 attention is fast (AMX) the gain may not be there. Likewise an INT8 graph's LSTM
 layers (float in the QDQ graph) are built in INT8 form where their input has a known bound
-(engines/openvino_lstm.py, `openvino_lstm`) and kept where at least LSTM_MIN_GAIN faster.
+(engines/openvino_lstm.py, `openvino_lstm`) and kept where at least LSTM_MIN_GAIN faster. And one
+text a call runs on models compiled for its padded width where that is faster (engines/openvino_one_text.py,
+`openvino_one_text`; the sidecar's session says the step the runtime pads to).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import platform
 import shutil
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -80,37 +83,100 @@ def _compile_config(precision_hint: str, threads: int | None) -> dict[str, Any]:
     return config
 
 
-def compile_ir(xml: Path, weights: Path, precision_hint: str, threads: int | None):
-    """The IR compiled for this CPU, or one line saying why not."""
+@dataclass(frozen=True)
+class OneTextForms:
+    """Where one text a call runs on models compiled for [1, width] (engines/openvino_one_text.py)."""
+
+    step: int
+    seq_min: int
+    seq_max: int
+
+    def fixed(self, arrays: dict[str, np.ndarray]) -> int | None:
+        """The width when `arrays` is one row at one of the fixed widths, else None."""
+        from miaotui.engines.openvino_one_text import one_text_width
+
+        shapes = {array.shape for array in arrays.values()}
+        if len(shapes) != 1:
+            return None
+        (shape,) = shapes
+        if len(shape) != 2 or shape[0] != 1:
+            return None
+        return shape[1] if one_text_width(shape[1], self.step, self.seq_min, self.seq_max) == shape[1] else None
+
+
+def read_ir(xml: Path, weights: Path):
+    """(an OpenVINO Core, the IR read as a model), or one line saying why not."""
     ov = _import_openvino()
-    config = _compile_config(precision_hint, threads)
     try:
         core = ov.Core()
-        return core.compile_model(core.read_model(str(xml), str(weights)), "CPU", config)
+        return core, core.read_model(str(xml), str(weights))
     except Exception as error:  # OpenVINO raises its own RuntimeError for unreadable IR
         raise InputError(f"{xml}: OpenVINO cannot load this engine ({first_line(error)}): rebuild it") from None
 
 
-class OpenVINORunner:
-    """One compiled model; an infer request per calling thread (a request holds its tensors)."""
+def compile_model(core, model, where: Path, precision_hint: str, threads: int | None):
+    try:
+        return core.compile_model(model, "CPU", _compile_config(precision_hint, threads))
+    except Exception as error:
+        raise InputError(f"{where}: OpenVINO cannot load this engine ({first_line(error)}): rebuild it") from None
 
-    def __init__(self, compiled, output_names: list[str]):
-        self.compiled = compiled
-        self.provider = f"OpenVINO CPU ({compiled.get_property('INFERENCE_PRECISION_HINT').to_string()})"
+
+def with_static_shape(model, width: int):
+    """A copy of `model` whose [batch, seq] inputs are fixed at [1, width]."""
+    ov = _import_openvino()
+    copy = model.clone()
+    copy.reshape({port.get_any_name(): ov.PartialShape([1, width]) for port in copy.inputs})
+    return copy
+
+
+class OpenVINORunner:
+    """One compiled model, plus (with `one_text`) one compiled for each fixed width that one text a call
+    has come at; an infer request per calling thread and compiled model (a request holds its tensors)."""
+
+    def __init__(self, core, model, where: Path, precision_hint: str, threads: int | None, output_names: list[str],
+                 one_text: OneTextForms | None = None):
+        self.compiled = compile_model(core, model, where, precision_hint, threads)
+        self.provider = f"OpenVINO CPU ({self.compiled.get_property('INFERENCE_PRECISION_HINT').to_string()})"
         self.output_names = output_names
-        self._ports = {name: compiled.output(name) for name in output_names}
+        # By position: a fixed-width model is a copy of the same model, its outputs in the same order
+        outputs = self.compiled.outputs
+        self._positions = [next(i for i, port in enumerate(outputs) if name in port.get_names()) for name in output_names]
+        self.one_text = one_text
+        self._core, self._model, self._where, self._hint, self._threads = core, model, where, precision_hint, threads
+        self._fixed: dict[int, Any] = {}  # width -> compiled model
+        self._fixed_lock = threading.Lock()
         self._local = threading.local()
 
-    def run(self, arrays: dict[str, object]) -> list[np.ndarray]:
-        request = getattr(self._local, "request", None)
+    def _request(self, width: int | None):
+        requests = getattr(self._local, "requests", None)
+        if requests is None:
+            requests = self._local.requests = {}
+        request = requests.get(width)
         if request is None:
-            request = self._local.request = self.compiled.create_infer_request()
+            compiled = self.compiled if width is None else self._compiled_at(width)
+            request = requests[width] = compiled.create_infer_request()
+        return request
+
+    def _compiled_at(self, width: int):
+        with self._fixed_lock:  # one compile per width, whichever thread comes first
+            if width not in self._fixed:
+                self._fixed[width] = compile_model(self._core, with_static_shape(self._model, width), self._where,
+                                                   self._hint, self._threads)
+            return self._fixed[width]
+
+    @property
+    def fixed_widths(self) -> list[int]:
+        """The widths one text a call has run at so far (each a model compiled for it)."""
+        return sorted(self._fixed)
+
+    def run(self, arrays: dict[str, object]) -> list[np.ndarray]:
         feed = numpy_feed(arrays)
+        request = self._request(self.one_text.fixed(feed) if self.one_text else None)
         try:
             results = request.infer(feed)
         except Exception as error:  # OpenVINO's RuntimeError; the inputs passed the sidecar's checks
             raise run_failed("OpenVINO", feed, error) from None
-        return [np.array(results[self._ports[name]]) for name in self.output_names]  # copies: the request reuses its buffers
+        return [np.array(results[position]) for position in self._positions]  # copies: the request reuses its buffers
 
     def signature(self):
         def describe(ports):
@@ -237,16 +303,60 @@ def _faster_form(ov, forms: dict, hint: str, feed: dict[str, np.ndarray]) -> dic
     return {name: round(ms, 3) for name, ms in timed.items()}
 
 
+def _one_text_feed(ranges: list[TensorRange], config) -> dict[str, np.ndarray]:
+    """One row at the width one text of the opt length is padded to (every position real)."""
+    from dataclasses import replace
+
+    from miaotui.engines.openvino_one_text import one_text_width, width_step
+    from miaotui.engines.shapes import synthetic_feed
+
+    low, opt, high = ranges[0].min[1], ranges[0].opt[1], ranges[0].max[1]
+    width = one_text_width(opt, width_step(high), low, high)
+    return synthetic_feed([replace(t, opt=(1, width)) for t in ranges], "opt", config)
+
+
+def _one_text_forms(ov, model, job: BuildJob, hint: str) -> tuple[OneTextForms | None, dict[str, Any]]:
+    """Fixed-width models for one text a call (engines/openvino_one_text.py), where asked for or, with
+    "auto", where one text at the opt width runs at least ONE_TEXT_MIN_GAIN faster on one."""
+    from miaotui.engines.openvino_one_text import ONE_TEXT_MIN_GAIN, ONE_TEXT_CHOICES, unsuitable, width_step
+
+    requested = job.options.openvino_one_text
+    if requested not in ONE_TEXT_CHOICES:
+        raise InputError(f"--openvino-one-text {requested}: expected one of {', '.join(ONE_TEXT_CHOICES)}")
+    if requested == "dynamic":
+        return None, {"form": "dynamic"}
+    why_not = unsuitable(job.ranges, job.config.padding_mask if job.config else None)
+    if why_not:
+        if requested == "static":
+            raise InputError(f"--openvino-one-text static: {job.onnx_path} cannot run one text at fixed widths: {why_not}")
+        return None, {"form": "dynamic", "why_not": why_not}
+    forms = OneTextForms(width_step(job.ranges[0].max[1]), job.ranges[0].min[1], job.ranges[0].max[1])
+    if requested == "static":
+        return forms, {"form": "static"}
+    feed = _one_text_feed(job.ranges, job.config)
+    width = next(iter(feed.values())).shape[1]
+    timed = _faster_form(ov, {"dynamic": model, "static": with_static_shape(model, width)}, hint, feed)
+    faster = timed["static"] <= timed["dynamic"] * (1 - ONE_TEXT_MIN_GAIN)
+    return (forms if faster else None), {"form": "static" if faster else "dynamic", "ms_at_opt": timed,
+                                         "min_gain": ONE_TEXT_MIN_GAIN}
+
+
 def _check(onnx_path: Path, runner: OpenVINORunner, ranges: list[TensorRange], config) -> dict:
-    """The compiled IR runs at the min and max shapes, and at opt answers like ONNX Runtime on the graph."""
+    """The compiled IR runs at the min and max shapes, and at opt answers like ONNX Runtime on the graph;
+    with fixed-width models for one text, one text at the opt width too."""
     from miaotui.engines.shapes import max_diff, run_at_extremes, synthetic_feed
     from miaotui.export.parity import onnxruntime_session
 
     run_at_extremes(runner.run, ranges, config, str(onnx_path), "OpenVINO")
-    feed = synthetic_feed(ranges, "opt", config)
-    expected = onnxruntime_session(onnx_path).run(runner.output_names, feed)
-    worst = max(max_diff(e, a) for e, a in zip(expected, runner.run(feed)))
-    return {"vs_onnxruntime_max_abs_diff": worst, "ran_at": ["min", "opt", "max"]}
+    session = onnxruntime_session(onnx_path)
+    checks: dict[str, Any] = {}
+    feeds = {"vs_onnxruntime_max_abs_diff": synthetic_feed(ranges, "opt", config)}
+    if runner.one_text:
+        feeds["one_text_vs_onnxruntime_max_abs_diff"] = _one_text_feed(ranges, config)
+    for key, feed in feeds.items():
+        expected = session.run(runner.output_names, feed)
+        checks[key] = max(max_diff(e, a) for e, a in zip(expected, runner.run(feed)))
+    return checks | {"ran_at": ["min", "opt", "max"]}
 
 
 class OpenVINO(Backend):
@@ -260,8 +370,8 @@ class OpenVINO(Backend):
     # LSTM in INT8: openvino on the Zen 5 EPYC).
     preference = 45
     # 2: an INT8 graph's float parts in BF16 where native (openvino_float); 3: INT8 attention where faster;
-    # 4: INT8 LSTM layers where faster
-    form = "4"
+    # 4: INT8 LSTM layers where faster; 5: one text a call at fixed widths where faster
+    form = "5"
 
     def version(self) -> str:
         return _import_openvino().get_version()
@@ -306,18 +416,24 @@ class OpenVINO(Backend):
             ov.save_model(model, str(xml), compress_to_fp16=False)  # the graph's precision, not FP16 weights
             shutil.copyfile(xml, job.engine_path)
             shutil.copyfile(xml.with_suffix(WEIGHTS_SUFFIX), weights)
+        one_text, one_text_decided = _one_text_forms(ov, model, job, hint)
         # The staged files, compiled as the runtime will compile them.
-        runner = OpenVINORunner(compile_ir(job.engine_path, weights, hint, None),
-                                [o.get_any_name() for o in model.outputs if o.get_any_name() not in unfused])
+        core, staged = read_ir(job.engine_path, weights)
+        runner = OpenVINORunner(core, staged, job.engine_path, hint, None,
+                                [o.get_any_name() for o in model.outputs if o.get_any_name() not in unfused], one_text)
         settings = {"precision_hint": hint, "performance_hint": "LATENCY", "unfused_outputs": unfused,
                     "attention": attention["form"], "int8_attention_blocks": len(blocks) if attention["form"] == "int8" else 0,
                     "lstm": lstm["form"], "int8_lstm_layers": len(lstm_bounds) if lstm["form"] == "int8" else 0,
+                    "one_text": one_text_decided["form"],
                     "weights_sha256": sha256_file(weights), "weights_bytes": weights.stat().st_size}
         checks = _check(job.onnx_path, runner, job.ranges, job.config)
-        for part, decided in (("attention", attention), ("lstm", lstm)):
+        for part, decided in (("attention", attention), ("lstm", lstm), ("one_text", one_text_decided)):
             if "ms_at_opt" in decided:
                 checks[f"{part}_timing"] = {"ms_at_opt": decided["ms_at_opt"], "min_gain": decided["min_gain"]}
-        return BackendBuild(self.version(), cpu_description(), settings, checks)
+        if "why_not" in one_text_decided:
+            checks["one_text_why_not"] = one_text_decided["why_not"]
+        session = {"one_text_step": one_text.step} if one_text else {}
+        return BackendBuild(self.version(), cpu_description(), settings, checks, session)
 
     def engine_files(self, engine: Path) -> list[Path]:
         return [weights_path(engine)]
@@ -345,8 +461,10 @@ class OpenVINO(Backend):
         hint = metadata.settings.get("precision_hint", "f32")
         if hint == "bf16" and not native_bf16(_import_openvino()):
             hint = "f32"  # emulated BF16 would be slow; FP32 is closer to the graph than what the gate judged
-        compiled = compile_ir(path, weights_path(path), hint, threads)
-        return OpenVINORunner(compiled, [o.name for o in metadata.outputs])
+        step = metadata.session.get("one_text_step")
+        one_text = OneTextForms(step, metadata.inputs[0].min[1], metadata.inputs[0].max[1]) if step else None
+        core, model = read_ir(path, weights_path(path))
+        return OpenVINORunner(core, model, path, hint, threads, [o.name for o in metadata.outputs], one_text)
 
     def describe(self, metadata: EngineMetadata) -> str:
         diff = metadata.checks.get("vs_onnxruntime_max_abs_diff", float("nan"))
@@ -354,6 +472,7 @@ class OpenVINO(Backend):
         where = " (f32 on CPUs without native BF16)" if hint == "bf16" else ""
         attention = " (attention in INT8)" if metadata.settings.get("attention") == "int8" else ""
         attention += " (LSTM layers in INT8)" if metadata.settings.get("lstm") == "int8" else ""
+        attention += " (one text at fixed widths)" if metadata.settings.get("one_text") == "static" else ""
         return (f"openvino {metadata.backend_version.split('-')[0]} IR{attention}, float parts in {hint}{where}; "
                 f"ran at min/opt/max shapes; vs ONNX Runtime on the .onnx max |diff| {diff:.0e}")
 

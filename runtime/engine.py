@@ -34,6 +34,8 @@ class Engine:
         self.max_batch = min(t.max[0] for t in metadata.inputs) if self._splittable else None
         # Input elements one call runs fastest under, as the build measured it (engines/call_split.py).
         self.max_call_elements = metadata.session.get("max_call_elements") if self._splittable else None
+        # One text a call runs fastest padded to a step (openvino: models compiled for those widths).
+        self._one_text_step = metadata.session.get("one_text_step")
 
     @classmethod
     def load(cls, path: str | Path, threads: int | None = None) -> "Engine":
@@ -72,6 +74,21 @@ class Engine:
     def provider(self) -> str:
         """What really runs the engine (e.g. CPUExecutionProvider)."""
         return self._backend.provider
+
+    @property
+    def pads_one_text(self) -> bool:
+        """Whether one text a call is padded to fixed widths (one_text_width)."""
+        return bool(self._one_text_step)
+
+    def one_text_width(self, width: int) -> int:
+        """The width to pad one text of `width` tokens to (it must mask padding): the next width the engine
+        has a fixed-width form for, where it has them (engines/openvino_one_text.py), else `width`."""
+        if not self._one_text_step:
+            return width
+        from miaotui.engines.openvino_one_text import one_text_width
+
+        seq = self.metadata.inputs[0]
+        return one_text_width(width, self._one_text_step, seq.min[1], seq.max[1])
 
     def __call__(self, **inputs) -> dict:
         return self.run(inputs)

@@ -367,6 +367,13 @@ def test_auto_keeps_int8_attention_only_where_it_measured_faster(tiny_bert_work,
     faster = timing["ms_at_opt"]["int8"] <= timing["ms_at_opt"]["float"] * (1 - ATTENTION_MIN_GAIN)
     assert built.metadata.settings["attention"] == ("int8" if faster else "float")
     assert _fake_quantizes(tmp_path / "auto.xml") > 0
+    # Likewise one text at fixed widths, timed at the opt width (64)
+    from miaotui.engines.openvino_one_text import ONE_TEXT_MIN_GAIN
+
+    timing = built.metadata.checks["one_text_timing"]["ms_at_opt"]
+    faster = timing["static"] <= timing["dynamic"] * (1 - ONE_TEXT_MIN_GAIN)
+    assert built.metadata.settings["one_text"] == ("static" if faster else "dynamic")
+    assert built.metadata.session.get("one_text_step") == (16 if faster else None)
 
 
 def test_int8_attention_is_refused_in_one_line_where_the_graph_records_none(openvino_work: Path, tmp_path: Path):
@@ -476,3 +483,118 @@ def test_another_lstms_hidden_states_are_bounded_its_cell_state_is_not():
     assert table.source == "embedding table" and (states.source, states.bound) == ("LSTM states", 1.0)
     [table] = int8_lstm_candidates(stacked(2))
     assert table.source == "embedding table"
+
+
+def test_the_one_text_widths_step_through_the_engines_range():
+    from miaotui.engines.openvino_backend import OneTextForms
+    from miaotui.engines.openvino_one_text import MAX_WIDTHS, one_text_width, width_step
+
+    assert width_step(256) == 16 and width_step(128) == 16 and width_step(512) == 32
+    for high in (128, 130, 256, 512):
+        widths = {one_text_width(width, width_step(high), 1, high) for width in range(1, high + 1)}
+        assert len(widths) <= MAX_WIDTHS + 1 and max(widths) == high  # at most 16 steps, the last cut to the max
+        assert all(one_text_width(width, width_step(high), 1, high) >= width for width in range(1, high + 1))
+    assert one_text_width(37, 16, 1, 128) == 48 and one_text_width(3, 16, 20, 128) == 20
+    forms = OneTextForms(16, 1, 130)
+    one = lambda width, rows=1: {"input_ids": np.ones((rows, width), np.int64), "attention_mask": np.ones((rows, width), np.int64)}
+    assert forms.fixed(one(48)) == 48 and forms.fixed(one(130)) == 130
+    assert forms.fixed(one(37)) is None and forms.fixed(one(48, rows=2)) is None
+
+
+def _tiny_bert_inputs(texts_tokens: list[int], width: int | None = None, seed: int = 3) -> dict[str, np.ndarray]:
+    """Rows of random ids, each `tokens` long, padded (id 0, mask 0) to `width` or the longest."""
+    width = width or max(texts_tokens)
+    rng = np.random.default_rng(seed)
+    ids = np.zeros((len(texts_tokens), width), np.int64)
+    mask = np.zeros_like(ids)
+    for row, tokens in enumerate(texts_tokens):
+        ids[row, :tokens] = rng.integers(5, 300, tokens)
+        mask[row, :tokens] = 1
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+
+
+def test_one_text_runs_on_a_model_compiled_for_its_padded_width(tiny_bert_work, tmp_path: Path):
+    """One row at one of the fixed widths runs on a model compiled for [1, width] (compiled on its first
+    call there, once); any other shape on the dynamic model. Padding is masked: the answer is the text's own
+    up to rounding, and the same input always gets the same answer."""
+    from miaotui.config import load_config
+    from miaotui.engines import BuildOptions, build_engine
+    from miaotui.engines.openvino_backend import BACKEND
+    from miaotui.runtime import Engine
+
+    config_path, work = tiny_bert_work
+    config = load_config(config_path)
+    built = {form: build_engine(work / "model.int8.onnx", tmp_path / f"{form}.xml",
+                                BuildOptions(backend="openvino", openvino_one_text=form), config)
+             for form in ("static", "dynamic")}
+    static, dynamic = built["static"].metadata, built["dynamic"].metadata
+    assert static.settings["one_text"] == "static" and static.session == {"one_text_step": 16}
+    assert dynamic.settings["one_text"] == "dynamic" and "one_text_step" not in dynamic.session
+    assert static.checks["one_text_vs_onnxruntime_max_abs_diff"] < 0.1 and "one_text_timing" not in static.checks
+    assert "(one text at fixed widths)" in BACKEND.describe(static)
+    engine, plain = Engine.load(tmp_path / "static.xml", threads=2), Engine.load(tmp_path / "dynamic.xml", threads=2)
+    assert engine.pads_one_text and not plain.pads_one_text
+    assert engine.one_text_width(37) == 48 and plain.one_text_width(37) == 37
+    runner = engine._backend
+    text = _tiny_bert_inputs([37])
+    padded = _tiny_bert_inputs([37], width=48)
+    first = engine(**padded)["logits"]
+    assert runner.fixed_widths == [48]
+    np.testing.assert_array_equal(engine(**padded)["logits"], first)  # the same input, the same answer
+    spread = float(np.ptp(plain(**_tiny_bert_inputs([37] * 16, seed=4))["logits"]))
+    assert float(np.abs(first - plain(**text)["logits"]).max()) < 0.1 * spread  # the text's own answer
+    engine(**text)  # width 37: the dynamic model
+    engine(**_tiny_bert_inputs([30, 48]))  # two rows at width 48: the dynamic model
+    assert runner.fixed_widths == [48]
+    engine(**_tiny_bert_inputs([128]))
+    assert runner.fixed_widths == [48, 128]
+
+
+def test_one_text_from_the_classifier_and_the_gate_at_fixed_widths(tiny_bert_work, tmp_path: Path):
+    """Classifier.predict pads one text to the engine's width (a batch only to its longest); the gate judges
+    every validation sample sent that way beside the batches, by the same bars."""
+    from miaotui.config import load_config
+    from miaotui.data.tokenizers import configure, load_tokenizer
+    from miaotui.engines import BuildOptions, build_engine
+    from miaotui.runtime import Classifier, Engine
+    from miaotui.stages import validate_engine
+    from miaotui.validation import write_reports
+
+    config_path, work = tiny_bert_work
+    config = load_config(config_path)
+    build_engine(work / "model.int8.onnx", tmp_path / "static.xml",
+                 BuildOptions(backend="openvino", openvino_one_text="static"), config)
+    engine = Engine.load(tmp_path / "static.xml", threads=2)
+    tokenizer = load_tokenizer(config.model.tokenizer)
+    configure(tokenizer, 128)
+    classifier = Classifier(engine, tokenizer, config.model.labels, "logits")
+    texts = ["这本书写得很好，内容丰富，值得一读。", "太差了"]
+    alone = [classifier.predict_with_logits(text)[1][0] for text in texts]
+    lengths = [len(tokenizer.encode(text).ids) for text in texts]
+    assert lengths[0] != lengths[1] and all(length % 16 for length in lengths)
+    assert engine._backend.fixed_widths == sorted({engine.one_text_width(length) for length in lengths})
+    together = classifier.predict_with_logits(texts)[1]
+    np.testing.assert_allclose(np.stack(alone), together, atol=0.05)
+    report = validate_engine(tmp_path / "static.xml", config, work, progress=False)
+    assert report.one_text is not None and report.one_text.output == "logits, one text a call"
+    one_text_checks = [c for c in report.checks if c.output == "logits, one text a call"]
+    assert {c.bar for c in one_text_checks} >= {"min_top1_agreement", "max_kl_divergence"}
+    assert report.passed, [c.sentence() for c in report.failures()]
+    markdown = write_reports(report, tmp_path / "reports")[1].read_text()
+    assert "| metric | logits | logits, one text a call |" in markdown
+
+
+def test_one_text_at_fixed_widths_needs_a_padding_mask(openvino_work: Path, tmp_path: Path):
+    """Padding an unmasked model would change its answer: static is refused in one line, auto stays dynamic."""
+    from miaotui.engines import BuildOptions, build_engine, read_metadata
+    from miaotui.models import resolve_config
+
+    config = resolve_config("lstm-sentiment")
+    with pytest.raises(InputError, match="--openvino-one-text static: .*model.int8.onnx cannot run one text at fixed "
+                                         "widths: it has no padding mask"):
+        build_engine(openvino_work / "model.int8.onnx", tmp_path / "x.xml",
+                     BuildOptions(backend="openvino", openvino_one_text="static"), config)
+    assert not list(tmp_path.iterdir())  # nothing half-written
+    metadata = read_metadata(openvino_work / "engines" / "lstm-sentiment.openvino.int8.xml")  # built with auto
+    assert metadata.settings["one_text"] == "dynamic" and "padding mask" in metadata.checks["one_text_why_not"]
+    assert not metadata.session.get("one_text_step")

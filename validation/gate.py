@@ -40,6 +40,14 @@ class ParityReport:
     single_seconds: float = 0.0  # per call, samples one at a time, their padding trimmed (as one text is sent)
     engine_sha256: str = ""
     machine: str = ""
+    # An engine that pads one text to fixed widths (openvino) runs it on other compiled models than a
+    # batch: every sample sent alone as Classifier.predict sends one text, judged by the same bars.
+    one_text: OutputMetrics | None = None
+
+    @property
+    def judged(self) -> list[OutputMetrics]:
+        """The metrics of every output, then of one text a call where it was judged."""
+        return self.outputs + ([self.one_text] if self.one_text else [])
 
     @property
     def passed(self) -> bool:

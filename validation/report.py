@@ -52,10 +52,10 @@ def markdown(report: ParityReport) -> str:
              f"**{verdict_line(report)}**", "",
              f"{report.backend} ({report.provider}), {report.precision}, against the PyTorch reference on "
              f"`{report.validation_set}`.", ""]
-    header = "| metric | " + " | ".join(m.output for m in report.outputs) + " |"
-    lines += [header, "|---" * (len(report.outputs) + 1) + "|"]
+    header = "| metric | " + " | ".join(m.output for m in report.judged) + " |"
+    lines += [header, "|---" * (len(report.judged) + 1) + "|"]
     for label, attribute, fmt in METRIC_ROWS:
-        lines.append(f"| {label} | " + " | ".join(metric_text(m, attribute, fmt) for m in report.outputs) + " |")
+        lines.append(f"| {label} | " + " | ".join(metric_text(m, attribute, fmt) for m in report.judged) + " |")
     lines += ["", "| check | value | bar | |", "|---|---|---|---|"]
     for check in report.checks:
         value = "n/a" if check.value is None else f"{check.value:.6g}"

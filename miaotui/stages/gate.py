@@ -32,6 +32,7 @@ def validate_engine(engine_path: str | Path, config: Config, work_dir: str | Pat
     from miaotui.stages.reference import Reference
     from miaotui.stages.runner import Pipeline
     from miaotui.validation.gate import bars_for_data, check_engine_matches_config, compare_engine
+    from miaotui.validation.thresholds import judge
     from miaotui.validation.reference import load_reference
 
     started = time.perf_counter()
@@ -47,6 +48,11 @@ def validate_engine(engine_path: str | Path, config: Config, work_dir: str | Pat
     samples, metrics, checks, warnings, inside = compare_engine(engine, validation, summary.has_labels, bars, reference,
                                                                 reference_stage.path, from_work_dir, Path(work_dir),
                                                                 progress)
+    one_text = None
+    if engine.pads_one_text:
+        # Before the timing: the fixed-width models are compiled on their first call, once per process
+        one_text = judge_one_text(engine, validation, config, reference, bars, summary.has_labels)
+        checks += judge(one_text, bars)
     single = single_call_seconds(engine, validation, config, summary.samples)
     return ParityReport(
         engine=str(engine.path), backend=engine.backend, precision=precision, provider=engine.provider,
@@ -54,38 +60,62 @@ def validate_engine(engine_path: str | Path, config: Config, work_dir: str | Pat
         bars=bars, outputs=metrics, checks=checks, reference_cached=reference_stage.skipped,
         seconds=round(time.perf_counter() - started, 3), warnings=warnings, engine_seconds=round(inside, 4),
         single_seconds=round(single, 6),
-        engine_sha256=engine.metadata.engine_sha256, machine=this_machine())
+        engine_sha256=engine.metadata.engine_sha256, machine=this_machine(), one_text=one_text)
 
 
 SINGLE_CALLS = 32
 
 
-def single_call_seconds(engine, validation, config: Config, samples: int) -> float:
-    """Seconds per call for SINGLE_CALLS of the set's `samples` samples, spread over it, sent one at a
-    time, each cut to its real length (by the config's padding mask, else by the tokenizer's padding
-    id in input_ids) as Classifier.predict sends one text, after a warm-up call: the latency side of
-    the engine choice (a new input shape costs some engines more than others)."""
-    from miaotui.data.datasets import spread_rows, without_labels
+def _tokenizer_padding(config: Config) -> int | None:
     from miaotui.data.tokenizers import load_tokenizer, padding_id
 
-    pad = None
-    if not config.padding_mask and config.model.tokenizer and "input_ids" in config.inputs:
-        pad = padding_id(load_tokenizer(config.model.tokenizer))
+    if config.model.tokenizer and "input_ids" in config.inputs:
+        return padding_id(load_tokenizer(config.model.tokenizer))
+    return None
+
+
+def as_one_text(engine, row: dict[str, np.ndarray], config: Config, pad: int | None) -> dict[str, np.ndarray]:
+    """A sample (a batch of one, labels dropped) cut to its real length (by the config's padding mask,
+    else by the tokenizer's padding id `pad` in input_ids) and padded to the engine's width for one text:
+    as Classifier.predict sends one text."""
+    from miaotui.data.tokenizers import pad_to
+
     seq_min = {t.name: t.min[1] if len(t.min) > 1 else 0 for t in engine.inputs}
-    rows = []
-    for row in spread_rows(validation, SINGLE_CALLS, samples):
-        row = without_labels(row)
-        if config.padding_mask and row.get(config.padding_mask, np.empty(0)).ndim == 2:
-            name, real = config.padding_mask, row[config.padding_mask][0] != 0
-        elif pad is not None and row["input_ids"].ndim == 2:
-            name, real = "input_ids", row["input_ids"][0] != pad
-        else:
-            rows.append(row)
-            continue
-        padded = len(real)
-        length = max(int(np.flatnonzero(real).max(initial=-1)) + 1, seq_min[name], 1)
-        rows.append({key: value[:, :length] if value.ndim >= 2 and value.shape[1] == padded else value
-                     for key, value in row.items()})
+    if config.padding_mask and row.get(config.padding_mask, np.empty(0)).ndim == 2:
+        name, real = config.padding_mask, row[config.padding_mask][0] != 0
+    elif not config.padding_mask and pad is not None and row["input_ids"].ndim == 2:
+        name, real = "input_ids", row["input_ids"][0] != pad
+    else:
+        return row
+    padded = len(real)
+    length = max(int(np.flatnonzero(real).max(initial=-1)) + 1, seq_min[name], 1)
+    row = {key: value[:, :length] if value.ndim >= 2 and value.shape[1] == padded else value
+           for key, value in row.items()}
+    width = engine.one_text_width(length)
+    return pad_to(row, width, 0 if pad is None else pad) if width != length else row
+
+
+def judge_one_text(engine, validation, config: Config, reference, bars: dict[str, float], has_labels: bool):
+    """The first output's metrics over every sample sent alone as one text (as_one_text)."""
+    from miaotui.data.datasets import sample_rows, without_labels
+    from miaotui.validation.metrics import output_metrics
+
+    name = engine.outputs[0].name
+    pad = _tokenizer_padding(config)
+    answers = [engine.run(as_one_text(engine, without_labels(row), config, pad))[name]
+               for row in sample_rows(validation.batches())]
+    return output_metrics(f"{name}, one text a call", reference.outputs[name], np.concatenate(answers),
+                          reference.labels if has_labels else None, classifier=True)
+
+
+def single_call_seconds(engine, validation, config: Config, samples: int) -> float:
+    """Seconds per call for SINGLE_CALLS of the set's `samples` samples, spread over it, sent one at a
+    time as Classifier.predict sends one text (as_one_text), after a warm-up call: the latency side of
+    the engine choice (a new input shape costs some engines more than others)."""
+    from miaotui.data.datasets import spread_rows, without_labels
+
+    pad = _tokenizer_padding(config)
+    rows = [as_one_text(engine, without_labels(row), config, pad) for row in spread_rows(validation, SINGLE_CALLS, samples)]
     if not rows:
         return 0.0
     engine.run(rows[0])
