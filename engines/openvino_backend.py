@@ -164,6 +164,16 @@ class OpenVINORunner:
                                                    self._hint, self._threads)
             return self._fixed[width]
 
+    def compile_fixed_widths(self) -> None:
+        """Compile the model of every fixed width now (a server's start) rather than on its first call."""
+        from miaotui.engines.openvino_one_text import one_text_width
+
+        if self.one_text:
+            forms = self.one_text
+            for width in sorted({one_text_width(w, forms.step, forms.seq_min, forms.seq_max)
+                                 for w in range(forms.seq_min, forms.seq_max + 1)}):
+                self._compiled_at(width)
+
     @property
     def fixed_widths(self) -> list[int]:
         """The widths one text a call has run at so far (each a model compiled for it)."""

@@ -548,6 +548,9 @@ def test_one_text_runs_on_a_model_compiled_for_its_padded_width(tiny_bert_work, 
     assert runner.fixed_widths == [48]
     engine(**_tiny_bert_inputs([128]))
     assert runner.fixed_widths == [48, 128]
+    engine.prepare_one_text()  # a server's start: every width now
+    assert runner.fixed_widths == list(range(16, 129, 16))
+    plain.prepare_one_text()  # nothing to prepare
 
 
 def test_one_text_from_the_classifier_and_the_gate_at_fixed_widths(tiny_bert_work, tmp_path: Path):
