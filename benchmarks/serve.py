@@ -2,16 +2,16 @@
 in-process Classifier.predict loop of one text at a time.
 
     python benchmarks/serve.py [--model minilm-sentiment] [--clients 1,8,32] [--seconds 60]
-                               [--instances N --engine-threads auto|default|N]
+                               [--instances N --engine-threads auto|default|N] [--backend openvino]
 
-Packages the work dir's INT8 onnxruntime engine as a text model (build/<model> must hold it:
-`miaotui run MODEL --backend onnxruntime`), starts a real Triton server (miaotui.serving.server) on
+Packages the work dir's INT8 onnxruntime engine (or --backend's) as a text model (build/<model> must
+hold it: `miaotui run MODEL --backend onnxruntime`), starts a real Triton server (miaotui.serving.server) on
 free loopback ports, and for each client count runs that many threads, each with its own
 tritonclient HTTP client sending one random test-split text per request for --seconds. Reported:
 requests per second, p50/p99 latency, errors, and the resident memory of the server and its Python
 backend stub (after a warm-up, and at the end: growth must stay under 64 MiB). Then the same texts
 through Classifier.predict one at a time, in this process, for --seconds. Writes
-benchmarks/results/<model>/serve.{json,md}.
+benchmarks/results/<model>/serve[.instancesN.THREADS][.BACKEND].{json,md}.
 """
 
 from __future__ import annotations
@@ -119,6 +119,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=10.0, help="seconds of 8 clients before memory is read")
     parser.add_argument("--instances", type=int, default=1, help="text-model instances (processes) in the server")
     parser.add_argument("--engine-threads", default="auto", help="threads per instance: auto, default or N")
+    parser.add_argument("--backend", default="onnxruntime", help="which of the work dir's INT8 engines to serve")
     args = parser.parse_args()
 
     from miaotui.data.corpus import load_split
@@ -130,7 +131,7 @@ def main() -> None:
     texts = [e.text for e in load_split("test")]
     with tempfile.TemporaryDirectory(prefix="miaotui-serve-bench-") as folder:
         options = TritonOptions(instances=args.instances, engine_threads=args.engine_threads)
-        text_model = package_text_model(work, Path(folder), options, backend="onnxruntime", precision="int8")
+        text_model = package_text_model(work, Path(folder), options, backend=args.backend, precision="int8")
         server = TritonServer(Path(folder), [text_model.name], http_port=free_port(), grpc_port=free_port(),
                               metrics_port=free_port())
         rows = []
@@ -151,10 +152,12 @@ def main() -> None:
               "instances": args.instances, "engine_threads": args.engine_threads,
               "command": f"python benchmarks/serve.py --model {args.model} --clients {args.clients} "
                          f"--seconds {args.seconds:g}" + (f" --instances {args.instances} --engine-threads "
-                                                          f"{args.engine_threads}" if args.instances > 1 else "")}
+                                                          f"{args.engine_threads}" if args.instances > 1 else "")
+                         + (f" --backend {args.backend}" if args.backend != "onnxruntime" else "")}
     target = REPO / "benchmarks" / "results" / args.model
     target.mkdir(parents=True, exist_ok=True)
     stem = "serve" if args.instances == 1 else f"serve.instances{args.instances}.{args.engine_threads}"
+    stem += f".{args.backend}" if args.backend != "onnxruntime" else ""
     (target / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
     lines = [f"# {args.model} served by Triton (text model, {text_model.engine.name}, {args.instances} instance(s), "
              f"engine threads {args.engine_threads})", "",

@@ -13,7 +13,7 @@ Written here: ONNX Runtime has no setting for it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -38,10 +38,14 @@ def rows_within(row_shape: tuple[int, ...], max_elements: int) -> int:
     return max(1, max_elements // max(per_row, 1))
 
 
-def row_slices(arrays: dict[str, object], rows: int) -> Iterator[dict[str, object]]:
-    """`arrays` (batch first) cut into consecutive row ranges of at most `rows` rows."""
-    for start in range(0, len(next(iter(arrays.values()))), rows):
-        yield {name: array[start:start + rows] for name, array in arrays.items()}
+def row_slices(arrays: dict[str, object], rows: int | Sequence[int]) -> Iterator[dict[str, object]]:
+    """`arrays` (batch first) cut into consecutive row ranges of at most `rows` rows, or of the given sizes."""
+    total = len(next(iter(arrays.values())))
+    sizes = [rows] * -(-total // rows) if isinstance(rows, int) else list(rows)
+    start = 0
+    for size in sizes:
+        yield {name: array[start:start + size] for name, array in arrays.items()}
+        start += size
 
 
 def measure_call_split(run: Run, feed: dict[str, np.ndarray]) -> tuple[int | None, dict[str, float]]:

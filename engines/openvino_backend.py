@@ -18,8 +18,9 @@ where it is at least ATTENTION_MIN_GAIN faster: it costs some agreement (the gat
 built), and where BF16 attention is fast (AMX) the gain may not be there. Likewise an INT8 graph's LSTM
 layers (float in the QDQ graph) are built in INT8 form where their input has a known bound
 (engines/openvino_lstm.py, `openvino_lstm`) and kept where at least LSTM_MIN_GAIN faster. And one
-text a call runs on models compiled for its padded width where that is faster (engines/openvino_one_text.py,
-`openvino_one_text`; the sidecar's session says the step the runtime pads to).
+text a call runs on models compiled for its padded width where that is faster, and every call is padded
+to one of a few widths and cut into rows of powers of two (engines/openvino_shapes.py, `openvino_one_text`;
+the sidecar's session says the step the runtime pads to).
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def _compile_config(precision_hint: str, threads: int | None) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class OneTextForms:
-    """Where one text a call runs on models compiled for [1, width] (engines/openvino_one_text.py)."""
+    """Where one text a call runs on models compiled for [1, width] (engines/openvino_shapes.py)."""
 
     step: int
     seq_min: int
@@ -93,7 +94,7 @@ class OneTextForms:
 
     def fixed(self, arrays: dict[str, np.ndarray]) -> int | None:
         """The width when `arrays` is one row at one of the fixed widths, else None."""
-        from miaotui.engines.openvino_one_text import one_text_width
+        from miaotui.engines.openvino_shapes import padded_width
 
         shapes = {array.shape for array in arrays.values()}
         if len(shapes) != 1:
@@ -101,7 +102,7 @@ class OneTextForms:
         (shape,) = shapes
         if len(shape) != 2 or shape[0] != 1:
             return None
-        return shape[1] if one_text_width(shape[1], self.step, self.seq_min, self.seq_max) == shape[1] else None
+        return shape[1] if padded_width(shape[1], self.step, self.seq_min, self.seq_max) == shape[1] else None
 
 
 def read_ir(xml: Path, weights: Path):
@@ -166,11 +167,11 @@ class OpenVINORunner:
 
     def compile_fixed_widths(self) -> None:
         """Compile the model of every fixed width now (a server's start) rather than on its first call."""
-        from miaotui.engines.openvino_one_text import one_text_width
+        from miaotui.engines.openvino_shapes import padded_width
 
         if self.one_text:
             forms = self.one_text
-            for width in sorted({one_text_width(w, forms.step, forms.seq_min, forms.seq_max)
+            for width in sorted({padded_width(w, forms.step, forms.seq_min, forms.seq_max)
                                  for w in range(forms.seq_min, forms.seq_max + 1)}):
                 self._compiled_at(width)
 
@@ -317,38 +318,38 @@ def _one_text_feed(ranges: list[TensorRange], config) -> dict[str, np.ndarray]:
     """One row at the width one text of the opt length is padded to (every position real)."""
     from dataclasses import replace
 
-    from miaotui.engines.openvino_one_text import one_text_width, width_step
+    from miaotui.engines.openvino_shapes import padded_width, width_step
     from miaotui.engines.shapes import synthetic_feed
 
     low, opt, high = ranges[0].min[1], ranges[0].opt[1], ranges[0].max[1]
-    width = one_text_width(opt, width_step(high), low, high)
+    width = padded_width(opt, width_step(high), low, high)
     return synthetic_feed([replace(t, opt=(1, width)) for t in ranges], "opt", config)
 
 
-def _one_text_forms(ov, model, job: BuildJob, hint: str) -> tuple[OneTextForms | None, dict[str, Any]]:
-    """Fixed-width models for one text a call (engines/openvino_one_text.py), where asked for or, with
-    "auto", where one text at the opt width runs at least ONE_TEXT_MIN_GAIN faster on one."""
-    from miaotui.engines.openvino_one_text import ONE_TEXT_MIN_GAIN, ONE_TEXT_CHOICES, unsuitable, width_step
+def _call_shapes(ov, model, job: BuildJob, hint: str) -> tuple[int | None, OneTextForms | None, dict[str, Any]]:
+    """(the width step calls are padded to, or None where the model cannot take padding; the fixed-width
+    forms for one text, where asked for or, with "auto", where one text at the opt width runs at least
+    ONE_TEXT_MIN_GAIN faster on one; what was decided). engines/openvino_shapes.py."""
+    from miaotui.engines.openvino_shapes import ONE_TEXT_CHOICES, ONE_TEXT_MIN_GAIN, unsuitable, width_step
 
     requested = job.options.openvino_one_text
     if requested not in ONE_TEXT_CHOICES:
         raise InputError(f"--openvino-one-text {requested}: expected one of {', '.join(ONE_TEXT_CHOICES)}")
-    if requested == "dynamic":
-        return None, {"form": "dynamic"}
     why_not = unsuitable(job.ranges, job.config.padding_mask if job.config else None)
     if why_not:
         if requested == "static":
             raise InputError(f"--openvino-one-text static: {job.onnx_path} cannot run one text at fixed widths: {why_not}")
-        return None, {"form": "dynamic", "why_not": why_not}
-    forms = OneTextForms(width_step(job.ranges[0].max[1]), job.ranges[0].min[1], job.ranges[0].max[1])
-    if requested == "static":
-        return forms, {"form": "static"}
+        return None, None, {"form": "dynamic", "why_not": why_not}
+    step = width_step(job.ranges[0].max[1])
+    forms = OneTextForms(step, job.ranges[0].min[1], job.ranges[0].max[1])
+    if requested != "auto":
+        return step, (forms if requested == "static" else None), {"form": requested}
     feed = _one_text_feed(job.ranges, job.config)
     width = next(iter(feed.values())).shape[1]
     timed = _faster_form(ov, {"dynamic": model, "static": with_static_shape(model, width)}, hint, feed)
     faster = timed["static"] <= timed["dynamic"] * (1 - ONE_TEXT_MIN_GAIN)
-    return (forms if faster else None), {"form": "static" if faster else "dynamic", "ms_at_opt": timed,
-                                         "min_gain": ONE_TEXT_MIN_GAIN}
+    return step, (forms if faster else None), {"form": "static" if faster else "dynamic", "ms_at_opt": timed,
+                                               "min_gain": ONE_TEXT_MIN_GAIN}
 
 
 def _check(onnx_path: Path, runner: OpenVINORunner, ranges: list[TensorRange], config) -> dict:
@@ -380,8 +381,8 @@ class OpenVINO(Backend):
     # LSTM in INT8: openvino on the Zen 5 EPYC).
     preference = 45
     # 2: an INT8 graph's float parts in BF16 where native (openvino_float); 3: INT8 attention where faster;
-    # 4: INT8 LSTM layers where faster; 5: one text a call at fixed widths where faster
-    form = "5"
+    # 4: INT8 LSTM layers where faster; 6: calls padded to a few widths, one text on fixed-width models where faster
+    form = "6"
 
     def version(self) -> str:
         return _import_openvino().get_version()
@@ -426,7 +427,7 @@ class OpenVINO(Backend):
             ov.save_model(model, str(xml), compress_to_fp16=False)  # the graph's precision, not FP16 weights
             shutil.copyfile(xml, job.engine_path)
             shutil.copyfile(xml.with_suffix(WEIGHTS_SUFFIX), weights)
-        one_text, one_text_decided = _one_text_forms(ov, model, job, hint)
+        step, one_text, one_text_decided = _call_shapes(ov, model, job, hint)
         # The staged files, compiled as the runtime will compile them.
         core, staged = read_ir(job.engine_path, weights)
         runner = OpenVINORunner(core, staged, job.engine_path, hint, None,
@@ -441,8 +442,8 @@ class OpenVINO(Backend):
             if "ms_at_opt" in decided:
                 checks[f"{part}_timing"] = {"ms_at_opt": decided["ms_at_opt"], "min_gain": decided["min_gain"]}
         if "why_not" in one_text_decided:
-            checks["one_text_why_not"] = one_text_decided["why_not"]
-        session = {"one_text_step": one_text.step} if one_text else {}
+            checks["padded_widths_why_not"] = one_text_decided["why_not"]
+        session = {"width_step": step, "one_text_fixed": one_text is not None} if step else {}
         return BackendBuild(self.version(), cpu_description(), settings, checks, session)
 
     def engine_files(self, engine: Path) -> list[Path]:
@@ -471,8 +472,9 @@ class OpenVINO(Backend):
         hint = metadata.settings.get("precision_hint", "f32")
         if hint == "bf16" and not native_bf16(_import_openvino()):
             hint = "f32"  # emulated BF16 would be slow; FP32 is closer to the graph than what the gate judged
-        step = metadata.session.get("one_text_step")
-        one_text = OneTextForms(step, metadata.inputs[0].min[1], metadata.inputs[0].max[1]) if step else None
+        step = metadata.session.get("width_step")
+        one_text = (OneTextForms(step, metadata.inputs[0].min[1], metadata.inputs[0].max[1])
+                    if step and metadata.session.get("one_text_fixed") else None)
         core, model = read_ir(path, weights_path(path))
         return OpenVINORunner(core, model, path, hint, threads, [o.name for o in metadata.outputs], one_text)
 

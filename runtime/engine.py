@@ -34,8 +34,10 @@ class Engine:
         self.max_batch = min(t.max[0] for t in metadata.inputs) if self._splittable else None
         # Input elements one call runs fastest under, as the build measured it (engines/call_split.py).
         self.max_call_elements = metadata.session.get("max_call_elements") if self._splittable else None
-        # One text a call runs fastest padded to a step (openvino: models compiled for those widths).
-        self._one_text_step = metadata.session.get("one_text_step")
+        # A few call shapes rather than every one (openvino: each new shape is prepared and cached; one text
+        # may run on models compiled for its width): widths padded to a step, rows in powers of two.
+        self.width_step = metadata.session.get("width_step") if self._splittable else None
+        self.one_text_fixed = bool(self.width_step and metadata.session.get("one_text_fixed"))
 
     @classmethod
     def load(cls, path: str | Path, threads: int | None = None) -> "Engine":
@@ -75,25 +77,20 @@ class Engine:
         """What really runs the engine (e.g. CPUExecutionProvider)."""
         return self._backend.provider
 
-    @property
-    def pads_one_text(self) -> bool:
-        """Whether one text a call is padded to fixed widths (one_text_width)."""
-        return bool(self._one_text_step)
-
-    def one_text_width(self, width: int) -> int:
-        """The width to pad one text of `width` tokens to (it must mask padding): the next width the engine
-        has a fixed-width form for, where it has them (engines/openvino_one_text.py), else `width`."""
-        if not self._one_text_step:
+    def padded_width(self, width: int) -> int:
+        """The width to pad a call of `width` tokens to (Classifier.predict does; the model masks padding):
+        the next multiple of the engine's width step where it has one (engines/openvino_shapes.py), else `width`."""
+        if not self.width_step:
             return width
-        from miaotui.engines.openvino_one_text import one_text_width
+        from miaotui.engines.openvino_shapes import padded_width
 
         seq = self.metadata.inputs[0]
-        return one_text_width(width, self._one_text_step, seq.min[1], seq.max[1])
+        return padded_width(width, self.width_step, seq.min[1], seq.max[1])
 
     def prepare_one_text(self) -> None:
-        """Compile now what the first call at each one-text width would (an engine that pads one text:
-        a model per width, 0.2 s each for MiniLM): a server's start pays it instead of its first requests."""
-        if self._one_text_step:
+        """Compile now what the first call at each one-text width would (an engine that runs one text on
+        fixed-width models: 0.2 s each for MiniLM): a server's start pays it instead of its first requests."""
+        if self.one_text_fixed:
             self._backend.compile_fixed_widths()
 
     def __call__(self, **inputs) -> dict:
@@ -109,7 +106,11 @@ class Engine:
         if batch_size is None and self.max_call_elements:
             batch_size = rows_per_call(feed.arrays, self.max_call_elements)
         size = min(batch_size or limit, limit)
-        if feed.batch <= size:
+        if self.width_step:  # rows in powers of two: a few shapes, each prepared once
+            from miaotui.engines.openvino_shapes import power_of_two_rows
+
+            results = [self._backend.run(chunk) for chunk in row_slices(feed.arrays, power_of_two_rows(feed.batch, size))]
+        elif feed.batch <= size:
             results = [self._backend.run(feed.arrays)]
         else:
             results = [self._backend.run(chunk) for chunk in row_slices(feed.arrays, size)]

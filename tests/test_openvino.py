@@ -368,12 +368,12 @@ def test_auto_keeps_int8_attention_only_where_it_measured_faster(tiny_bert_work,
     assert built.metadata.settings["attention"] == ("int8" if faster else "float")
     assert _fake_quantizes(tmp_path / "auto.xml") > 0
     # Likewise one text at fixed widths, timed at the opt width (64)
-    from miaotui.engines.openvino_one_text import ONE_TEXT_MIN_GAIN
+    from miaotui.engines.openvino_shapes import ONE_TEXT_MIN_GAIN
 
     timing = built.metadata.checks["one_text_timing"]["ms_at_opt"]
     faster = timing["static"] <= timing["dynamic"] * (1 - ONE_TEXT_MIN_GAIN)
     assert built.metadata.settings["one_text"] == ("static" if faster else "dynamic")
-    assert built.metadata.session.get("one_text_step") == (16 if faster else None)
+    assert built.metadata.session == {"width_step": 16, "one_text_fixed": faster}
 
 
 def test_int8_attention_is_refused_in_one_line_where_the_graph_records_none(openvino_work: Path, tmp_path: Path):
@@ -485,16 +485,19 @@ def test_another_lstms_hidden_states_are_bounded_its_cell_state_is_not():
     assert table.source == "embedding table"
 
 
-def test_the_one_text_widths_step_through_the_engines_range():
+def test_calls_take_a_few_widths_and_rows_in_powers_of_two():
     from miaotui.engines.openvino_backend import OneTextForms
-    from miaotui.engines.openvino_one_text import MAX_WIDTHS, one_text_width, width_step
+    from miaotui.engines.openvino_shapes import MAX_WIDTHS, padded_width, power_of_two_rows, width_step
 
     assert width_step(256) == 16 and width_step(128) == 16 and width_step(512) == 32
     for high in (128, 130, 256, 512):
-        widths = {one_text_width(width, width_step(high), 1, high) for width in range(1, high + 1)}
+        widths = {padded_width(width, width_step(high), 1, high) for width in range(1, high + 1)}
         assert len(widths) <= MAX_WIDTHS + 1 and max(widths) == high  # at most 16 steps, the last cut to the max
-        assert all(one_text_width(width, width_step(high), 1, high) >= width for width in range(1, high + 1))
-    assert one_text_width(37, 16, 1, 128) == 48 and one_text_width(3, 16, 20, 128) == 20
+        assert all(padded_width(width, width_step(high), 1, high) >= width for width in range(1, high + 1))
+    assert padded_width(37, 16, 1, 128) == 48 and padded_width(3, 16, 20, 128) == 20
+    assert power_of_two_rows(21, 64) == [16, 4, 1] and power_of_two_rows(32, 64) == [32]
+    assert power_of_two_rows(100, 64) == [64, 32, 4] and power_of_two_rows(100, 48) == [32, 32, 32, 4]
+    assert all(sum(power_of_two_rows(rows, 64)) == rows for rows in range(1, 200))
     forms = OneTextForms(16, 1, 130)
     one = lambda width, rows=1: {"input_ids": np.ones((rows, width), np.int64), "attention_mask": np.ones((rows, width), np.int64)}
     assert forms.fixed(one(48)) == 48 and forms.fixed(one(130)) == 130
@@ -528,13 +531,13 @@ def test_one_text_runs_on_a_model_compiled_for_its_padded_width(tiny_bert_work, 
                                 BuildOptions(backend="openvino", openvino_one_text=form), config)
              for form in ("static", "dynamic")}
     static, dynamic = built["static"].metadata, built["dynamic"].metadata
-    assert static.settings["one_text"] == "static" and static.session == {"one_text_step": 16}
-    assert dynamic.settings["one_text"] == "dynamic" and "one_text_step" not in dynamic.session
+    assert static.settings["one_text"] == "static" and static.session == {"width_step": 16, "one_text_fixed": True}
+    assert dynamic.settings["one_text"] == "dynamic" and dynamic.session == {"width_step": 16, "one_text_fixed": False}
     assert static.checks["one_text_vs_onnxruntime_max_abs_diff"] < 0.1 and "one_text_timing" not in static.checks
     assert "(one text at fixed widths)" in BACKEND.describe(static)
     engine, plain = Engine.load(tmp_path / "static.xml", threads=2), Engine.load(tmp_path / "dynamic.xml", threads=2)
-    assert engine.pads_one_text and not plain.pads_one_text
-    assert engine.one_text_width(37) == 48 and plain.one_text_width(37) == 37
+    assert engine.one_text_fixed and not plain.one_text_fixed
+    assert engine.padded_width(37) == 48 and plain.padded_width(37) == 48  # both take a few widths
     runner = engine._backend
     text = _tiny_bert_inputs([37])
     padded = _tiny_bert_inputs([37], width=48)
@@ -551,6 +554,15 @@ def test_one_text_runs_on_a_model_compiled_for_its_padded_width(tiny_bert_work, 
     engine.prepare_one_text()  # a server's start: every width now
     assert runner.fixed_widths == list(range(16, 129, 16))
     plain.prepare_one_text()  # nothing to prepare
+    # Rows in powers of two: 21 rows are three calls, answering like ONNX Runtime on the graph
+    shapes = []
+    run = plain._backend.run
+    plain._backend.run = lambda arrays: shapes.append(arrays["input_ids"].shape) or run(arrays)
+    rows = _tiny_bert_inputs(list(range(20, 41)), width=48)
+    expected = ort.InferenceSession(str(work / "model.int8.onnx"), providers=["CPUExecutionProvider"]).run(None, rows)[0]
+    answered = plain(**rows)["logits"]
+    assert shapes == [(16, 48), (4, 48), (1, 48)] and answered.shape == expected.shape
+    assert float(np.abs(answered - expected).max()) < 0.1 * spread
 
 
 def test_one_text_from_the_classifier_and_the_gate_at_fixed_widths(tiny_bert_work, tmp_path: Path):
@@ -575,9 +587,13 @@ def test_one_text_from_the_classifier_and_the_gate_at_fixed_widths(tiny_bert_wor
     alone = [classifier.predict_with_logits(text)[1][0] for text in texts]
     lengths = [len(tokenizer.encode(text).ids) for text in texts]
     assert lengths[0] != lengths[1] and all(length % 16 for length in lengths)
-    assert engine._backend.fixed_widths == sorted({engine.one_text_width(length) for length in lengths})
+    assert engine._backend.fixed_widths == sorted({engine.padded_width(length) for length in lengths})
+    shapes = []
+    run = engine._backend.run
+    engine._backend.run = lambda arrays: shapes.append(arrays["input_ids"].shape) or run(arrays)
     together = classifier.predict_with_logits(texts)[1]
     np.testing.assert_allclose(np.stack(alone), together, atol=0.05)
+    assert shapes and all(width % 16 == 0 and rows & (rows - 1) == 0 for rows, width in shapes)  # a few shapes
     report = validate_engine(tmp_path / "static.xml", config, work, progress=False)
     assert report.one_text is not None and report.one_text.output == "logits, one text a call"
     one_text_checks = [c for c in report.checks if c.output == "logits, one text a call"]
@@ -587,10 +603,11 @@ def test_one_text_from_the_classifier_and_the_gate_at_fixed_widths(tiny_bert_wor
     assert "| metric | logits | logits, one text a call |" in markdown
 
 
-def test_one_text_at_fixed_widths_needs_a_padding_mask(openvino_work: Path, tmp_path: Path):
-    """Padding an unmasked model would change its answer: static is refused in one line, auto stays dynamic."""
+def test_padded_widths_need_a_padding_mask(openvino_work: Path, tmp_path: Path):
+    """Padding an unmasked model would change its answer: static is refused in one line, auto pads nothing."""
     from miaotui.engines import BuildOptions, build_engine, read_metadata
     from miaotui.models import resolve_config
+    from miaotui.runtime import Engine
 
     config = resolve_config("lstm-sentiment")
     with pytest.raises(InputError, match="--openvino-one-text static: .*model.int8.onnx cannot run one text at fixed "
@@ -599,5 +616,7 @@ def test_one_text_at_fixed_widths_needs_a_padding_mask(openvino_work: Path, tmp_
                      BuildOptions(backend="openvino", openvino_one_text="static"), config)
     assert not list(tmp_path.iterdir())  # nothing half-written
     metadata = read_metadata(openvino_work / "engines" / "lstm-sentiment.openvino.int8.xml")  # built with auto
-    assert metadata.settings["one_text"] == "dynamic" and "padding mask" in metadata.checks["one_text_why_not"]
-    assert not metadata.session.get("one_text_step")
+    assert metadata.settings["one_text"] == "dynamic" and "padding mask" in metadata.checks["padded_widths_why_not"]
+    assert metadata.session == {}  # no width step: calls as they come
+    engine = Engine.load(openvino_work / "engines" / "lstm-sentiment.openvino.int8.xml")
+    assert engine.padded_width(37) == 37 and engine.width_step is None

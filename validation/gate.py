@@ -76,9 +76,10 @@ def check_engine_matches_config(engine, config: Config) -> None:
 
 def compare_engine(engine, validation, has_labels: bool, bars: dict[str, float],
                    reference: Reference, reference_path: Path, from_work_dir: bool, work_dir: Path,
-                   progress: bool = True) -> tuple[int, list[OutputMetrics], list[Check], list[str], float]:
-    """Run `engine` (a loaded runtime Engine) over the validation set and judge it against the
-    PyTorch `reference`: (samples, metrics per output, checks, warnings, seconds inside the engine)."""
+                   progress: bool = True, prepare=None) -> tuple[int, list[OutputMetrics], list[Check], list[str], float]:
+    """Run `engine` (a loaded runtime Engine) over the validation set, each batch through `prepare` first
+    where given (padded as the runtime sends it), and judge it against the PyTorch `reference`: (samples,
+    metrics per output, checks, warnings, seconds inside the engine)."""
     import time
 
     from miaotui.validation.reference import collect_outputs
@@ -87,6 +88,7 @@ def compare_engine(engine, validation, has_labels: bool, bars: dict[str, float],
     inside = [0.0]
 
     def run_engine(feed):
+        feed = prepare(feed) if prepare else feed
         started = time.perf_counter()
         try:
             return engine.run(feed)

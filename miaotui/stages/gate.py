@@ -47,9 +47,9 @@ def validate_engine(engine_path: str | Path, config: Config, work_dir: str | Pat
     from_work_dir = engine.metadata.onnx_sha256 in WorkDir(work_dir).graph_digests()
     samples, metrics, checks, warnings, inside = compare_engine(engine, validation, summary.has_labels, bars, reference,
                                                                 reference_stage.path, from_work_dir, Path(work_dir),
-                                                                progress)
+                                                                progress, as_sent(engine, config))
     one_text = None
-    if engine.pads_one_text:
+    if engine.one_text_fixed:
         # Before the timing: the fixed-width models are compiled on their first call, once per process
         one_text = judge_one_text(engine, validation, config, reference, bars, summary.has_labels)
         checks += judge(one_text, bars)
@@ -74,10 +74,26 @@ def _tokenizer_padding(config: Config) -> int | None:
     return None
 
 
+def as_sent(engine, config: Config):
+    """How a batch reaches the engine from Classifier.predict: padded to the engine's width where it has a
+    width step (Engine.padded_width), else as it is."""
+    from miaotui.data.tokenizers import pad_to
+
+    if not engine.width_step:
+        return None
+    pad = _tokenizer_padding(config)
+
+    def prepare(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        width = next(iter(feed.values())).shape[1]
+        return pad_to(feed, engine.padded_width(width), 0 if pad is None else pad)
+
+    return prepare
+
+
 def as_one_text(engine, row: dict[str, np.ndarray], config: Config, pad: int | None) -> dict[str, np.ndarray]:
     """A sample (a batch of one, labels dropped) cut to its real length (by the config's padding mask,
-    else by the tokenizer's padding id `pad` in input_ids) and padded to the engine's width for one text:
-    as Classifier.predict sends one text."""
+    else by the tokenizer's padding id `pad` in input_ids) and padded to the engine's width
+    (Engine.padded_width): as Classifier.predict sends one text."""
     from miaotui.data.tokenizers import pad_to
 
     seq_min = {t.name: t.min[1] if len(t.min) > 1 else 0 for t in engine.inputs}
@@ -91,7 +107,7 @@ def as_one_text(engine, row: dict[str, np.ndarray], config: Config, pad: int | N
     length = max(int(np.flatnonzero(real).max(initial=-1)) + 1, seq_min[name], 1)
     row = {key: value[:, :length] if value.ndim >= 2 and value.shape[1] == padded else value
            for key, value in row.items()}
-    width = engine.one_text_width(length)
+    width = engine.padded_width(length)
     return pad_to(row, width, 0 if pad is None else pad) if width != length else row
 
 

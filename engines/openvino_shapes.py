@@ -1,0 +1,67 @@
+"""A bounded set of call shapes for the openvino engine, and one text on models compiled for its width.
+
+OpenVINO's CPU plugin prepares each new input shape of a dynamic model on its first call (3-5 ms for
+MiniLM) and keeps what it prepared in a runtime cache that grows with every shape it has seen: MiniLM's
+engine, called with the batch sizes and text lengths a service gets (1,500 calls of 1 to 32 texts, 8 to
+200 tokens), went from 161 MiB to 1.8 GiB resident (benchmarks/NOTES.md, eleventh session). So a call's
+width is padded up to a multiple of a step (at most MAX_WIDTHS widths; Classifier.predict pads, since it
+knows the padding id) and its rows are run in slices of powers of two (Engine.run): at most 16 x 7 shapes,
+all prepared after a while. Memory then stayed at 363 MiB, and the same calls took 42.7 s against 48.5.
+
+A model compiled for one static shape runs faster than one compiled for a range: the plugin fuses the
+elementwise chains (LayerNorm's affine, the residual adds) into its snippets kernels, splits attention by
+rows, and skips the per-node shape work a dynamic model repeats on every call (one text of 40 tokens:
+0.97 ms against 1.32). A model per shape would cost too much memory (each compiled model holds its own
+repacked weights, about 31 MiB for MiniLM), so only one text a call runs on models compiled for [1, width],
+each compiled on the first call at that width (or all at once: Engine.prepare_one_text).
+
+Both apply only where the model masks padding (a padding-mask input): the answer is then the text's own up
+to rounding. Which compiled model answers depends on the input's shape alone: the same input always gets
+the same answer.
+"""
+
+from __future__ import annotations
+
+import math
+
+MAX_WIDTHS = 16
+MIN_STEP = 16  # tokens; finer steps gained nothing on real texts (one text: 16 and 8 timed alike)
+ONE_TEXT_CHOICES = ("auto", "static", "dynamic")  # --openvino-one-text
+ONE_TEXT_MIN_GAIN = 0.05  # kept where one text at the opt width runs at least this much faster
+
+
+def width_step(seq_max: int) -> int:
+    return max(MIN_STEP, math.ceil(seq_max / MAX_WIDTHS))
+
+
+def padded_width(width: int, step: int, seq_min: int, seq_max: int) -> int:
+    """The width a call of `width` tokens is padded to: the next multiple of `step`, within the engine's range."""
+    return min(max(math.ceil(width / step) * step, seq_min), seq_max)
+
+
+def power_of_two_rows(rows: int, limit: int) -> list[int]:
+    """`rows` cut into slices of powers of two, largest first, none above `limit` (21 -> 16, 4, 1)."""
+    slices = []
+    while rows:
+        size = min(1 << (rows.bit_length() - 1), 1 << (limit.bit_length() - 1))
+        slices.append(size)
+        rows -= size
+    return slices
+
+
+def unsuitable(ranges, padding_mask: str | None) -> str | None:
+    """Why the engine cannot take padded widths (None when it can): every input must be [batch, seq] with
+    one batch and one sequence dim, batch 1 allowed, the sequence dynamic, and the padding masked."""
+    names = [t.name for t in ranges]
+    if not ranges or any(len(t.dims) != 2 for t in ranges):
+        return "its inputs are not all [batch, seq]"
+    if len({t.dims[0] for t in ranges}) != 1 or len({t.dims[1] for t in ranges}) != 1:
+        return "its inputs do not share one batch and one sequence dim"
+    if ranges[0].min[0] != 1:
+        return "its batch range does not start at 1"
+    if ranges[0].min[1] == ranges[0].max[1]:
+        return "its sequence length is fixed"
+    mask = padding_mask or ("attention_mask" if "attention_mask" in names else None)
+    if mask not in names:
+        return "it has no padding mask (padding would change its answer)"
+    return None
