@@ -87,11 +87,14 @@ class Engine:
         seq = self.metadata.inputs[0]
         return padded_width(width, self.width_step, seq.min[1], seq.max[1])
 
-    def prepare_one_text(self) -> None:
+    def prepare_one_text(self) -> list[int]:
         """Compile now what the first call at each one-text width would (an engine that runs one text on
-        fixed-width models: 0.2 s each for MiniLM): a server's start pays it instead of its first requests."""
-        if self.one_text_fixed:
-            self._backend.compile_fixed_widths()
+        fixed-width models: 0.2 s each for MiniLM): a server's start pays it instead of its first requests.
+        Returns the widths one text runs at on a model of its own (none for other engines)."""
+        if not self.one_text_fixed:
+            return []
+        self._backend.compile_fixed_widths()
+        return self._backend.fixed_widths
 
     def __call__(self, **inputs) -> dict:
         return self.run(inputs)

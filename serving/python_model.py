@@ -28,7 +28,11 @@ class TritonPythonModel:
         instances = sum(int(group.get("count", 1)) for group in config.get("instance_group", [])) or 1
         threads = instance_threads(parameters.get("engine_threads", "auto"), instances)
         self.classifier = Classifier.load(Path(__file__).resolve().parent / "work", threads=threads)  # its one engine
-        self.classifier.engine.prepare_one_text()  # before the server says ready, not on the first requests
+        engine = self.classifier.engine
+        widths = engine.prepare_one_text()  # before the server says ready, not on the first requests
+        shapes = f", one text at widths {', '.join(map(str, widths))} (a model each)" if widths else ""
+        pb_utils.Logger.log_info(f"miaotui: {config['name']}: {engine.path.name} on {engine.provider}, "
+                                 f"{threads or 'default'} threads{shapes}")
 
     def _texts(self, request) -> list[str]:
         tensor = pb_utils.get_input_tensor_by_name(request, "text")

@@ -551,9 +551,9 @@ def test_one_text_runs_on_a_model_compiled_for_its_padded_width(tiny_bert_work, 
     assert runner.fixed_widths == [48]
     engine(**_tiny_bert_inputs([128]))
     assert runner.fixed_widths == [48, 128]
-    engine.prepare_one_text()  # a server's start: every width now
+    assert engine.prepare_one_text() == list(range(16, 129, 16))  # a server's start: every width now
     assert runner.fixed_widths == list(range(16, 129, 16))
-    plain.prepare_one_text()  # nothing to prepare
+    assert plain.prepare_one_text() == []  # nothing to prepare
     # Rows in powers of two: 21 rows are three calls, answering like ONNX Runtime on the graph
     shapes = []
     run = plain._backend.run
@@ -620,3 +620,78 @@ def test_padded_widths_need_a_padding_mask(openvino_work: Path, tmp_path: Path):
     assert metadata.session == {}  # no width step: calls as they come
     engine = Engine.load(openvino_work / "engines" / "lstm-sentiment.openvino.int8.xml")
     assert engine.padded_width(37) == 37 and engine.width_step is None
+
+
+def test_the_served_text_model_answers_one_text_at_fixed_widths_like_the_classifier(tiny_bert_work, tmp_path: Path):
+    """A real Triton server on the Python-backend text model of an openvino engine compiled for padded widths
+    (the stub's own Python and openvino): it prepares every width before it says ready; single texts of
+    several lengths, sent at once by several clients, and a batch of mixed lengths answer as
+    Classifier.predict does here."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from miaotui.cli import main
+    from miaotui.config import load_config
+    from miaotui.engines import BuildOptions, build_engine
+    from miaotui.runtime import Classifier
+    from miaotui.serving.server import TritonServer, free_port, server_files, stub_python
+
+    try:
+        server_files(), stub_python()
+    except InputError as error:
+        pytest.skip(f"no Triton server here: {error}")
+    config_path, work = tiny_bert_work
+    config = load_config(config_path)
+    served_work = tmp_path / "work"
+    shutil.copytree(work, served_work)
+    engine = served_work / "engines" / f"{config.name}.openvino.int8.xml"
+    engine.parent.mkdir()
+    built = build_engine(served_work / "model.int8.onnx", engine, BuildOptions(backend="openvino",
+                                                                              openvino_one_text="static"), config)
+    assert built.metadata.session == {"width_step": 16, "one_text_fixed": True}
+    repository = tmp_path / "repo"
+    result = CliRunner().invoke(main, ["package", str(served_work), "--triton", str(repository), "--backend", "openvino",
+                                       "--precision", "int8", "--instances", "1"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    name = f"{config.name}-text"
+    texts = ["好", "太差了，完全不值这个价钱", "这本书写得很好，内容丰富，值得一读。物流也快，包装完好，下次还会再买。",
+             "一般般吧" * 12, "质量很好" * 30]
+    classifier = Classifier.load(served_work, backend="openvino", precision="int8")
+    widths = {classifier.engine.padded_width(len(classifier.tokenizer.encode(text).ids)) for text in texts}
+    assert len(widths) >= 4  # one text a call runs at several fixed widths
+    alone = [classifier.predict_with_logits(text) for text in texts]
+    together = classifier.predict_with_logits(texts)
+
+    log = tmp_path / "tritonserver.log"
+    server = TritonServer(repository, [name], http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+                          log_path=log)
+    import tritonclient.http as http
+
+    with server:
+        def ask(batch: list[str]):
+            client = http.InferenceServerClient(server.http_url)
+            try:
+                values = np.array([[t.encode("utf-8")] for t in batch], dtype=np.object_)
+                tensor = http.InferInput("text", list(values.shape), "BYTES")
+                tensor.set_data_from_numpy(values)
+                answer = client.infer(name, [tensor])
+                return [v.decode() for v in answer.as_numpy("label").reshape(-1)], answer.as_numpy("logits")
+            finally:
+                client.close()
+
+        one_by_one = [ask([text]) for text in texts]
+        with ThreadPoolExecutor(len(texts)) as pool:
+            at_once = list(pool.map(ask, [[text] for text in texts] * 3))
+        batch_labels, batch_logits = ask(texts)
+    assert server.process.returncode == 0, log.read_text()[-3000:]
+    widths = ", ".join(map(str, range(16, 129, 16)))
+    assert f"miaotui: {name}: {engine.name} on OpenVINO CPU" in log.read_text()
+    assert f"one text at widths {widths} (a model each)" in log.read_text()  # all compiled before ready
+    for (labels, logits), (expected, expected_logits) in zip(one_by_one, alone):
+        assert labels == [expected[0].label]
+        np.testing.assert_allclose(logits, expected_logits, atol=1e-5)  # the same model at the same width
+    spread = float(np.ptp(np.concatenate([logits for _, logits in alone])))
+    for (labels, logits), (expected, expected_logits) in zip(at_once, alone * 3):
+        # the dynamic batcher may have put some together: padded then like a batch, close to alone
+        assert float(np.abs(logits - expected_logits).max()) < 0.05 * spread
+    assert batch_labels == [p.label for p in together[0]]
+    np.testing.assert_allclose(batch_logits, together[1], atol=1e-5)
