@@ -95,6 +95,26 @@ def _shape(value, where: str, key: str) -> tuple[int, ...]:
     return tuple(value)
 
 
+# What the runtime reads from the sidecar's "session" (the build's measured choices): a wrong type there
+# would surface as a traceback on the first call, so it is refused on load like any other key.
+SESSION_KEYS = {"max_call_elements": "positive int", "width_step": "positive int", "one_text_fixed": "bool",
+                "graph_optimization_level": "str", "format": "str", "providers": "list of str"}
+
+
+def _session(data: dict, where: str) -> dict[str, Any]:
+    session = data.get("session", {})
+    if not isinstance(session, dict):
+        raise InputError(f"{where}: key 'session' should be an object, got {type(session).__name__}")
+    checks = {"positive int": lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+              "bool": lambda v: isinstance(v, bool), "str": lambda v: isinstance(v, str),
+              "list of str": lambda v: isinstance(v, list) and all(isinstance(item, str) for item in v)}
+    for key, value in session.items():
+        expected = SESSION_KEYS.get(key)
+        if expected is not None and not checks[expected](value):
+            raise InputError(f"{where}: key 'session.{key}' should be a {expected}, got {value!r}")
+    return session
+
+
 def read_metadata(engine: str | Path) -> EngineMetadata:
     """The sidecar of `engine`, checked key by key (one line naming the file and key when wrong)."""
     from miaotui.engines.backend import backend_names
@@ -147,7 +167,7 @@ def read_metadata(engine: str | Path) -> EngineMetadata:
         outputs=outputs,
         device=_require(data, "device", dict, where),
         settings=_require(data, "settings", dict, where),
-        session=data.get("session", {}),
+        session=_session(data, where),
         network=data.get("network", {}),
         checks=data.get("checks", {}),
         build_seconds=float(data.get("build_seconds", 0.0)),

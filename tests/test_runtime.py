@@ -193,6 +193,16 @@ def test_damaged_missing_or_foreign_engines_are_one_clear_error(lstm_engine: Pat
     sidecar_path(lonely).unlink()
     refused(lonely, "sidecar is missing")
 
+    # What the build measured for the runtime (call sizes, widths): a wrong type is refused on load, not a
+    # traceback on the first call.
+    for index, (key, value) in enumerate((("width_step", "16"), ("max_call_elements", 0), ("one_text_fixed", "yes"),
+                                          ("providers", "CPUExecutionProvider"))):
+        edited = _copy_engine(lstm_engine, tmp_path / f"session{index}")
+        data = json.loads(sidecar_path(edited).read_text())
+        data["session"] = data.get("session", {}) | {key: value}
+        sidecar_path(edited).write_text(json.dumps(data))
+        refused(edited, f"key 'session.{key}' should be a ")
+
     broken = _copy_engine(lstm_engine, tmp_path / "broken")
     sidecar_path(broken).write_text('{"format": 1, "backend": "onnxruntime"}')
     refused(broken, "key 'inputs' is missing")
