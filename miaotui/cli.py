@@ -820,6 +820,8 @@ def serve(source: Path, models, host: str, http_port: int, grpc_port: int, metri
         click.echo(f"  HTTP    http://{server.http_url}   (KServe v2: /v2/models/{models[0]}/infer)")
         click.echo(f"  gRPC    {server.grpc_url}")
         click.echo(f"  metrics http://{host}:{metrics_port}/metrics")
+        for line in server.engines_served():
+            click.echo(f"  engine  {line}")
         body = '{"inputs": [{"name": "text", "shape": [1, 1], "datatype": "BYTES", "data": ["这本书写得很好"]}]}'
         click.echo(f"try: curl -s http://{server.http_url}/v2/models/{models[0]}/infer -d '{body}'")
         click.echo("Ctrl-C stops it.")

@@ -20,6 +20,7 @@ class TritonPythonModel:
     def initialize(self, args):
         from miaotui.runtime import Classifier
         from miaotui.runtime.instances import instance_threads
+        from miaotui.serving.server import ENGINE_LOG_PREFIX
 
         config = json.loads(args["model_config"])
         parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
@@ -31,8 +32,9 @@ class TritonPythonModel:
         engine = self.classifier.engine
         widths = engine.prepare_one_text()  # before the server says ready, not on the first requests
         shapes = f", one text at widths {', '.join(map(str, widths))} (a model each)" if widths else ""
-        pb_utils.Logger.log_info(f"miaotui: {config['name']}: {engine.path.name} on {engine.provider}, "
-                                 f"{threads or 'default'} threads{shapes}")
+        pool = f"{threads} thread{'s' if threads > 1 else ''}" if threads else "the engine's default threads"
+        pb_utils.Logger.log_info(f"{ENGINE_LOG_PREFIX}{config['name']}: {engine.path.name} on {engine.provider}, "
+                                 f"{pool}{shapes}")
 
     def _texts(self, request) -> list[str]:
         tensor = pb_utils.get_input_tensor_by_name(request, "text")

@@ -29,6 +29,7 @@ from miaotui.errors import InputError, MiaotuiError
 
 INSTALL_HINT = "pip install --no-deps nvidia-pytriton==0.7.0"
 READY_TIMEOUT_S = 120.0
+ENGINE_LOG_PREFIX = "miaotui: "  # how a text-model instance's log line about its engine begins (python_model.py)
 EXIT_TIMEOUT_S = 20  # after SIGINT, Triton waits this long for requests in flight and open connections
 STOP_TIMEOUT_S = 40.0  # and is killed if it has not exited by then
 
@@ -171,6 +172,18 @@ class TritonServer:
                 return answer.status == 200
         except (urllib.error.URLError, OSError):
             return False
+
+    def engines_served(self) -> list[str]:
+        """What each text-model instance said it runs (serving/python_model.py logs it when it loads):
+        "NAME-text: ENGINE on PROVIDER, ...", one entry per distinct line, "(xN)" for N instances."""
+        try:
+            lines = self.log.read_text(errors="replace").splitlines()
+        except OSError:
+            return []
+        said = [line.split(f'"{ENGINE_LOG_PREFIX}', 1)[1].rstrip().removesuffix('"') for line in lines
+                if f'"{ENGINE_LOG_PREFIX}' in line]
+        counts = {line: said.count(line) for line in said}
+        return [line + (f" (x{count})" if count > 1 else "") for line, count in counts.items()]
 
     def failure_reason(self) -> str:
         """The server's own reason, from its log: the first error line (a model that failed to load)."""

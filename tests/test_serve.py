@@ -81,6 +81,16 @@ def _request(module, texts, dtype="BYTES"):
     return [tensor]
 
 
+def test_each_instance_says_what_it_runs(served):
+    """Two instances with engine_threads auto: each took its share of the CPUs, and said so in the log."""
+    from miaotui.runtime.instances import available_cpus
+
+    threads = max(1, available_cpus() // 2)
+    assert served.engines_served() == [
+        f"lstm-sentiment-text: lstm-sentiment.onnxruntime.int8.ort on CPUExecutionProvider, {threads} "
+        f"thread{'s' if threads > 1 else ''} (x2)"]
+
+
 def test_http_and_grpc_answer_like_classifier_predict(served, lstm_work: Path):
     import tritonclient.grpc as grpc
     import tritonclient.http as http
@@ -180,6 +190,10 @@ def test_serve_command_answers_curl_and_stops_on_sigterm(lstm_work: Path, tmp_pa
             printed.append(line)
             if line.startswith("Ctrl-C stops it"):
                 break
+        engine_lines = [line for line in printed if line.startswith("  engine  ")]
+        assert len(engine_lines) == 1 and re.fullmatch(  # one instance: its engine's own pool
+            r"  engine  lstm-sentiment-text: lstm-sentiment\.\w+\.int8\.\w+ on .+, the engine's default threads\n",
+            engine_lines[0]), printed
         curl = next(line for line in printed if line.startswith("try: curl")).removeprefix("try: ").strip()
         answer = json.loads(subprocess.run(curl, shell=True, capture_output=True, text=True, check=True).stdout)
         label = next(o for o in answer["outputs"] if o["name"] == "label")["data"][0]
