@@ -93,6 +93,7 @@ class Backend:
     triton_platform: str | None = None  # Triton's platform for this engine kind (config.pbtxt `platform`)
     triton_backend: str | None = None  # ... or Triton's backend for it (config.pbtxt `backend`); neither: not served
     preference: int = 50  # lower first, when a work dir holds several engines that can run (GPU plans first)
+    runtime_module: str | None = None  # the module miaotui.runtime imports to run its engines (where it is one)
     # What miaotui does to a graph before the library builds it; part of the build stage's key, so a
     # work dir's engines are rebuilt when it changes (bump it with the backend's rewrites or settings).
     form: str = "1"

@@ -248,6 +248,7 @@ class OnnxRuntimeRunner:
 
 class OnnxRuntime(Backend):
     name = "onnxruntime"
+    runtime_module = "onnxruntime"
     suffix = ".ort"
     help = "onnxruntime (any machine)"
     triton_platform = "onnxruntime_onnx"

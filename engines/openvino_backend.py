@@ -372,6 +372,7 @@ def _check(onnx_path: Path, runner: OpenVINORunner, ranges: list[TensorRange], c
 
 class OpenVINO(Backend):
     name = "openvino"
+    runtime_module = "openvino"
     suffix = ".xml"
     help = "openvino (x86-64 and ARM CPUs; the same graphs as OpenVINO IR)"
     triton_backend = "openvino"

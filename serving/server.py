@@ -76,6 +76,38 @@ def stub_python() -> Path:
     return candidate
 
 
+def check_stub_runs_engines(repository: Path, models: list[str], python: Path) -> None:
+    """Each text model runs its engine in the stub's Python: the library that engine needs (openvino,
+    onnxruntime) must import there. Said before the server starts, in one line, rather than as the
+    Python backend's traceback once the model fails to load."""
+    import json
+
+    from miaotui.engines.backend import get_backend
+
+    needs: dict[str, tuple[str, str]] = {}  # module -> (model, engine file)
+    for model in models:
+        for sidecar in sorted((repository / model).glob("*/work/engines/*.json")):
+            try:
+                backend = json.loads(sidecar.read_text(encoding="utf-8")).get("backend")
+                module = get_backend(backend).runtime_module
+            except (OSError, ValueError, AttributeError, InputError):
+                continue  # the runtime itself refuses a broken sidecar, naming it, when the model loads
+            if module:
+                needs.setdefault(module, (model, sidecar.name.removesuffix(".json")))
+    if not needs:
+        return
+    probe = "import importlib.util, sys; print(' '.join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))"
+    try:
+        answer = subprocess.run([str(python), "-c", probe, *needs], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise InputError(f"{python}: cannot run it ({error}); the Triton Python backend runs the text models there") from None
+    missing = answer.stdout.split() if answer.returncode == 0 else list(needs)
+    if missing:
+        model, engine = needs[missing[0]]
+        raise InputError(f"{python}: no {missing[0]} there, which {model}'s engine {engine} needs (the Triton Python "
+                         f"backend runs it with this python): {python} -m pip install {missing[0]}")
+
+
 def check_port_free(host: str, port: int, what: str) -> None:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
         try:
@@ -126,6 +158,7 @@ class TritonServer:
                 raise InputError(f"{self.repository / model}: no config.pbtxt; package the model first")
         for what, port in (("http", self.http_port), ("grpc", self.grpc_port), ("metrics", self.metrics_port)):
             check_port_free(self.host, port, what)
+        check_stub_runs_engines(self.repository, self.models, self.python or stub_python())
         self._folder = Path(tempfile.mkdtemp(prefix="miaotui-triton-"))
         backends = self._folder / "backends" / "python"
         backends.mkdir(parents=True)
@@ -195,7 +228,13 @@ class TritonServer:
         wanted = [line for line in errors if "failed to load" in line or "Poll failed" in line] or errors
         if not wanted:
             return (lines[-1] if lines else "no output") + f" (log: {self.log})"
-        return wanted[0].split("]", 1)[1].strip() + f" (log: {self.log})"
+        reason = wanted[0].split("]", 1)[1].strip()
+        # The Python backend appends the model's traceback ("\n\nAt:\n  file(line): function...", escaped):
+        # the error's own sentence is the reason, the log keeps the rest.
+        reason = reason.split("\\n\\nAt:", 1)[0].split("\\n", 1)[0].rstrip()
+        if reason.startswith('"') and not reason.endswith('"'):
+            reason += '"'
+        return reason + f" (log: {self.log})"
 
     def stop(self) -> None:
         """SIGINT (Triton finishes what is in flight, then waits at most EXIT_TIMEOUT_S for clients to

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -225,6 +226,26 @@ def test_model_that_fails_to_load_is_one_line_with_the_servers_reason(lstm_work:
     assert served.returncode == 1, served.stderr
     (line,) = error_lines(served.stderr)
     assert line.startswith("error: tritonserver exited") and "sha256" in line, line
+    assert "At:" not in line and "\\n" not in line and "model.py" not in line, line  # not the backend's traceback
+
+
+def test_a_stub_python_without_the_engines_library_is_one_line_before_the_server_starts(lstm_work: Path,
+                                                                                        tmp_path: Path):
+    """The text model runs its engine in the stub's python: one that cannot import onnxruntime (here the
+    stub's own, isolated from its site-packages) is named with the fix, exit 2, no server started."""
+    python = tmp_path / "python"
+    python.write_text(f"#!/bin/sh\nexec {stub_python()} -I -S \"$@\"\n")
+    python.chmod(0o755)
+    work = tmp_path / "lstm-sentiment"
+    shutil.copytree(lstm_work, work)
+    served = subprocess.run([sys.executable, "-m", "miaotui.cli", "serve", str(work), "--http-port", str(free_port())],
+                            capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, MIAOTUI_TRITON_PYTHON=str(python), COLUMNS="300"))
+    assert served.returncode == 2, served.stderr
+    (line,) = error_lines(served.stderr)
+    assert re.fullmatch(rf"error: {re.escape(str(python))}: no (onnxruntime|openvino) there, which lstm-sentiment-text's "
+                        rf"engine lstm-sentiment\.\1\.int8\.\w+ needs \(.*\): {re.escape(str(python))} -m pip install \1",
+                        line), line
 
 
 def test_ensemble_steps_tokenize_and_label_like_the_runtime(served, lstm_work: Path):
