@@ -179,6 +179,17 @@ def _compare_sources(original: Path, rewritten: Path, ranges: list[TensorRange],
 STOP_SPINNING_WHEN_SHARED = True
 _live_runners: weakref.WeakSet = weakref.WeakSet()
 _live_lock = threading.Lock()
+_stop_spinning_always = False
+
+
+def stop_spinning_after_calls() -> None:
+    """Every onnxruntime session this process opens from now on parks its threads when a call returns: for a
+    process that shares the machine with other engine processes. The Triton text model calls it: with two
+    text models in one server, both under load, spinning threads had MiniLM's and the LSTM's engines at
+    34-46 / 253-327 texts/s, parked 51-57 / 354-406; a model served alone ran level either way
+    (benchmarks/NOTES.md, twelfth session)."""
+    global _stop_spinning_always
+    _stop_spinning_always = True
 
 
 class OnnxRuntimeRunner:
@@ -186,8 +197,9 @@ class OnnxRuntimeRunner:
         self.path, self.metadata, self.threads = path, metadata, threads
         with _live_lock:
             others = list(_live_runners) if STOP_SPINNING_WHEN_SHARED else []
-            self.session = self._open(stop_spinning=bool(others))
-            self.spinning_stopped = bool(others)
+            stop = bool(others) or _stop_spinning_always
+            self.session = self._open(stop_spinning=stop)
+            self.spinning_stopped = stop
             _live_runners.add(self)
             for runner in others:
                 runner._stop_spinning()

@@ -77,6 +77,11 @@ class Engine:
         """What really runs the engine (e.g. CPUExecutionProvider)."""
         return self._backend.provider
 
+    @property
+    def spinning_stopped(self) -> bool:
+        """Whether its threads park when a call returns rather than spin for the next (onnxruntime)."""
+        return bool(getattr(self._backend, "spinning_stopped", False))
+
     def padded_width(self, width: int) -> int:
         """The width to pad a call of `width` tokens to (Classifier.predict does; the model masks padding):
         the next multiple of the engine's width step where it has one (engines/openvino_shapes.py), else `width`."""

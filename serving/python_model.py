@@ -19,6 +19,7 @@ import triton_python_backend_utils as pb_utils
 class TritonPythonModel:
     def initialize(self, args):
         from miaotui.runtime import Classifier
+        from miaotui.engines.onnxruntime_backend import stop_spinning_after_calls
         from miaotui.runtime.instances import instance_threads
         from miaotui.serving.server import ENGINE_LOG_PREFIX
 
@@ -28,13 +29,16 @@ class TritonPythonModel:
         # Each instance is a process of its own: they share the CPUs rather than each sizing its pool for all.
         instances = sum(int(group.get("count", 1)) for group in config.get("instance_group", [])) or 1
         threads = instance_threads(parameters.get("engine_threads", "auto"), instances)
+        # Other engine processes share these CPUs (instances, other models): threads that spin on after a
+        # call would take the cores their calls need (engines/onnxruntime_backend.py).
+        stop_spinning_after_calls()
         self.classifier = Classifier.load(Path(__file__).resolve().parent / "work", threads=threads)  # its one engine
         engine = self.classifier.engine
         widths = engine.prepare_one_text()  # before the server says ready, not on the first requests
         shapes = f", one text at widths {', '.join(map(str, widths))} (a model each)" if widths else ""
         pool = f"{threads} thread{'s' if threads > 1 else ''}" if threads else "the engine's default threads"
         pb_utils.Logger.log_info(f"{ENGINE_LOG_PREFIX}{config['name']}: {engine.path.name} on {engine.provider}, "
-                                 f"{pool}{shapes}")
+                                 f"{pool}{', parked between calls' if engine.spinning_stopped else ''}{shapes}")
 
     def _texts(self, request) -> list[str]:
         tensor = pb_utils.get_input_tensor_by_name(request, "text")

@@ -89,7 +89,7 @@ def test_each_instance_says_what_it_runs(served):
     threads = max(1, available_cpus() // 2)
     assert served.engines_served() == [
         f"lstm-sentiment-text: lstm-sentiment.onnxruntime.int8.ort on CPUExecutionProvider, {threads} "
-        f"thread{'s' if threads > 1 else ''} (x2)"]
+        f"thread{'s' if threads > 1 else ''}, parked between calls (x2)"]  # no spinning between calls
 
 
 def test_http_and_grpc_answer_like_classifier_predict(served, lstm_work: Path):
@@ -193,7 +193,8 @@ def test_serve_command_answers_curl_and_stops_on_sigterm(lstm_work: Path, tmp_pa
                 break
         engine_lines = [line for line in printed if line.startswith("  engine  ")]
         assert len(engine_lines) == 1 and re.fullmatch(  # one instance: its engine's own pool
-            r"  engine  lstm-sentiment-text: lstm-sentiment\.\w+\.int8\.\w+ on .+, the engine's default threads\n",
+            r"  engine  lstm-sentiment-text: lstm-sentiment\.\w+\.int8\.\w+ on .+, the engine's default threads"
+            r"(, parked between calls)?\n",
             engine_lines[0]), printed
         curl = next(line for line in printed if line.startswith("try: curl")).removeprefix("try: ").strip()
         answer = json.loads(subprocess.run(curl, shell=True, capture_output=True, text=True, check=True).stdout)
