@@ -101,7 +101,10 @@ def check_stub_runs_engines(repository: Path, models: list[str], python: Path) -
         answer = subprocess.run([str(python), "-c", probe, *needs], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as error:
         raise InputError(f"{python}: cannot run it ({error}); the Triton Python backend runs the text models there") from None
-    missing = answer.stdout.split() if answer.returncode == 0 else list(needs)
+    if answer.returncode != 0:
+        said = (answer.stderr.strip().splitlines() or [f"exit status {answer.returncode}"])[-1]
+        raise InputError(f"{python}: cannot run it ({said}); the Triton Python backend runs the text models there")
+    missing = answer.stdout.split()
     if missing:
         model, engine = needs[missing[0]]
         raise InputError(f"{python}: no {missing[0]} there, which {model}'s engine {engine} needs (the Triton Python "
