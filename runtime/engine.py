@@ -79,7 +79,7 @@ class Engine:
 
     @property
     def spinning_stopped(self) -> bool:
-        """Whether its threads park when a call returns rather than spin for the next (onnxruntime)."""
+        """Whether its threads park when a call returns rather than spin for the next (where a backend spins)."""
         return bool(getattr(self._backend, "spinning_stopped", False))
 
     def padded_width(self, width: int) -> int:
