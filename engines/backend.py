@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Callable
@@ -104,7 +105,7 @@ class Backend:
 
     def installed(self) -> bool:
         """Its library imports here (cheap: no import is made)."""
-        return True
+        return self.runtime_module is None or importlib.util.find_spec(self.runtime_module) is not None
 
     def builds_by_default(self) -> bool:
         """Part of `miaotui run` when no --backend is given."""

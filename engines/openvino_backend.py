@@ -388,11 +388,6 @@ class OpenVINO(Backend):
     def version(self) -> str:
         return _import_openvino().get_version()
 
-    def installed(self) -> bool:
-        import importlib.util
-
-        return importlib.util.find_spec("openvino") is not None
-
     def builds_by_default(self) -> bool:
         # x86-64 is where it was measured faster (AVX2 .. AMX); on ARM ONNX Runtime stays the CPU engine
         return platform.machine().lower() in ("x86_64", "amd64") and self.installed()

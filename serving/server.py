@@ -22,6 +22,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -218,8 +219,7 @@ class TritonServer:
             return []
         said = [line.split(f'"{ENGINE_LOG_PREFIX}', 1)[1].rstrip().removesuffix('"') for line in lines
                 if f'"{ENGINE_LOG_PREFIX}' in line]
-        counts = {line: said.count(line) for line in said}
-        return [line + (f" (x{count})" if count > 1 else "") for line, count in counts.items()]
+        return [line + (f" (x{count})" if count > 1 else "") for line, count in Counter(said).items()]
 
     def failure_reason(self) -> str:
         """The server's own reason, from its log: the first error line (a model that failed to load)."""
@@ -234,7 +234,7 @@ class TritonServer:
         reason = wanted[0].split("]", 1)[1].strip()
         # The Python backend appends the model's traceback ("\n\nAt:\n  file(line): function...", escaped):
         # the error's own sentence is the reason, the log keeps the rest.
-        reason = reason.split("\\n\\nAt:", 1)[0].split("\\n", 1)[0].rstrip()
+        reason = reason.split("\\n", 1)[0].rstrip()
         if reason.startswith('"') and not reason.endswith('"'):
             reason += '"'
         return reason + f" (log: {self.log})"

@@ -119,3 +119,23 @@ def lstm_work(tmp_path_factory) -> Path:
 def error_lines(stderr: str) -> list[str]:
     """stderr without the stage progress lines ("miaotui: STAGE NAME ..."): what a failed command said."""
     return [line for line in stderr.strip().splitlines() if not line.startswith("miaotui: ")]
+
+
+def triton_server_missing() -> str | None:
+    """Why no Triton server can run here (what to install), or None."""
+    from miaotui.serving.server import server_files, stub_python
+
+    try:
+        server_files()
+        stub_python()
+    except Exception as error:  # InputError naming what to install
+        return str(error)
+    return None
+
+
+def text_request(module, texts, dtype="BYTES"):
+    """A text model's `text` input for tritonclient's http or grpc `module`: one row per text."""
+    values = np.array([[t.encode("utf-8") if isinstance(t, str) else t] for t in texts], dtype=np.object_)
+    tensor = module.InferInput("text", list(values.shape), dtype)
+    tensor.set_data_from_numpy(values)
+    return [tensor]

@@ -633,12 +633,12 @@ def test_the_served_text_model_answers_one_text_at_fixed_widths_like_the_classif
     from miaotui.config import load_config
     from miaotui.engines import BuildOptions, build_engine
     from miaotui.runtime import Classifier
-    from miaotui.serving.server import TritonServer, free_port, server_files, stub_python
+    from miaotui.serving.server import TritonServer, free_port
 
-    try:
-        server_files(), stub_python()
-    except InputError as error:
-        pytest.skip(f"no Triton server here: {error}")
+    from conftest import text_request, triton_server_missing
+
+    if triton_server_missing():
+        pytest.skip(f"no Triton server here: {triton_server_missing()}")
     config_path, work = tiny_bert_work
     config = load_config(config_path)
     served_work = tmp_path / "work"
@@ -670,10 +670,7 @@ def test_the_served_text_model_answers_one_text_at_fixed_widths_like_the_classif
         def ask(batch: list[str]):
             client = http.InferenceServerClient(server.http_url)
             try:
-                values = np.array([[t.encode("utf-8")] for t in batch], dtype=np.object_)
-                tensor = http.InferInput("text", list(values.shape), "BYTES")
-                tensor.set_data_from_numpy(values)
-                answer = client.infer(name, [tensor])
+                answer = client.infer(name, text_request(http, batch))
                 return [v.decode() for v in answer.as_numpy("label").reshape(-1)], answer.as_numpy("logits")
             finally:
                 client.close()

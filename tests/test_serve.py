@@ -18,23 +18,15 @@ import pytest
 from click.testing import CliRunner
 
 from miaotui.cli import main
-from miaotui.serving.server import TritonServer, free_port, server_files, stub_python
+from miaotui.serving.server import TritonServer, free_port, stub_python
 
-from conftest import error_lines
+from conftest import error_lines, text_request, triton_server_missing
 
 TEXTS = ["这本书写得很好，推荐", "太差了", "一般般吧，物流还行", "包装破损，不会再买了", "好"]
 
 
-def _server_missing() -> str | None:
-    try:
-        server_files()
-        stub_python()
-    except Exception as error:  # InputError naming what to install
-        return str(error)
-    return None
-
-
-pytestmark = pytest.mark.skipif(_server_missing() is not None, reason=f"no Triton server here: {_server_missing()}")
+pytestmark = pytest.mark.skipif(triton_server_missing() is not None,
+                                reason=f"no Triton server here: {triton_server_missing()}")
 
 
 @pytest.fixture(scope="module")
@@ -75,13 +67,6 @@ def _http(server):
     return CLIENTS[-1]
 
 
-def _request(module, texts, dtype="BYTES"):
-    values = np.array([[t.encode("utf-8") if isinstance(t, str) else t] for t in texts], dtype=np.object_)
-    tensor = module.InferInput("text", list(values.shape), dtype)
-    tensor.set_data_from_numpy(values)
-    return [tensor]
-
-
 def test_each_instance_says_what_it_runs(served):
     """Two instances with engine_threads auto: each took its share of the CPUs, and said so in the log."""
     from miaotui.runtime.instances import available_cpus
@@ -102,7 +87,7 @@ def test_http_and_grpc_answer_like_classifier_predict(served, lstm_work: Path):
     over_grpc = grpc.InferenceServerClient(served.grpc_url)
     CLIENTS.append(over_grpc)
     for module, client in ((http, _http(served)), (grpc, over_grpc)):
-        answer = client.infer("lstm-sentiment-text", _request(module, TEXTS))
+        answer = client.infer("lstm-sentiment-text", text_request(module, TEXTS))
         labels = [value.decode() for value in answer.as_numpy("label").reshape(-1)]
         scores = answer.as_numpy("score").reshape(-1)
         assert labels == [p.label for p in expected], module.__name__
@@ -125,7 +110,7 @@ def test_concurrent_single_text_requests_are_batched_and_each_answered(served, l
 
     def ask(text):
         client = _http(served)
-        return client.infer("lstm-sentiment-text", _request(http, [text])).as_numpy("label")[0, 0].decode()
+        return client.infer("lstm-sentiment-text", text_request(http, [text])).as_numpy("label")[0, 0].decode()
 
     with ThreadPoolExecutor(8) as pool:
         assert list(pool.map(ask, texts)) == expected
@@ -148,8 +133,8 @@ def test_a_bad_request_gets_an_error_and_the_server_keeps_serving(served, case: 
     texts, expected = BAD_REQUESTS[case]
     client = _http(served)
     with pytest.raises(InferenceServerException, match=re.escape(expected)):
-        client.infer("lstm-sentiment-text", _request(http, texts))
-    assert client.infer("lstm-sentiment-text", _request(http, ["很好"])).as_numpy("label").shape == (1, 1)
+        client.infer("lstm-sentiment-text", text_request(http, texts))
+    assert client.infer("lstm-sentiment-text", text_request(http, ["很好"])).as_numpy("label").shape == (1, 1)
 
 
 def test_requests_triton_itself_refuses(served):
@@ -165,7 +150,7 @@ def test_requests_triton_itself_refuses(served):
         client.infer("lstm-sentiment-text", [])
     too_many = ["好"] * 65  # the engine's batch max is 64
     with pytest.raises(InferenceServerException, match="(?i)batch"):
-        client.infer("lstm-sentiment-text", _request(http, too_many))
+        client.infer("lstm-sentiment-text", text_request(http, too_many))
     assert client.is_model_ready("lstm-sentiment-text")
 
 
@@ -261,7 +246,7 @@ def test_ensemble_steps_tokenize_and_label_like_the_runtime(served, lstm_work: P
 
     client = _http(served)
     for text in ("好", "这本书写得很好，推荐"):
-        ids = client.infer("lstm-sentiment-tokenize", _request(http, [text])).as_numpy("input_ids")
+        ids = client.infer("lstm-sentiment-tokenize", text_request(http, [text])).as_numpy("input_ids")
         tokenizer = configure(load_tokenizer(served.repository / "lstm-sentiment-tokenize" / "1" / "tokenizer.json"), 256)
         expected = encode(tokenizer, [text], names=["input_ids"])["input_ids"]
         np.testing.assert_array_equal(ids, expected)
