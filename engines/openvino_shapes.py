@@ -27,7 +27,7 @@ import math
 MAX_WIDTHS = 16
 MIN_STEP = 16  # tokens; finer steps gained nothing on real texts (one text: 16 and 8 timed alike)
 ONE_TEXT_CHOICES = ("auto", "static", "dynamic")  # --openvino-one-text
-ONE_TEXT_MIN_GAIN = 0.05  # kept where one text at the opt width runs at least this much faster
+ONE_TEXT_MIN_GAIN = 0.05  # kept where one text runs at least this much faster (geometric mean over a few widths)
 
 
 def width_step(seq_max: int) -> int:

@@ -367,11 +367,15 @@ def test_auto_keeps_int8_attention_only_where_it_measured_faster(tiny_bert_work,
     faster = timing["ms_at_opt"]["int8"] <= timing["ms_at_opt"]["float"] * (1 - ATTENTION_MIN_GAIN)
     assert built.metadata.settings["attention"] == ("int8" if faster else "float")
     assert _fake_quantizes(tmp_path / "auto.xml") > 0
-    # Likewise one text at fixed widths, timed at the opt width (64)
+    # Likewise one text at fixed widths, timed at the shortest padded width, half the opt width and the opt
+    # width (64), kept on the geometric mean of the static / dynamic ratios
     from miaotui.engines.openvino_shapes import ONE_TEXT_MIN_GAIN
 
-    timing = built.metadata.checks["one_text_timing"]["ms_at_opt"]
-    faster = timing["static"] <= timing["dynamic"] * (1 - ONE_TEXT_MIN_GAIN)
+    timing = built.metadata.checks["one_text_timing"]
+    assert sorted(timing["ms_by_width"], key=int) == ["16", "32", "64"]
+    ratios = [ms["static"] / ms["dynamic"] for ms in timing["ms_by_width"].values()]
+    assert timing["static_to_dynamic"] == pytest.approx(np.prod(ratios) ** (1 / 3), abs=1e-4)
+    faster = timing["static_to_dynamic"] <= 1 - ONE_TEXT_MIN_GAIN
     assert built.metadata.settings["one_text"] == ("static" if faster else "dynamic")
     assert built.metadata.session == {"width_step": 16, "one_text_fixed": faster}
 
