@@ -34,6 +34,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -91,7 +93,8 @@ def split_scores(config, peers: dict[str, tuple[str, str | None]], splits: dict[
     import onnxruntime
     import torch
 
-    from miaotui.data.datasets import LABELS, data_set, without_labels
+    from miaotui.data.datasets import LABELS, data_set, sample_rows, without_labels
+    from miaotui.stages.gate import _tokenizer_padding, as_one_text
     from miaotui.models.loading import load_model
     from miaotui.runtime import Engine
 
@@ -110,6 +113,8 @@ def split_scores(config, peers: dict[str, tuple[str, str | None]], splits: dict[
         return lambda feed: session.run(None, feed)[0]
 
     calls = {"pytorch fp32 eager": torch_call(fp32), "pytorch dynamic int8": torch_call(dynamic)}
+    engines: dict[str, Engine] = {}
+    pad = _tokenizer_padding(config)
     def openvino_call(path):
         import openvino
 
@@ -123,7 +128,7 @@ def split_scores(config, peers: dict[str, tuple[str, str | None]], splits: dict[
         elif kind == "openvino":
             calls[name] = openvino_call(path)
         elif kind == "engine":
-            engine = Engine.load(path)
+            engine = engines[name] = Engine.load(path)
             calls[name] = lambda feed, engine=engine: engine.run(feed)[config.model.outputs[0]]
     scores: dict[str, dict] = {name: {} for name in calls}
     for split, source in splits.items():
@@ -139,6 +144,13 @@ def split_scores(config, peers: dict[str, tuple[str, str | None]], splits: dict[
         for name, t in tops.items():
             scores[name][split] = {"texts": len(labels), "top1_agreement": float(np.mean(np.concatenate(t) == reference)),
                                    "accuracy": float(np.mean(np.concatenate(t) == labels))}
+        # miaotui's engines also answer one text a call as Classifier.predict sends it (the openvino engine's
+        # batch-1 rows run on its fixed-width models, where the build kept them): score that path too.
+        for name, engine in engines.items():
+            rows = sample_rows(without_labels(feed) for feed in data_set(config, "validation", override=source).batches())
+            one = np.concatenate([engine.run(as_one_text(engine, row, config, pad))[config.model.outputs[0]]
+                                  for row in rows]).argmax(1)
+            scores[name][split]["one_text_top1_agreement"] = float(np.mean(one == reference))
     return scores
 
 
@@ -203,6 +215,32 @@ def model_macs(onnx_path: Path, config, batch: int, seq: int) -> int:
     return macs
 
 
+def round_ratio_table(rows: list[dict], engine: str, batches: list[int], seqs: list[int]) -> list[str]:
+    """Markdown lines: for each peer and shape, the engine's p50 over the peer's within each round (both timed
+    in that round, so the machine's drift cancels): the median, the range, and in how many rounds the engine
+    was faster. A lead shows as a median under 1 that most rounds agree with."""
+    by_key = {(r["name"], r["batch"], r["seq"]): r for r in rows if "round_p50_ms" in r}
+    lines = [f"Per round, {engine} p50 / the peer's p50 (under 1: the engine faster): median [lowest, highest], "
+             "rounds the engine was faster.", "",
+             "| peer | " + " | ".join(f"b{b} s{s}" for s in seqs for b in batches) + " |",
+             "|---|" + "---|" * (len(batches) * len(seqs))]
+    for name in dict.fromkeys(r["name"] for r in rows):
+        if name == engine:
+            continue
+        cells = []
+        for s in seqs:
+            for b in batches:
+                ours, theirs = by_key.get((engine, b, s)), by_key.get((name, b, s))
+                if not ours or not theirs:
+                    cells.append("")
+                    continue
+                ratios = np.array(ours["round_p50_ms"]) / np.array(theirs["round_p50_ms"])
+                cells.append(f"{np.median(ratios):.3f} [{ratios.min():.3f}, {ratios.max():.3f}], "
+                             f"{int((ratios < 1).sum())} of {len(ratios)}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="minilm-sentiment")
@@ -260,9 +298,9 @@ def main() -> None:
              f"--seq {args.seq} --threads {args.threads} --seconds {args.seconds:g}{rounds}` ({time.time() - started:.0f} s, "
              f"{how}). {cpu['cpu']} "
              f"({', '.join(cpu['isa'])}; {bf16}). INT8 GEMM rate here: {rate / 1e9:.0f} GMAC/s.", "",
-             "| peer | top-1 validation | top-1 test | accuracy (test) | " + " | ".join(
+             "| peer | top-1 validation | top-1 test | one text a call: validation / test | accuracy (test) | " + " | ".join(
                  f"b{b} s{s} p50 ms (speed-up)" for s in seqs for b in batches) + " |",
-             "|---|---|---|---|" + "---|" * (len(batches) * len(seqs))]
+             "|---|---|---|---|---|" + "---|" * (len(batches) * len(seqs))]
     for name in dict.fromkeys(r["name"] for r in rows):
         cells = []
         for s in seqs:
@@ -271,10 +309,14 @@ def main() -> None:
                 speedup = reference[(b, s)]["p50_ms"] / row["p50_ms"]
                 cells.append(f"{row['p50_ms']:.1f} ({speedup:.2f}x)")
         score = scores[name]
+        one_text = (f"{score['validation']['one_text_top1_agreement']:.4f} / {score['test']['one_text_top1_agreement']:.4f}"
+                    if "one_text_top1_agreement" in score["validation"] else "")
         lines.append(f"| {name} | {score['validation']['top1_agreement']:.4f} | {score['test']['top1_agreement']:.4f} | "
-                     f"{score['test']['accuracy']:.4f} | " + " | ".join(cells) + " |")
-    lines.append("| floor: MACs / INT8 GEMM rate | | | | " + " | ".join(
+                     f"{one_text} | {score['test']['accuracy']:.4f} | " + " | ".join(cells) + " |")
+    lines.append("| floor: MACs / INT8 GEMM rate | | | | | " + " | ".join(
         f"{floors[(b, s)]:.1f}" for s in seqs for b in batches) + " |")
+    if args.rounds > 1:
+        lines += ["", *round_ratio_table(rows, "miaotui int8 (openvino)", batches, seqs)]
     (out / "peers.md").write_text("\n".join(lines) + "\n")
     (out / "peers.json").write_text(json.dumps({"rows": rows, "scores": scores, "int8_gemm_mac_per_s": rate,
                                                 "floor_ms": {f"b{b}s{s}": v for (b, s), v in floors.items()}}, indent=2))
