@@ -38,9 +38,9 @@ class BuildOptions:
     # "auto": bf16 where the CPU computes BF16 natively (AMX, AVX512-BF16), f32 elsewhere. MiniLM on AMX:
     # batch 32 83 -> 70 ms, top-1 agreement with PyTorch 0.9944 -> 0.9966 (benchmarks/NOTES.md).
     openvino_float: str = "auto"
-    # openvino, INT8 graphs with self-attention: Q, K, V and the probabilities in INT8 too, from the ranges
+    # openvino, INT8 graphs with self-attention: Q and K in INT8 too (the scores product), from the ranges
     # model.int8.onnx records (export/attention.py). "auto": where the build measures it at least 3%
-    # faster at the opt shape (MiniLM on an AMD EPYC without AMX: about 6%); "int8" or "float" to choose.
+    # faster at the opt shape (MiniLM on an AMD EPYC without AMX: about 5%); "int8" or "float" to choose.
     openvino_attention: str = "auto"
     # openvino, INT8 graphs with LSTM layers (float in the QDQ graph): the layers in INT8 where their input
     # has a known bound (engines/openvino_lstm.py). "auto": where the build measures it at least 3% faster

@@ -12,8 +12,8 @@ in the sidecar's float precision where that machine has it (else in FP32), one c
 engine and one infer request per calling thread.
 
 An INT8 graph whose metadata records self-attention ranges (export/attention.py) is also built with
-Q, K, V and the probabilities in INT8 (`openvino_attention`): OpenVINO then runs each attention block
-as one INT8 kernel. Both forms are compiled and timed at the opt shape, and the INT8 one is kept only
+Q and K in INT8 (`openvino_attention`): OpenVINO then runs each attention block as one kernel with its
+scores product in INT8. Both forms are compiled and timed at the opt shape, and the INT8 one is kept only
 where it is at least ATTENTION_MIN_GAIN faster: it costs some agreement (the gate judges the engine as
 built), and where BF16 attention is fast (AMX) the gain may not be there. Likewise an INT8 graph's LSTM
 layers (float in the QDQ graph) are built in INT8 form where their input has a known bound
