@@ -393,8 +393,9 @@ class OpenVINO(Backend):
     # LSTM in INT8: openvino on the Zen 5 EPYC).
     preference = 45
     # 2: an INT8 graph's float parts in BF16 where native (openvino_float); 3: INT8 attention where faster;
-    # 4: INT8 LSTM layers where faster; 6: calls padded to a few widths, one text on fixed-width models where faster
-    form = "6"
+    # 4: INT8 LSTM layers where faster; 6: calls padded to a few widths, one text on fixed-width models where faster;
+    # 7: INT8 attention on Q and K only, fixed widths decided over three widths
+    form = "7"
 
     def version(self) -> str:
         return _import_openvino().get_version()
