@@ -94,7 +94,7 @@ def split_scores(config, peers: dict[str, tuple[str, str | None]], splits: dict[
     import torch
 
     from miaotui.data.datasets import LABELS, data_set, sample_rows, without_labels
-    from miaotui.stages.gate import _tokenizer_padding, as_one_text
+    from miaotui.stages.gate import as_one_text, tokenizer_padding
     from miaotui.models.loading import load_model
     from miaotui.runtime import Engine
 
@@ -114,7 +114,7 @@ def split_scores(config, peers: dict[str, tuple[str, str | None]], splits: dict[
 
     calls = {"pytorch fp32 eager": torch_call(fp32), "pytorch dynamic int8": torch_call(dynamic)}
     engines: dict[str, Engine] = {}
-    pad = _tokenizer_padding(config)
+    pad = tokenizer_padding(config)
     def openvino_call(path):
         import openvino
 
@@ -133,9 +133,10 @@ def split_scores(config, peers: dict[str, tuple[str, str | None]], splits: dict[
     scores: dict[str, dict] = {name: {} for name in calls}
     for split, source in splits.items():
         tops = {name: [] for name in calls}
-        labels = []
+        labels, inputs_seen = [], []
         for feed in data_set(config, "validation", override=source).batches():
             inputs = without_labels(feed)
+            inputs_seen.append(inputs)
             for name, call in calls.items():
                 tops[name].append(np.asarray(call(inputs)).argmax(1))
             labels.append(feed[LABELS])
@@ -146,8 +147,8 @@ def split_scores(config, peers: dict[str, tuple[str, str | None]], splits: dict[
                                    "accuracy": float(np.mean(np.concatenate(t) == labels))}
         # miaotui's engines also answer one text a call as Classifier.predict sends it (the openvino engine's
         # batch-1 rows run on its fixed-width models, where the build kept them): score that path too.
+        rows = list(sample_rows(inputs_seen))  # the split's texts, read once for every engine
         for name, engine in engines.items():
-            rows = sample_rows(without_labels(feed) for feed in data_set(config, "validation", override=source).batches())
             one = np.concatenate([engine.run(as_one_text(engine, row, config, pad))[config.model.outputs[0]]
                                   for row in rows]).argmax(1)
             scores[name][split]["one_text_top1_agreement"] = float(np.mean(one == reference))

@@ -66,7 +66,8 @@ def validate_engine(engine_path: str | Path, config: Config, work_dir: str | Pat
 SINGLE_CALLS = 32
 
 
-def _tokenizer_padding(config: Config) -> int | None:
+def tokenizer_padding(config: Config) -> int | None:
+    """The padding id of the config's tokenizer (None for a model without one or without input_ids)."""
     from miaotui.data.tokenizers import load_tokenizer, padding_id
 
     if config.model.tokenizer and "input_ids" in config.inputs:
@@ -81,7 +82,7 @@ def as_sent(engine, config: Config):
 
     if not engine.width_step:
         return None
-    pad = _tokenizer_padding(config)
+    pad = tokenizer_padding(config)
 
     def prepare(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         width = next(iter(feed.values())).shape[1]
@@ -117,7 +118,7 @@ def judge_one_text(engine, validation, config: Config, reference, bars: dict[str
     from miaotui.validation.metrics import output_metrics
 
     name = engine.outputs[0].name
-    pad = _tokenizer_padding(config)
+    pad = tokenizer_padding(config)
     answers = [engine.run(as_one_text(engine, without_labels(row), config, pad))[name]
                for row in sample_rows(validation.batches())]
     return output_metrics(f"{name}, one text a call", reference.outputs[name], np.concatenate(answers),
@@ -130,7 +131,7 @@ def single_call_seconds(engine, validation, config: Config, samples: int) -> flo
     the engine choice (a new input shape costs some engines more than others)."""
     from miaotui.data.datasets import spread_rows, without_labels
 
-    pad = _tokenizer_padding(config)
+    pad = tokenizer_padding(config)
     rows = [as_one_text(engine, without_labels(row), config, pad) for row in spread_rows(validation, SINGLE_CALLS, samples)]
     if not rows:
         return 0.0
