@@ -112,6 +112,12 @@ def _session(data: dict, where: str) -> dict[str, Any]:
         expected = SESSION_KEYS.get(key)
         if expected is not None and not checks[expected](value):
             raise InputError(f"{where}: key 'session.{key}' should be a {expected}, got {value!r}")
+    if "call_ms" in session:  # the openvino build's times per call shape (engines/openvino_shapes.py)
+        from miaotui.engines.openvino_shapes import call_costs_problem
+
+        problem = call_costs_problem(session["call_ms"])
+        if problem:
+            raise InputError(f"{where}: key 'session.call_ms' should be a table of call times ({problem})")
     return session
 
 

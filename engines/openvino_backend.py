@@ -45,6 +45,7 @@ FLOAT_PRECISIONS = ("auto", "f32", "bf16")
 INT8_FORM_CHOICES = ("auto", "int8", "float")  # --openvino-attention, --openvino-lstm
 ATTENTION_MIN_GAIN = 0.03  # INT8 attention costs agreement: kept when at least this much faster
 ATTENTION_TIMING_ROUNDS = 15
+COST_ROUNDS = 2  # timed calls per shape for the cost table (after one that prepares the shape)
 LSTM_MIN_GAIN = 0.03  # INT8 LSTM layers: kept when at least this much faster (lstm-sentiment: about 25%)
 
 
@@ -326,13 +327,37 @@ def _one_text_widths(ranges: list[TensorRange]) -> list[int]:
     return sorted({padded_width(width, step, low, high) for width in (low, max(low, opt // 2), opt)})
 
 
-def _one_text_feed(ranges: list[TensorRange], config, width: int) -> dict[str, np.ndarray]:
-    """One row of `width` tokens (every position real)."""
+def _one_text_feed(ranges: list[TensorRange], config, width: int, rows: int = 1) -> dict[str, np.ndarray]:
+    """One row (or `rows`) of `width` tokens (every position real)."""
     from dataclasses import replace
 
     from miaotui.engines.shapes import synthetic_feed
 
-    return synthetic_feed([replace(t, opt=(1, width)) for t in ranges], "opt", config)
+    return synthetic_feed([replace(t, opt=(rows, width)) for t in ranges], "opt", config)
+
+
+def _call_costs(runner: "OpenVINORunner", ranges: list[TensorRange], config, step: int) -> dict:
+    """The cost table (engines/openvino_shapes.CallCosts) of the staged engine as the runtime runs it (one
+    text on its fixed-width model where it has them): each shape called once to prepare it, then the best of
+    COST_ROUNDS calls, the rounds going over every shape in turn so a busy spell lands on all of them.
+    MiniLM (1..64 x 1..256): 6 x 5 shapes, about 5 s."""
+    import time
+
+    from miaotui.engines.openvino_shapes import CallCosts, cost_rows, cost_widths
+
+    rows = cost_rows(ranges[0].max[0])
+    widths = cost_widths(step, ranges[0].min[1], ranges[0].max[1])
+    feeds = {(r, w): numpy_feed(_one_text_feed(ranges, config, w, r)) for r in rows for w in widths}
+    for feed in feeds.values():
+        runner.run(feed)
+    best = dict.fromkeys(feeds, float("inf"))
+    for _ in range(COST_ROUNDS):
+        for shape, feed in feeds.items():
+            started = time.perf_counter()
+            runner.run(feed)
+            best[shape] = min(best[shape], (time.perf_counter() - started) * 1000)
+    ms = tuple(tuple(round(best[(r, w)], 3) for w in widths) for r in rows)
+    return CallCosts(tuple(rows), tuple(widths), ms).to_json()
 
 
 def _call_shapes(ov, model, job: BuildJob, hint: str) -> tuple[int | None, OneTextForms | None, dict[str, Any]]:
@@ -394,8 +419,8 @@ class OpenVINO(Backend):
     preference = 45
     # 2: an INT8 graph's float parts in BF16 where native (openvino_float); 3: INT8 attention where faster;
     # 4: INT8 LSTM layers where faster; 6: calls padded to a few widths, one text on fixed-width models where faster;
-    # 7: INT8 attention on Q and K only, fixed widths decided over three widths
-    form = "7"
+    # 7: INT8 attention on Q and K only, fixed widths decided over three widths; 8: the cost table per call shape
+    form = "8"
 
     def version(self) -> str:
         return _import_openvino().get_version()
@@ -452,6 +477,8 @@ class OpenVINO(Backend):
         if "why_not" in one_text_decided:
             checks["padded_widths_why_not"] = one_text_decided["why_not"]
         session = {"width_step": step, "one_text_fixed": one_text is not None} if step else {}
+        if step:  # what each call shape costs: Classifier.predict cuts its batches by it
+            session["call_ms"] = _call_costs(runner, job.ranges, job.config, step)
         return BackendBuild(self.version(), cpu_description(), settings, checks, session)
 
     def engine_files(self, engine: Path) -> list[Path]:

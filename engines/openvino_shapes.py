@@ -18,11 +18,20 @@ each compiled on the first call at that width (or all at once: Engine.prepare_on
 Both apply only where the model masks padding (a padding-mask input): the answer is then the text's own up
 to rounding. Which compiled model answers depends on the input's shape alone: the same input always gets
 the same answer.
+
+What each call shape costs is measured at build (`CallCosts`: rows in powers of two by a few widths, the
+rest interpolated), so that Classifier.predict cuts its batches by the engine's own times: a call of a
+few rows on the dynamic model pays 2-3 ms of shape work that one text on its fixed-width model does not,
+and a batch padded to the next width step costs what that width costs. Priced in padded tokens instead,
+the cut was right on average and wrong at this grain (benchmarks/NOTES.md, twelfth session).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+
+import numpy as np
 
 MAX_WIDTHS = 16
 MIN_STEP = 16  # tokens; finer steps gained nothing on real texts (one text: 16 and 8 timed alike)
@@ -47,6 +56,77 @@ def power_of_two_rows(rows: int, limit: int) -> list[int]:
         slices.append(size)
         rows -= size
     return slices
+
+
+# Rows the build times a call at (powers of two up to this); a larger slice costs what this many rows
+# cost at its width, times its share (calls of 32 x 128 tokens already run at the kernels' pace).
+COST_MAX_ROWS = 32
+
+
+def cost_rows(max_batch: int) -> list[int]:
+    """The row counts the build times: powers of two up to the engine's max batch or COST_MAX_ROWS."""
+    top = min(max_batch, COST_MAX_ROWS)
+    return [1 << power for power in range(top.bit_length()) if 1 << power <= top]
+
+
+def cost_widths(step: int, seq_min: int, seq_max: int) -> list[int]:
+    """The widths the build times: the shortest padded width, doubling from there, and the longest (MiniLM,
+    1..256 tokens: 16, 32, 64, 128, 256); the ones between are interpolated."""
+    widths, width = [], padded_width(seq_min, step, seq_min, seq_max)
+    while width < seq_max:
+        widths.append(width)
+        width = padded_width(width * 2, step, seq_min, seq_max)
+    return widths + [seq_max]
+
+
+@dataclass(frozen=True)
+class CallCosts:
+    """Milliseconds of one engine call of rows[i] x widths[j] tokens (ms[i][j]), as the build measured them."""
+
+    rows: tuple[int, ...]
+    widths: tuple[int, ...]
+    ms: tuple[tuple[float, ...], ...]
+
+    @classmethod
+    def from_json(cls, table: dict) -> "CallCosts":
+        return cls(tuple(table["rows"]), tuple(table["widths"]), tuple(tuple(row) for row in table["ms"]))
+
+    def to_json(self) -> dict:
+        return {"rows": list(self.rows), "widths": list(self.widths), "ms": [list(row) for row in self.ms]}
+
+    def call_ms(self, rows: int, width: int) -> float:
+        """One call of `rows` (a power of two) x `width` tokens: linear between the timed widths."""
+        largest = self.rows[-1]
+        if rows > largest:
+            return self.call_ms(largest, width) * rows / largest
+        return float(np.interp(width, self.widths, self.ms[self.rows.index(rows)]))
+
+    def batch_ms(self, rows: int, width: int, limit: int) -> float:
+        """A batch of `rows` at `width`, run as Engine.run runs it: in slices of powers of two up to `limit`."""
+        return sum(self.call_ms(size, width) for size in power_of_two_rows(rows, limit))
+
+
+def call_costs_problem(table: object) -> str | None:
+    """What is wrong with a sidecar's cost table (None when nothing): rows and widths ascending positive
+    ints, the rows powers of two from 1, and one positive time per row and width."""
+    if not isinstance(table, dict) or set(table) != {"rows", "widths", "ms"}:
+        return "an object with keys rows, widths, ms"
+
+    def ascending(values: object) -> bool:
+        return (isinstance(values, list) and bool(values) and all(type(v) is int and v > 0 for v in values)
+                and values == sorted(set(values)))
+
+    rows, widths, ms = table["rows"], table["widths"], table["ms"]
+    if not ascending(rows) or rows != [1 << power for power in range(len(rows))]:
+        return "rows: powers of two from 1"
+    if not ascending(widths):
+        return "widths: ascending positive ints"
+    if not (isinstance(ms, list) and len(ms) == len(rows) and all(
+            isinstance(row, list) and len(row) == len(widths)
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in row)
+            for row in ms)):
+        return f"ms: {len(rows)} lists of {len(widths)} positive numbers each"
+    return None
 
 
 def unsuitable(ranges, padding_mask: str | None) -> str | None:

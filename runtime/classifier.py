@@ -9,7 +9,7 @@ with the standard library: a service needs neither torch nor onnx, nor the model
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,20 +37,24 @@ CALL_OVERHEAD_TOKENS = 128
 ATTENTION_TOKENS = 384  # a row of L tokens costs L + L^2 / this: attention grows with the square of the length
 
 
-def batches_by_cost(lengths: Sequence[int], max_batch: int, overhead: int = CALL_OVERHEAD_TOKENS) -> list[slice]:
-    """Cut `lengths` (ascending) into consecutive batches of at most `max_batch` that minimize the cost
-    of the padded rows (each row of a batch as long as its longest, L tokens costing L + L^2 /
-    ATTENTION_TOKENS) plus `overhead` per call: one batch when lengths are alike, several when a few
-    long texts would pad many short ones. Dynamic programming over the sorted lengths, O(n x max_batch)."""
+def batches_by_cost(lengths: Sequence[int], max_batch: int, overhead: int = CALL_OVERHEAD_TOKENS,
+                    call_cost: Callable[[int, int], float] | None = None) -> list[slice]:
+    """Cut `lengths` (ascending) into consecutive batches of at most `max_batch` that minimize the summed
+    cost of the batches: `call_cost(rows, longest)` where the engine measured its call shapes (Engine.batch_ms),
+    else the padded rows priced in tokens (each row of a batch as long as its longest, L tokens costing
+    L + L^2 / ATTENTION_TOKENS) plus `overhead` per call. One batch when lengths are alike, several when a
+    few long texts would pad many short ones. Dynamic programming over the sorted lengths, O(n x max_batch)."""
     count = len(lengths)
     best = [0.0] + [float("inf")] * count  # best[j]: cheapest cut of the first j lengths
     cut = [0] * (count + 1)
     for end in range(1, count + 1):
         longest = lengths[end - 1]
         for start in range(max(0, end - max_batch), end):
-            cost = best[start] + overhead + (end - start) * (longest + longest * longest / ATTENTION_TOKENS)
-            if cost < best[end]:
-                best[end], cut[end] = cost, start
+            rows = end - start
+            batch = (call_cost(rows, longest) if call_cost is not None
+                     else overhead + rows * (longest + longest * longest / ATTENTION_TOKENS))
+            if best[start] + batch < best[end]:
+                best[end], cut[end] = best[start] + batch, start
     batches, end = [], count
     while end > 0:
         batches.append(slice(cut[end], end))
@@ -145,10 +149,15 @@ class Classifier:
         pad_id = padding_id(self.tokenizer)
         predictions: list[Prediction | None] = [None] * len(texts)
         rows_out: list[np.ndarray | None] = [None] * len(texts)
-        for chunk in batches_by_cost([int(lengths[i]) for i in order], size):
+        sorted_lengths = [int(lengths[i]) for i in order]
+        # At least seq_min tokens; padded further where the engine runs a few widths faster (openvino)
+        widths = {length: self.engine.padded_width(max(length, self._seq_min)) for length in set(sorted_lengths)}
+        call_cost = None
+        if self.engine.knows_call_costs:  # priced by the engine's own times per call shape
+            call_cost = lambda rows, longest: self.engine.batch_ms(rows, widths[longest])  # noqa: E731
+        for chunk in batches_by_cost(sorted_lengths, size, call_cost=call_cost):
             rows = order[chunk]
-            # At least seq_min tokens; padded further where the engine runs a few widths faster (openvino)
-            width = self.engine.padded_width(max(int(lengths[rows].max()), self._seq_min))
+            width = widths[sorted_lengths[chunk.stop - 1]]
             feed = {name: encoded[name][rows, :width].astype(dtypes[name], copy=False) for name in names}
             feed = pad_to(feed, width, pad_id)
             logits = self.engine.run(feed)[self.output]

@@ -38,6 +38,12 @@ class Engine:
         # may run on models compiled for its width): widths padded to a step, rows in powers of two.
         self.width_step = metadata.session.get("width_step") if self._splittable else None
         self.one_text_fixed = bool(self.width_step and metadata.session.get("one_text_fixed"))
+        self._call_costs = None
+        if self.width_step and "call_ms" in metadata.session:  # what each of those shapes costs, as built
+            from miaotui.engines.openvino_shapes import CallCosts
+
+            self._call_costs = CallCosts.from_json(metadata.session["call_ms"])
+        self._batch_ms: dict[tuple[int, int], float] = {}
 
     @classmethod
     def load(cls, path: str | Path, threads: int | None = None) -> "Engine":
@@ -91,6 +97,23 @@ class Engine:
 
         seq = self.metadata.inputs[0]
         return padded_width(width, self.width_step, seq.min[1], seq.max[1])
+
+    @property
+    def knows_call_costs(self) -> bool:
+        """Whether the build measured what each call shape costs (`batch_ms` answers)."""
+        return self._call_costs is not None
+
+    def batch_ms(self, rows: int, width: int) -> float | None:
+        """Estimated milliseconds of `rows` texts padded to `width` tokens (already a padded width), as `run`
+        would run them (rows in powers of two), from the build's times per call shape; None where the build
+        measured none (Classifier.predict then prices batches in padded tokens)."""
+        if self._call_costs is None:
+            return None
+        key = (rows, width)
+        cost = self._batch_ms.get(key)
+        if cost is None:  # a few hundred distinct keys: rows up to the max batch, widths at the step
+            cost = self._batch_ms[key] = self._call_costs.batch_ms(rows, width, self.max_batch)
+        return cost
 
     def prepare_one_text(self) -> list[int]:
         """Compile now what the first call at each one-text width would (an engine that runs one text on

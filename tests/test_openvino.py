@@ -394,7 +394,22 @@ def test_auto_keeps_int8_attention_only_where_it_measured_faster(tiny_bert_work,
     assert timing["static_to_dynamic"] == pytest.approx(np.prod(ratios) ** (1 / 3), abs=1e-4)
     faster = timing["static_to_dynamic"] <= 1 - ONE_TEXT_MIN_GAIN
     assert built.metadata.settings["one_text"] == ("static" if faster else "dynamic")
-    assert built.metadata.session == {"width_step": 16, "one_text_fixed": faster}
+    assert _session_beside_its_costs(built.metadata) == {"width_step": 16, "one_text_fixed": faster}
+
+
+def _session_beside_its_costs(metadata) -> dict:
+    """The sidecar's session without its cost table, after checking the table: every row count and width the
+    build times (the tiny BERT: 1..64 rows, 1..128 tokens), a time for each, and more rows and tokens costing
+    more than one short text."""
+    from miaotui.engines.openvino_shapes import CallCosts, cost_rows, cost_widths
+
+    session = dict(metadata.session)
+    costs = CallCosts.from_json(session.pop("call_ms"))
+    ids = metadata.input("input_ids")
+    assert list(costs.rows) == cost_rows(ids.max[0]) and list(costs.widths) == cost_widths(16, ids.min[1], ids.max[1])
+    assert all(ms > 0 for row in costs.ms for ms in row)
+    assert costs.ms[-1][-1] > 2 * costs.ms[0][0]
+    return session
 
 
 def test_int8_attention_is_refused_in_one_line_where_the_graph_records_none(openvino_work: Path, tmp_path: Path):
@@ -519,6 +534,23 @@ def test_calls_take_a_few_widths_and_rows_in_powers_of_two():
     assert power_of_two_rows(21, 64) == [16, 4, 1] and power_of_two_rows(32, 64) == [32]
     assert power_of_two_rows(100, 64) == [64, 32, 4] and power_of_two_rows(100, 48) == [32, 32, 32, 4]
     assert all(sum(power_of_two_rows(rows, 64)) == rows for rows in range(1, 200))
+    # The build times a few of those shapes; the rest are read off between them
+    from miaotui.engines.openvino_shapes import CallCosts, call_costs_problem, cost_rows, cost_widths
+
+    assert cost_rows(64) == [1, 2, 4, 8, 16, 32] and cost_rows(8) == [1, 2, 4, 8] and cost_rows(1) == [1]
+    assert cost_widths(16, 1, 256) == [16, 32, 64, 128, 256] and cost_widths(16, 1, 130) == [16, 32, 64, 128, 130]
+    assert cost_widths(32, 1, 512) == [32, 64, 128, 256, 512] and cost_widths(16, 20, 40) == [32, 40]
+    costs = CallCosts((1, 2), (16, 64), ((2.0, 5.0), (4.0, 9.0)))
+    assert costs.call_ms(1, 16) == 2.0 and costs.call_ms(1, 48) == pytest.approx(4.0)  # linear between widths
+    assert costs.call_ms(4, 64) == pytest.approx(18.0)  # beyond the rows timed: in proportion
+    assert costs.batch_ms(3, 64, limit=64) == pytest.approx(9.0 + 5.0)  # as Engine.run runs it: 2 rows, then 1
+    assert costs.batch_ms(4, 16, limit=2) == pytest.approx(8.0)  # two calls of 2 under a limit of 2
+    assert CallCosts.from_json(costs.to_json()) == costs and call_costs_problem(costs.to_json()) is None
+    for table, problem in (([1, 2], "an object"), ({"rows": [1, 3], "widths": [16], "ms": [[1.0], [2.0]]}, "rows: powers"),
+                           ({"rows": [1], "widths": [64, 16], "ms": [[1.0, 2.0]]}, "widths: ascending"),
+                           ({"rows": [1], "widths": [16], "ms": [[0.0]]}, "ms: 1 lists of 1 positive"),
+                           ({"rows": [1, 2], "widths": [16], "ms": [[1.0]]}, "ms: 2 lists")):
+        assert call_costs_problem(table).startswith(problem), table
     forms = OneTextForms(16, 1, 130)
     one = lambda width, rows=1: {"input_ids": np.ones((rows, width), np.int64), "attention_mask": np.ones((rows, width), np.int64)}
     assert forms.fixed(one(48)) == 48 and forms.fixed(one(130)) == 130
@@ -552,8 +584,10 @@ def test_one_text_runs_on_a_model_compiled_for_its_padded_width(tiny_bert_work, 
                                 BuildOptions(backend="openvino", openvino_one_text=form), config)
              for form in ("static", "dynamic")}
     static, dynamic = built["static"].metadata, built["dynamic"].metadata
-    assert static.settings["one_text"] == "static" and static.session == {"width_step": 16, "one_text_fixed": True}
-    assert dynamic.settings["one_text"] == "dynamic" and dynamic.session == {"width_step": 16, "one_text_fixed": False}
+    assert static.settings["one_text"] == "static"
+    assert _session_beside_its_costs(static) == {"width_step": 16, "one_text_fixed": True}
+    assert dynamic.settings["one_text"] == "dynamic"
+    assert _session_beside_its_costs(dynamic) == {"width_step": 16, "one_text_fixed": False}
     assert static.checks["one_text_vs_onnxruntime_max_abs_diff"] < 0.1 and "one_text_timing" not in static.checks
     assert "(one text at fixed widths)" in BACKEND.describe(static)
     engine, plain = Engine.load(tmp_path / "static.xml", threads=2), Engine.load(tmp_path / "dynamic.xml", threads=2)
@@ -615,6 +649,19 @@ def test_one_text_from_the_classifier_and_the_gate_at_fixed_widths(tiny_bert_wor
     together = classifier.predict_with_logits(texts)[1]
     np.testing.assert_allclose(np.stack(alone), together, atol=0.05)
     assert shapes and all(width % 16 == 0 and rows & (rows - 1) == 0 for rows, width in shapes)  # a few shapes
+    # The batches follow the engine's own times per call shape: where one call costs the same whatever its
+    # rows, texts of any lengths go in one call; where each row costs more in company, one text a call.
+    from miaotui.engines.openvino_shapes import CallCosts
+
+    assert engine.knows_call_costs and engine.batch_ms(3, 48) > 0
+    mixed = ["好", "太差了，完全不值这个价钱", "一般般吧" * 12, "质量很好" * 30]
+    rows_timed = (1, 2, 4, 8, 16, 32)
+    for call_ms, calls in ((lambda rows: 5.0, 1), (lambda rows: float(rows * rows), len(mixed))):
+        ms = tuple((call_ms(rows), call_ms(rows)) for rows in rows_timed)
+        engine._call_costs, engine._batch_ms = CallCosts(rows_timed, (16, 128), ms), {}
+        shapes.clear()
+        classifier.predict(mixed)
+        assert len(shapes) == calls, shapes
     report = validate_engine(tmp_path / "static.xml", config, work, progress=False)
     assert report.one_text is not None and report.one_text.output == "logits, one text a call"
     one_text_checks = [c for c in report.checks if c.output == "logits, one text a call"]
@@ -668,7 +715,7 @@ def test_the_served_text_model_answers_one_text_at_fixed_widths_like_the_classif
     engine.parent.mkdir()
     built = build_engine(served_work / "model.int8.onnx", engine, BuildOptions(backend="openvino",
                                                                               openvino_one_text="static"), config)
-    assert built.metadata.session == {"width_step": 16, "one_text_fixed": True}
+    assert _session_beside_its_costs(built.metadata) == {"width_step": 16, "one_text_fixed": True}
     repository = tmp_path / "repo"
     result = CliRunner().invoke(main, ["package", str(served_work), "--triton", str(repository), "--backend", "openvino",
                                        "--precision", "int8", "--instances", "1"], env={"COLUMNS": "200"})

@@ -196,7 +196,8 @@ def test_damaged_missing_or_foreign_engines_are_one_clear_error(lstm_engine: Pat
     # What the build measured for the runtime (call sizes, widths): a wrong type is refused on load, not a
     # traceback on the first call.
     for index, (key, value) in enumerate((("width_step", "16"), ("max_call_elements", 0), ("one_text_fixed", "yes"),
-                                          ("providers", "CPUExecutionProvider"))):
+                                          ("providers", "CPUExecutionProvider"),
+                                          ("call_ms", {"rows": [1, 2], "widths": [16], "ms": [[1.5], ["2"]]}))):
         edited = _copy_engine(lstm_engine, tmp_path / f"session{index}")
         data = json.loads(sidecar_path(edited).read_text())
         data["session"] = data.get("session", {}) | {key: value}
@@ -397,6 +398,11 @@ def test_batches_are_cut_by_padded_cost():
     assert cut([5] * 30 + [250, 256]) == [30, 2]  # two long texts would pad thirty short ones 50-fold
     assert cut([10, 11, 12, 13]) == [4]  # small differences are not worth a call
     assert cut([]) == []
+    # Priced by the engine's own times per call shape where it has them (Engine.batch_ms)
+    lengths = [5] * 30 + [250, 256]
+    assert [b.stop - b.start for b in batches_by_cost(lengths, 64, call_cost=lambda rows, longest: 1e6 + rows)] == [32]
+    alone = batches_by_cost(lengths, 64, call_cost=lambda rows, longest: rows * rows * longest)  # company costs
+    assert [b.stop - b.start for b in alone] == [1] * 32
 
 
 def test_instances_divide_the_cpus_among_them():
