@@ -37,7 +37,7 @@ import numpy as np
 
 from miaotui.engines.backend import (Backend, BackendBuild, BuildJob, TensorSignature, numpy_feed, run_failed,
                                      version_tuple)
-from miaotui.engines.metadata import EngineMetadata, TensorRange
+from miaotui.engines.metadata import EngineMetadata, TensorRange, batch_axis_shared
 from miaotui.errors import InputError, first_line
 
 WEIGHTS_SUFFIX = ".bin"
@@ -419,7 +419,8 @@ class OpenVINO(Backend):
     preference = 45
     # 2: an INT8 graph's float parts in BF16 where native (openvino_float); 3: INT8 attention where faster;
     # 4: INT8 LSTM layers where faster; 6: calls padded to a few widths, one text on fixed-width models where faster;
-    # 7: INT8 attention on Q and K only, fixed widths decided over three widths; 8: the cost table per call shape
+    # 7: INT8 attention on Q and K only, fixed widths decided over three widths; 8: the cost table per call
+    # shape, rows in powers of two also where widths cannot be padded
     form = "8"
 
     def version(self) -> str:
@@ -476,7 +477,9 @@ class OpenVINO(Backend):
                 checks[f"{part}_timing"] = {key: value for key, value in decided.items() if key != "form"}
         if "why_not" in one_text_decided:
             checks["padded_widths_why_not"] = one_text_decided["why_not"]
-        session = {"width_step": step, "one_text_fixed": one_text is not None} if step else {}
+        session: dict[str, Any] = {"width_step": step, "one_text_fixed": one_text is not None} if step else {}
+        if not step and batch_axis_shared(job.ranges):  # rows in powers of two where widths cannot be padded
+            session["rows_in_powers_of_two"] = True
         if step:  # what each call shape costs: Classifier.predict cuts its batches by it
             session["call_ms"] = _call_costs(runner, job.ranges, job.config, step)
         return BackendBuild(self.version(), cpu_description(), settings, checks, session)

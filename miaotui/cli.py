@@ -505,8 +505,20 @@ def _inspect_engine(path: Path) -> None:
     _console().print(_io_table(rows))
     network = meta.network
     _console().print(f"ONNX compute nodes: {network.get('int8_nodes', '?')} in INT8, {network.get('float_nodes', '?')} in float")
-    if meta.session:
-        _console().print(f"session settings: {escape(str(meta.session))}")
+    session = dict(meta.session)
+    costs = session.pop("call_ms", None)
+    if session:
+        _console().print(f"session settings: {escape(str(session))}")
+    if costs:  # the build's times per call shape, which Classifier.predict cuts its batches by
+        from rich.table import Table
+
+        table = Table(title="ms a call as built (rows x tokens; predict cuts its batches by these)", title_justify="left")
+        table.add_column("rows")
+        for width in costs["widths"]:
+            table.add_column(str(width), justify="right")
+        for rows, times in zip(costs["rows"], costs["ms"]):
+            table.add_row(str(rows), *(f"{ms:.2f}" for ms in times))
+        _console().print(table)
     tensorrt = network.get("tensorrt")
     if report.layers:
         from rich.table import Table

@@ -38,6 +38,10 @@ class Engine:
         # may run on models compiled for its width): widths padded to a step, rows in powers of two.
         self.width_step = metadata.session.get("width_step") if self._splittable else None
         self.one_text_fixed = bool(self.width_step and metadata.session.get("one_text_fixed"))
+        # Rows alone in powers of two where widths cannot be padded (a model without a padding mask): the
+        # shapes seen still grow with the widths, but not with every batch size as well.
+        self.rows_in_powers_of_two = bool(self._splittable and (self.width_step
+                                                                or metadata.session.get("rows_in_powers_of_two")))
         self._call_costs = None
         if self.width_step and "call_ms" in metadata.session:  # what each of those shapes costs, as built
             from miaotui.engines.openvino_shapes import CallCosts
@@ -137,7 +141,7 @@ class Engine:
         if batch_size is None and self.max_call_elements:
             batch_size = rows_per_call(feed.arrays, self.max_call_elements)
         size = min(batch_size or limit, limit)
-        if self.width_step:  # rows in powers of two: a few shapes, each prepared once
+        if self.rows_in_powers_of_two:  # a few shapes, each prepared once
             from miaotui.engines.openvino_shapes import power_of_two_rows
 
             results = [self._backend.run(chunk) for chunk in row_slices(feed.arrays, power_of_two_rows(feed.batch, size))]

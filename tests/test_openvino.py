@@ -662,6 +662,11 @@ def test_one_text_from_the_classifier_and_the_gate_at_fixed_widths(tiny_bert_wor
         shapes.clear()
         classifier.predict(mixed)
         assert len(shapes) == calls, shapes
+    from miaotui.cli import main
+
+    shown = CliRunner().invoke(main, ["inspect", str(tmp_path / "static.xml")], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0 and "ms a call as built (rows x tokens" in shown.output, shown.output
+    assert "call_ms" not in shown.output and "'width_step': 16" in shown.output  # the table as a table
     report = validate_engine(tmp_path / "static.xml", config, work, progress=False)
     assert report.one_text is not None and report.one_text.output == "logits, one text a call"
     one_text_checks = [c for c in report.checks if c.output == "logits, one text a call"]
@@ -685,9 +690,19 @@ def test_padded_widths_need_a_padding_mask(openvino_work: Path, tmp_path: Path):
     assert not list(tmp_path.iterdir())  # nothing half-written
     metadata = read_metadata(openvino_work / "engines" / "lstm-sentiment.openvino.int8.xml")  # built with auto
     assert metadata.settings["one_text"] == "dynamic" and "padding mask" in metadata.checks["padded_widths_why_not"]
-    assert metadata.session == {}  # no width step: calls as they come
+    # No width step (widths as they come), but rows in powers of two: OpenVINO prepares and keeps every new
+    # call shape (this LSTM, 2,400 calls of 1-8 rows by 4-128 tokens: 100 -> 426 MiB resident as they came,
+    # 282 MiB in powers of two, same time)
+    assert metadata.session == {"rows_in_powers_of_two": True}
     engine = Engine.load(openvino_work / "engines" / "lstm-sentiment.openvino.int8.xml")
-    assert engine.padded_width(37) == 37 and engine.width_step is None
+    assert engine.padded_width(37) == 37 and engine.width_step is None and not engine.knows_call_costs
+    ids = np.random.default_rng(5).integers(5, 3000, (21, 37))
+    shapes, run = [], engine._backend.run
+    engine._backend.run = lambda arrays: shapes.append(arrays["input_ids"].shape) or run(arrays)
+    together = engine.run({"input_ids": ids})["logits"]
+    assert shapes == [(16, 37), (4, 37), (1, 37)]
+    np.testing.assert_allclose(together, np.concatenate([run({"input_ids": ids[:10]})[0], run({"input_ids": ids[10:]})[0]]),
+                               atol=0.02)
 
 
 def test_the_served_text_model_answers_one_text_at_fixed_widths_like_the_classifier(tiny_bert_work, tmp_path: Path):
