@@ -98,7 +98,6 @@ def _shape(value, where: str, key: str) -> tuple[int, ...]:
 # What the runtime reads from the sidecar's "session" (the build's measured choices): a wrong type there
 # would surface as a traceback on the first call, so it is refused on load like any other key.
 SESSION_KEYS = {"max_call_elements": "positive int", "width_step": "positive int", "one_text_fixed": "bool",
-                "rows_in_powers_of_two": "bool",
                 "graph_optimization_level": "str", "format": "str", "providers": "list of str"}
 
 

@@ -38,6 +38,7 @@ import numpy as np
 from miaotui.engines.backend import (Backend, BackendBuild, BuildJob, TensorSignature, numpy_feed, run_failed,
                                      version_tuple)
 from miaotui.engines.metadata import EngineMetadata, TensorRange, batch_axis_shared
+from miaotui.engines.openvino_shapes import MIN_STEP
 from miaotui.errors import InputError, first_line
 
 WEIGHTS_SUFFIX = ".bin"
@@ -420,7 +421,7 @@ class OpenVINO(Backend):
     # 2: an INT8 graph's float parts in BF16 where native (openvino_float); 3: INT8 attention where faster;
     # 4: INT8 LSTM layers where faster; 6: calls padded to a few widths, one text on fixed-width models where faster;
     # 7: INT8 attention on Q and K only, fixed widths decided over three widths; 8: the cost table per call
-    # shape, rows in powers of two also where widths cannot be padded
+    # shape, by which rows are cut or padded to powers of two (also where widths cannot be padded)
     form = "8"
 
     def version(self) -> str:
@@ -478,10 +479,10 @@ class OpenVINO(Backend):
         if "why_not" in one_text_decided:
             checks["padded_widths_why_not"] = one_text_decided["why_not"]
         session: dict[str, Any] = {"width_step": step, "one_text_fixed": one_text is not None} if step else {}
-        if not step and batch_axis_shared(job.ranges):  # rows in powers of two where widths cannot be padded
-            session["rows_in_powers_of_two"] = True
-        if step:  # what each call shape costs: Classifier.predict cuts its batches by it
-            session["call_ms"] = _call_costs(runner, job.ranges, job.config, step)
+        if batch_axis_shared(job.ranges) and all(len(t.dims) == 2 for t in job.ranges):
+            # What each call shape costs: Engine.run cuts a batch's rows by it, Classifier.predict its texts.
+            # Without a width step the widths come as they are: the table's are timed at the smallest step.
+            session["call_ms"] = _call_costs(runner, job.ranges, job.config, step or MIN_STEP)
         return BackendBuild(self.version(), cpu_description(), settings, checks, session)
 
     def engine_files(self, engine: Path) -> list[Path]:

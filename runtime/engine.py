@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from miaotui.artifacts import sha256_file
-from miaotui.engines.backend import get_backend
+from miaotui.engines.backend import get_backend, numpy_feed
 from miaotui.engines.call_split import row_slices, rows_per_call
 from miaotui.engines.metadata import EngineMetadata, TensorInfo, TensorRange, batch_axis_shared, read_metadata
 from miaotui.errors import InputError
@@ -38,12 +38,8 @@ class Engine:
         # may run on models compiled for its width): widths padded to a step, rows in powers of two.
         self.width_step = metadata.session.get("width_step") if self._splittable else None
         self.one_text_fixed = bool(self.width_step and metadata.session.get("one_text_fixed"))
-        # Rows alone in powers of two where widths cannot be padded (a model without a padding mask): the
-        # shapes seen still grow with the widths, but not with every batch size as well.
-        self.rows_in_powers_of_two = bool(self._splittable and (self.width_step
-                                                                or metadata.session.get("rows_in_powers_of_two")))
         self._call_costs = None
-        if self.width_step and "call_ms" in metadata.session:  # what each of those shapes costs, as built
+        if self._splittable and "call_ms" in metadata.session:  # what each call shape costs, as built
             from miaotui.engines.openvino_shapes import CallCosts
 
             self._call_costs = CallCosts.from_json(metadata.session["call_ms"])
@@ -119,6 +115,21 @@ class Engine:
             cost = self._batch_ms[key] = self._call_costs.batch_ms(rows, width, self.max_batch)
         return cost
 
+    def _run_in_powers_of_two(self, arrays: dict, rows: int, limit: int) -> list:
+        """Rows in calls of powers of two: slices, or one call with the last row copied up to the next power
+        where the build's times say that is cheaper (CallCosts.calls); only this batch's rows come back."""
+        from miaotui.engines.openvino_shapes import power_of_two_rows
+
+        if self._call_costs is None:  # a sidecar from before the cost table
+            return [self._backend.run(chunk) for chunk in row_slices(arrays, power_of_two_rows(rows, limit))]
+        width = max((array.shape[1] for array in arrays.values() if len(array.shape) > 1), default=1)
+        calls = self._call_costs.calls(rows, width, limit)
+        if sum(calls) == rows:
+            return [self._backend.run(chunk) for chunk in row_slices(arrays, calls)]
+        grown = {name: np.concatenate([array, np.repeat(array[-1:], calls[0] - rows, axis=0)])
+                 for name, array in numpy_feed(arrays).items()}
+        return [[output[:rows] for output in self._backend.run(grown)]]
+
     def prepare_one_text(self) -> list[int]:
         """Compile now what the first call at each one-text width would (an engine that runs one text on
         fixed-width models: 0.2 s each for MiniLM): a server's start pays it instead of its first requests.
@@ -141,10 +152,8 @@ class Engine:
         if batch_size is None and self.max_call_elements:
             batch_size = rows_per_call(feed.arrays, self.max_call_elements)
         size = min(batch_size or limit, limit)
-        if self.rows_in_powers_of_two:  # a few shapes, each prepared once
-            from miaotui.engines.openvino_shapes import power_of_two_rows
-
-            results = [self._backend.run(chunk) for chunk in row_slices(feed.arrays, power_of_two_rows(feed.batch, size))]
+        if self._call_costs is not None or self.width_step:  # rows in powers of two: a few shapes, each prepared once
+            results = self._run_in_powers_of_two(feed.arrays, feed.batch, size)
         elif feed.batch <= size:
             results = [self._backend.run(feed.arrays)]
         else:

@@ -545,6 +545,11 @@ def test_calls_take_a_few_widths_and_rows_in_powers_of_two():
     assert costs.call_ms(4, 64) == pytest.approx(18.0)  # beyond the rows timed: in proportion
     assert costs.batch_ms(3, 64, limit=64) == pytest.approx(9.0 + 5.0)  # as Engine.run runs it: 2 rows, then 1
     assert costs.batch_ms(4, 16, limit=2) == pytest.approx(8.0)  # two calls of 2 under a limit of 2
+    # Rows copied up to the next power of two where one call costs less than the slices (an LSTM's steps)
+    cheap_rows = CallCosts((1, 2, 4), (16,), ((2.0,), (2.1,), (2.2,)))
+    assert cheap_rows.calls(3, 16, limit=64) == [4] and cheap_rows.batch_ms(3, 16, limit=64) == pytest.approx(2.2)
+    assert cheap_rows.calls(3, 16, limit=2) == [2, 1] and cheap_rows.calls(4, 16, limit=64) == [4]
+    assert costs.calls(3, 64, limit=64) == [2, 1]  # 4 rows (18 ms) cost more than 2 + 1 (14)
     assert CallCosts.from_json(costs.to_json()) == costs and call_costs_problem(costs.to_json()) is None
     for table, problem in (([1, 2], "an object"), ({"rows": [1, 3], "widths": [16], "ms": [[1.0], [2.0]]}, "rows: powers"),
                            ({"rows": [1], "widths": [64, 16], "ms": [[1.0, 2.0]]}, "widths: ascending"),
@@ -609,14 +614,16 @@ def test_one_text_runs_on_a_model_compiled_for_its_padded_width(tiny_bert_work, 
     assert engine.prepare_one_text() == list(range(16, 129, 16))  # a server's start: every width now
     assert runner.fixed_widths == list(range(16, 129, 16))
     assert plain.prepare_one_text() == []  # nothing to prepare
-    # Rows in powers of two: 21 rows are three calls, answering like ONNX Runtime on the graph
+    # Rows in powers of two: 21 rows are three calls or one of 32 (the build's times say which; the tiny BERT's
+    # time goes by its calls), answering like ONNX Runtime on the graph
     shapes = []
     run = plain._backend.run
     plain._backend.run = lambda arrays: shapes.append(arrays["input_ids"].shape) or run(arrays)
     rows = _tiny_bert_inputs(list(range(20, 41)), width=48)
     expected = ort.InferenceSession(str(work / "model.int8.onnx"), providers=["CPUExecutionProvider"]).run(None, rows)[0]
     answered = plain(**rows)["logits"]
-    assert shapes == [(16, 48), (4, 48), (1, 48)] and answered.shape == expected.shape
+    assert shapes == [(size, 48) for size in plain._call_costs.calls(21, 48, plain.max_batch)]
+    assert shapes in ([(16, 48), (4, 48), (1, 48)], [(32, 48)]) and answered.shape == expected.shape
     assert float(np.abs(answered - expected).max()) < 0.1 * spread
 
 
@@ -690,19 +697,30 @@ def test_padded_widths_need_a_padding_mask(openvino_work: Path, tmp_path: Path):
     assert not list(tmp_path.iterdir())  # nothing half-written
     metadata = read_metadata(openvino_work / "engines" / "lstm-sentiment.openvino.int8.xml")  # built with auto
     assert metadata.settings["one_text"] == "dynamic" and "padding mask" in metadata.checks["padded_widths_why_not"]
-    # No width step (widths as they come), but rows in powers of two: OpenVINO prepares and keeps every new
-    # call shape (this LSTM, 2,400 calls of 1-8 rows by 4-128 tokens: 100 -> 426 MiB resident as they came,
-    # 282 MiB in powers of two, same time)
-    assert metadata.session == {"rows_in_powers_of_two": True}
+    # No width step (widths as they come), but rows in powers of two, cut or copied up as the build's times say:
+    # OpenVINO prepares and keeps every new call shape (this LSTM, 2,400 calls of 1-8 rows by 4-128 tokens:
+    # 100 -> 426 MiB resident as they came, 282 MiB in slices of powers of two)
+    assert set(metadata.session) == {"call_ms"}
     engine = Engine.load(openvino_work / "engines" / "lstm-sentiment.openvino.int8.xml")
-    assert engine.padded_width(37) == 37 and engine.width_step is None and not engine.knows_call_costs
+    assert engine.padded_width(37) == 37 and engine.width_step is None and engine.knows_call_costs
     ids = np.random.default_rng(5).integers(5, 3000, (21, 37))
     shapes, run = [], engine._backend.run
     engine._backend.run = lambda arrays: shapes.append(arrays["input_ids"].shape) or run(arrays)
     together = engine.run({"input_ids": ids})["logits"]
-    assert shapes == [(16, 37), (4, 37), (1, 37)]
-    np.testing.assert_allclose(together, np.concatenate([run({"input_ids": ids[:10]})[0], run({"input_ids": ids[10:]})[0]]),
-                               atol=0.02)
+    assert shapes == [(rows, 37) for rows in engine._call_costs.calls(21, 37, engine.max_batch)]
+    assert shapes in ([(16, 37), (4, 37), (1, 37)], [(32, 37)])
+    halves = np.concatenate([run({"input_ids": ids[:10]})[0], run({"input_ids": ids[10:]})[0]])
+    assert together.shape == (21, 2) and np.abs(together - halves).max() < 0.02
+    # Copied up or cut, the rows answer alike: the table that says which, rewritten both ways
+    from miaotui.engines.openvino_shapes import CallCosts
+
+    for cheap_rows in (True, False):
+        ms = tuple((1.0 + (0.01 if cheap_rows else 1.0) * rows,) * 2 for rows in (1, 2, 4, 8, 16, 32))
+        engine._call_costs = CallCosts((1, 2, 4, 8, 16, 32), (16, 256), ms)
+        shapes.clear()
+        answered = engine.run({"input_ids": ids})["logits"]
+        assert shapes == ([(32, 37)] if cheap_rows else [(16, 37), (4, 37), (1, 37)])
+        assert np.abs(answered - halves).max() < 0.02
 
 
 def test_the_served_text_model_answers_one_text_at_fixed_widths_like_the_classifier(tiny_bert_work, tmp_path: Path):
