@@ -105,8 +105,8 @@ class Engine:
 
     def batch_ms(self, rows: int, width: int) -> float | None:
         """Estimated milliseconds of `rows` texts padded to `width` tokens (already a padded width), as `run`
-        would run them (rows in powers of two), from the build's times per call shape; None where the build
-        measured none (Classifier.predict then prices batches in padded tokens)."""
+        would run them (rows in powers of two, cut or copied up), from the build's times per call shape; None
+        where the build measured none (Classifier.predict then prices batches in padded tokens)."""
         if self._call_costs is None:
             return None
         key = (rows, width)
