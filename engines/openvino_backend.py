@@ -346,8 +346,8 @@ def _one_text_widths(ranges: list[TensorRange]) -> list[int]:
     return sorted({padded_width(width, step, low, high) for width in (low, max(low, opt // 2), opt)})
 
 
-def _one_text_feed(ranges: list[TensorRange], config, width: int, rows: int = 1) -> dict[str, np.ndarray]:
-    """One row (or `rows`) of `width` tokens (every position real)."""
+def _feed_at(ranges: list[TensorRange], config, width: int, rows: int = 1) -> dict[str, np.ndarray]:
+    """`rows` rows (one text by default) of `width` tokens, every position real."""
     from dataclasses import replace
 
     from miaotui.engines.shapes import synthetic_feed
@@ -366,7 +366,7 @@ def _call_costs(runner: "OpenVINORunner", ranges: list[TensorRange], config, ste
 
     rows = cost_rows(ranges[0].max[0])
     widths = cost_widths(step, ranges[0].min[1], ranges[0].max[1])
-    feeds = {(r, w): numpy_feed(_one_text_feed(ranges, config, w, r)) for r in rows for w in widths}
+    feeds = {(r, w): numpy_feed(_feed_at(ranges, config, w, r)) for r in rows for w in widths}
     for feed in feeds.values():
         runner.run(feed)
     best = dict.fromkeys(feeds, float("inf"))
@@ -398,7 +398,7 @@ def _call_shapes(ov, model, job: BuildJob, hint: str) -> tuple[int | None, OneTe
     if requested != "auto":
         return step, (forms if requested == "static" else None), {"form": requested}
     timed = {width: _faster_form(ov, {"dynamic": model, "static": with_static_shape(model, width)}, hint,
-                                 _one_text_feed(job.ranges, job.config, width)) for width in _one_text_widths(job.ranges)}
+                                 _feed_at(job.ranges, job.config, width)) for width in _one_text_widths(job.ranges)}
     # The geometric mean of the static / dynamic ratios: each width counts alike, whatever its length.
     ratio = float(np.exp(np.mean([np.log(t["static"] / t["dynamic"]) for t in timed.values()])))
     faster = ratio <= 1 - ONE_TEXT_MIN_GAIN
@@ -418,7 +418,7 @@ def _check(onnx_path: Path, runner: OpenVINORunner, ranges: list[TensorRange], c
     checks: dict[str, Any] = {}
     feeds = {"vs_onnxruntime_max_abs_diff": synthetic_feed(ranges, "opt", config)}
     if runner.one_text:
-        feeds["one_text_vs_onnxruntime_max_abs_diff"] = _one_text_feed(ranges, config, _one_text_widths(ranges)[-1])
+        feeds["one_text_vs_onnxruntime_max_abs_diff"] = _feed_at(ranges, config, _one_text_widths(ranges)[-1])
     for key, feed in feeds.items():
         expected = session.run(runner.output_names, feed)
         checks[key] = max(max_diff(e, a) for e, a in zip(expected, runner.run(feed)))
