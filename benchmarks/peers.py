@@ -94,9 +94,10 @@ def split_scores(config, peers: dict[str, tuple[str, str | None]], splits: dict[
     import torch
 
     from miaotui.data.datasets import LABELS, data_set, sample_rows, without_labels
-    from miaotui.stages.gate import as_one_text, tokenizer_padding
+    from miaotui.data.tokenizers import tokenizer_padding
     from miaotui.models.loading import load_model
     from miaotui.runtime import Engine
+    from miaotui.stages.gate import as_one_text
 
     fp32 = load_model(config).eval()
     dynamic = torch.ao.quantization.quantize_dynamic(load_model(config).eval(), {torch.nn.Linear, torch.nn.LSTM},

@@ -383,20 +383,27 @@ def _call_shapes(ov, model, job: BuildJob, hint: str) -> tuple[int | None, OneTe
     """(the width step calls are padded to, or None where the model cannot take padding; the fixed-width
     forms for one text, where asked for or, with "auto", where one text runs at least ONE_TEXT_MIN_GAIN faster
     on them, over a few widths; what was decided). engines/openvino_shapes.py."""
+    from miaotui.data.tokenizers import tokenizer_padding
     from miaotui.engines.openvino_shapes import ONE_TEXT_CHOICES, ONE_TEXT_MIN_GAIN, unsuitable, width_step
 
     requested = job.options.openvino_one_text
     if requested not in ONE_TEXT_CHOICES:
         raise InputError(f"--openvino-one-text {requested}: expected one of {', '.join(ONE_TEXT_CHOICES)}")
-    why_not = unsuitable(job.ranges, job.config.padding_mask if job.config else None)
+    mask = job.config.padding_mask if job.config else None
+    by_id = not mask and job.config is not None and "attention_mask" not in {t.name for t in job.ranges}
+    pad_id = tokenizer_padding(job.config) if by_id else None
+    why_not = unsuitable(job.ranges, mask, pad_id)
+    step = width_step(job.ranges[0].max[1])
+    checked: dict[str, Any] = {}
+    if not why_not and pad_id is not None:
+        why_not, checked = _padding_checked(ov, model, job, hint, pad_id, step)
     if why_not:
         if requested == "static":
             raise InputError(f"--openvino-one-text static: {job.onnx_path} cannot run one text at fixed widths: {why_not}")
-        return None, None, {"form": "dynamic", "why_not": why_not}
-    step = width_step(job.ranges[0].max[1])
+        return None, None, {"form": "dynamic", "why_not": why_not} | checked
     forms = OneTextForms(step, job.ranges[0].min[1], job.ranges[0].max[1])
     if requested != "auto":
-        return step, (forms if requested == "static" else None), {"form": requested}
+        return step, (forms if requested == "static" else None), {"form": requested} | checked
     timed = {width: _faster_form(ov, {"dynamic": model, "static": with_static_shape(model, width)}, hint,
                                  _feed_at(job.ranges, job.config, width)) for width in _one_text_widths(job.ranges)}
     # The geometric mean of the static / dynamic ratios: each width counts alike, whatever its length.
@@ -404,7 +411,33 @@ def _call_shapes(ov, model, job: BuildJob, hint: str) -> tuple[int | None, OneTe
     faster = ratio <= 1 - ONE_TEXT_MIN_GAIN
     return step, (forms if faster else None), {"form": "static" if faster else "dynamic", "min_gain": ONE_TEXT_MIN_GAIN,
                                                "ms_by_width": {str(w): t for w, t in timed.items()},
-                                               "static_to_dynamic": round(ratio, 4)}
+                                               "static_to_dynamic": round(ratio, 4)} | checked
+
+
+def _padding_checked(ov, model, job: BuildJob, hint: str, pad_id: int, step: int) -> tuple[str | None, dict[str, Any]]:
+    """For a model whose padding only its tokenizer's padding id marks: whether the compiled model answers
+    padded rows as unpadded ones (openvino_shapes.padding_changes_answer), at the shortest, half the opt and
+    the opt width, each padded by one step and to the longest width. (why not, what the sidecar records)."""
+    from miaotui.engines.openvino_shapes import padded_width, padding_changes_answer
+
+    low, opt, high = job.ranges[0].min[1], job.ranges[0].opt[1], job.ranges[0].max[1]
+    request = ov.Core().compile_model(model, "CPU", _compile_config(hint, None)).create_infer_request()
+    names = [o.get_any_name() for o in model.outputs]
+
+    def run(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        results = request.infer(numpy_feed(feed))
+        return {name: np.array(results[name]) for name in names}
+
+    feeds = []
+    for width in sorted({low, max(low, opt // 2), opt}):
+        feed = _feed_at(job.ranges, job.config, width, rows=min(2, job.ranges[0].max[0]))
+        ids, real = feed["input_ids"], feed["input_ids"] != pad_id
+        if real.any():
+            ids[~real] = ids[real][0]  # every position a real token, so that only the added columns are padding
+        feeds.append(feed)
+    widths = sorted({padded_width(w + 1, step, low, high) for w in (low, opt)} | {high})
+    why_not = padding_changes_answer(run, feeds, pad_id, widths)
+    return why_not, {"padded_by": f"input_ids id {pad_id}", "padding_checked_at": widths}
 
 
 def _check(onnx_path: Path, runner: OpenVINORunner, ranges: list[TensorRange], config) -> dict:
@@ -439,8 +472,9 @@ class OpenVINO(Backend):
     # 2: an INT8 graph's float parts in BF16 where native (openvino_float); 3: INT8 attention where faster;
     # 4: INT8 LSTM layers where faster; 6: calls padded to a few widths, one text on fixed-width models where faster;
     # 7: INT8 attention on Q and K only, fixed widths decided over three widths; 8: the cost table per call
-    # shape, by which rows are cut or padded to powers of two (also where widths cannot be padded)
-    form = "8"
+    # shape, by which rows are cut or padded to powers of two (also where widths cannot be padded); 9: widths
+    # padded where the tokenizer's padding id masks padding (checked at build), not only a mask input
+    form = "9"
 
     def version(self) -> str:
         return _import_openvino().get_version()
@@ -491,11 +525,16 @@ class OpenVINO(Backend):
                     "one_text": one_text_decided["form"],
                     "weights_sha256": sha256_file(weights), "weights_bytes": weights.stat().st_size}
         checks = _check(job.onnx_path, runner, job.ranges, job.config)
+        padding_keys = ("why_not", "padded_by", "padding_checked_at")
         for part, decided in (("attention", attention), ("lstm", lstm), ("one_text", one_text_decided)):
             if "min_gain" in decided:
-                checks[f"{part}_timing"] = {key: value for key, value in decided.items() if key != "form"}
+                checks[f"{part}_timing"] = {key: value for key, value in decided.items()
+                                            if key != "form" and key not in padding_keys}
         if "why_not" in one_text_decided:
             checks["padded_widths_why_not"] = one_text_decided["why_not"]
+        for key in ("padded_by", "padding_checked_at"):  # padding marked by the tokenizer's id, checked here
+            if key in one_text_decided:
+                checks[key] = one_text_decided[key]
         session: dict[str, Any] = {"width_step": step, "one_text_fixed": one_text is not None} if step else {}
         if batch_axis_shared(job.ranges) and all(len(t.dims) == 2 for t in job.ranges):
             # What each call shape costs: Engine.run cuts a batch's rows by it, Classifier.predict its texts.

@@ -15,8 +15,9 @@ rows, and skips the per-node shape work a dynamic model repeats on every call (o
 repacked weights, about 31 MiB for MiniLM), so only one text a call runs on models compiled for [1, width],
 each compiled on the first call at that width (or all at once: Engine.prepare_one_text).
 
-Both apply only where the model masks padding (a padding-mask input): the answer is then the text's own up
-to rounding. Which compiled model answers depends on the input's shape alone: the same input always gets
+Both apply only where the model masks padding: by a padding-mask input, or by the tokenizer's padding id
+itself (lstm-sentiment reads each text's state at its last real token), which the build checks on the
+compiled model before it pads anything. The answer is then the text's own up to rounding. Which compiled model answers depends on the input's shape alone: the same input always gets
 the same answer.
 
 What each call shape costs is measured at build (`CallCosts`: rows in powers of two by a few widths, the
@@ -141,9 +142,11 @@ def call_costs_problem(table: object) -> str | None:
     return None
 
 
-def unsuitable(ranges, padding_mask: str | None) -> str | None:
+def unsuitable(ranges, padding_mask: str | None, padding_id: int | None = None) -> str | None:
     """Why the engine cannot take padded widths (None when it can): every input must be [batch, seq] with
-    one batch and one sequence dim, batch 1 allowed, the sequence dynamic, and the padding masked."""
+    one batch and one sequence dim, batch 1 allowed, the sequence dynamic, and the padding masked, by a
+    padding-mask input or by the tokenizer's padding id in input_ids (which the build then checks:
+    padding_changes_answer)."""
     names = [t.name for t in ranges]
     if not ranges or any(len(t.dims) != 2 for t in ranges):
         return "its inputs are not all [batch, seq]"
@@ -154,6 +157,40 @@ def unsuitable(ranges, padding_mask: str | None) -> str | None:
     if ranges[0].min[1] == ranges[0].max[1]:
         return "its sequence length is fixed"
     mask = padding_mask or ("attention_mask" if "attention_mask" in names else None)
-    if mask not in names:
-        return "it has no padding mask (padding would change its answer)"
+    if mask not in names and (padding_id is None or "input_ids" not in names):
+        return "it has no padding mask and no tokenizer padding id in input_ids (padding would change its answer)"
     return None
+
+
+# Padded by its padding id, a model must answer as unpadded up to this much of its largest answer (at least
+# 1): lstm-sentiment's INT8 engine answered bitwise alike; a model reading its state after the padding
+# differs by tenths.
+PADDING_TOLERANCE = 1e-3
+
+
+def padding_changes_answer(run, feeds: list[dict[str, np.ndarray]], pad_id: int, widths: list[int]) -> str | None:
+    """Why padding input_ids with `pad_id` cannot be used (None when it can): each feed (rows of real tokens)
+    is answered as it is and padded to each of `widths` beyond its own; `run` maps a feed to its outputs.
+    For models that mask padding by the id itself rather than by a mask input (lstm-sentiment reads each
+    text's state at its last real token and keeps padding out of its max): Classifier.predict already
+    pads a batch to its longest text that way, the engine's width step would pad further."""
+    from miaotui.data.tokenizers import pad_to
+
+    worst, where = 0.0, None
+    for feed in feeds:
+        width = feed["input_ids"].shape[1]
+        expected = run(feed)
+        for padded in widths:
+            if padded <= width:
+                continue
+            for name, answer in run(pad_to(feed, padded, pad_id)).items():
+                reference = np.asarray(expected[name], np.float64)
+                scale = max(1.0, float(np.abs(reference).max(initial=0)))
+                diff = float(np.abs(np.asarray(answer, np.float64) - reference).max(initial=0)) / scale
+                if diff > worst:
+                    worst, where = diff, (name, width, padded)
+    if worst <= PADDING_TOLERANCE:
+        return None
+    name, width, padded = where
+    return (f"padding input_ids with the tokenizer's padding id {pad_id} changed its answer ({name} by {worst:.2g} of "
+            f"its largest value, {width} tokens padded to {padded}): it does not mask padding by that id")

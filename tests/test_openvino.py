@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 import threading
 from pathlib import Path
@@ -693,25 +694,63 @@ def test_one_text_from_the_classifier_and_the_gate_at_fixed_widths(tiny_bert_wor
     assert "| metric | logits | logits, one text a call |" in markdown
 
 
-def test_padded_widths_need_a_padding_mask(openvino_work: Path, tmp_path: Path):
-    """Padding an unmasked model would change its answer: static is refused in one line, auto pads nothing."""
-    from miaotui.engines import BuildOptions, build_engine, read_metadata
-    from miaotui.models import resolve_config
+def test_an_lstm_masking_padding_by_its_id_takes_padded_widths(openvino_work: Path):
+    """lstm-sentiment has no mask input: it reads each text's state at its last real token and keeps padding
+    (id 0) out of its max. The build checks that on the compiled model, then pads calls to a few widths like
+    a masked model's: OpenVINO prepares and keeps every new call shape (2,400 calls of 1-8 rows by 4-128
+    tokens: 100 -> 278 MiB resident at the widths as they came, 119 MiB padded)."""
+    from miaotui.data.tokenizers import pad_to
+    from miaotui.engines import read_metadata
     from miaotui.runtime import Engine
 
+    path = openvino_work / "engines" / "lstm-sentiment.openvino.int8.xml"  # built with auto
+    metadata = read_metadata(path)
+    assert metadata.checks["padded_by"] == "input_ids id 0" and "padded_widths_why_not" not in metadata.checks
+    assert metadata.checks["padding_checked_at"][-1] == 256 and metadata.session["width_step"] == 16
+    engine = Engine.load(path)
+    assert engine.padded_width(37) == 48 and engine.knows_call_costs
+    ids = _ids(3, 37)
+    alone = engine.run({"input_ids": ids})["logits"]
+    for width in (48, 256):
+        np.testing.assert_allclose(engine.run(pad_to({"input_ids": ids}, width, 0))["logits"], alone, atol=1e-5)
+
+
+def _lstm_config_padding_with(pad_id: int, folder: Path):
+    """lstm-sentiment's config with a copy of its tokenizer that pads with `pad_id`."""
+    from dataclasses import replace
+
+    from miaotui.models import resolve_config
+
     config = resolve_config("lstm-sentiment")
+    tokenizer = json.loads(Path(config.model.tokenizer).read_text())
+    tokenizer["padding"]["pad_id"] = pad_id
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    return replace(config, model=replace(config.model, tokenizer=str(folder / "tokenizer.json")))
+
+
+def test_padded_widths_are_refused_where_padding_changes_the_answer(openvino_work: Path, tmp_path: Path):
+    """A tokenizer that pads with a real character's id (7): padding would change the answer. Fixed widths
+    are refused in one line naming it, auto pads nothing, and rows still run in powers of two, cut or copied
+    up as the build's times say."""
+    from miaotui.engines import BuildOptions, build_engine, read_metadata
+    from miaotui.runtime import Engine
+
+    (tmp_path / "tok").mkdir()
+    config = _lstm_config_padding_with(7, tmp_path / "tok")
+    out = tmp_path / "out"
+    out.mkdir()
     with pytest.raises(InputError, match="--openvino-one-text static: .*model.int8.onnx cannot run one text at fixed "
-                                         "widths: it has no padding mask"):
-        build_engine(openvino_work / "model.int8.onnx", tmp_path / "x.xml",
+                                         "widths: padding input_ids with the tokenizer's padding id 7 changed its "
+                                         r"answer \(logits by .* tokens padded to .*\): it does not mask padding"):
+        build_engine(openvino_work / "model.int8.onnx", out / "x.xml",
                      BuildOptions(backend="openvino", openvino_one_text="static"), config)
-    assert not list(tmp_path.iterdir())  # nothing half-written
-    metadata = read_metadata(openvino_work / "engines" / "lstm-sentiment.openvino.int8.xml")  # built with auto
-    assert metadata.settings["one_text"] == "dynamic" and "padding mask" in metadata.checks["padded_widths_why_not"]
-    # No width step (widths as they come), but rows in powers of two, cut or copied up as the build's times say:
-    # OpenVINO prepares and keeps every new call shape (this LSTM, 2,400 calls of 1-8 rows by 4-128 tokens:
-    # 100 -> 426 MiB resident as they came, 282 MiB in slices of powers of two)
+    assert not list(out.iterdir())  # nothing half-written
+    build_engine(openvino_work / "model.int8.onnx", out / "x.xml", BuildOptions(backend="openvino"), config)
+    metadata = read_metadata(out / "x.xml")
+    assert metadata.settings["one_text"] == "dynamic" and "padding id 7" in metadata.checks["padded_widths_why_not"]
+    assert metadata.checks["padded_by"] == "input_ids id 7"  # what was checked
     assert set(metadata.session) == {"call_ms"}
-    engine = Engine.load(openvino_work / "engines" / "lstm-sentiment.openvino.int8.xml")
+    engine = Engine.load(out / "x.xml")
     assert engine.padded_width(37) == 37 and engine.width_step is None and engine.knows_call_costs
     ids = np.random.default_rng(5).integers(5, 3000, (21, 37))
     shapes, run = [], engine._backend.run

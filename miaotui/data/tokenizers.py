@@ -99,6 +99,13 @@ def padding_id(tokenizer) -> int:
     return int(tokenizer.padding["pad_id"]) if tokenizer.padding else 0
 
 
+def tokenizer_padding(config) -> int | None:
+    """The padding id of a Config's tokenizer in input_ids (None for a model without one or without input_ids)."""
+    if config.model.tokenizer and "input_ids" in config.inputs:
+        return padding_id(load_tokenizer(config.model.tokenizer))
+    return None
+
+
 def pad_to(encoded: dict[str, np.ndarray], width: int, pad_id: int) -> dict[str, np.ndarray]:
     """`encoded`'s arrays right-padded to `width` columns with padding's own values: `pad_id` for
     input_ids, 0 for the mask and token types (an engine's profile may start above a text's length)."""

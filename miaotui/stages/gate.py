@@ -66,19 +66,10 @@ def validate_engine(engine_path: str | Path, config: Config, work_dir: str | Pat
 SINGLE_CALLS = 32
 
 
-def tokenizer_padding(config: Config) -> int | None:
-    """The padding id of the config's tokenizer (None for a model without one or without input_ids)."""
-    from miaotui.data.tokenizers import load_tokenizer, padding_id
-
-    if config.model.tokenizer and "input_ids" in config.inputs:
-        return padding_id(load_tokenizer(config.model.tokenizer))
-    return None
-
-
 def as_sent(engine, config: Config):
     """How a batch reaches the engine from Classifier.predict: padded to the engine's width where it has a
     width step (Engine.padded_width), else as it is."""
-    from miaotui.data.tokenizers import pad_to
+    from miaotui.data.tokenizers import pad_to, tokenizer_padding
 
     if not engine.width_step:
         return None
@@ -115,6 +106,7 @@ def as_one_text(engine, row: dict[str, np.ndarray], config: Config, pad: int | N
 def judge_one_text(engine, validation, config: Config, reference, bars: dict[str, float], has_labels: bool):
     """The first output's metrics over every sample sent alone as one text (as_one_text)."""
     from miaotui.data.datasets import sample_rows, without_labels
+    from miaotui.data.tokenizers import tokenizer_padding
     from miaotui.validation.metrics import output_metrics
 
     name = engine.outputs[0].name
@@ -130,6 +122,7 @@ def single_call_seconds(engine, validation, config: Config, samples: int) -> flo
     time as Classifier.predict sends one text (as_one_text), after a warm-up call: the latency side of
     the engine choice (a new input shape costs some engines more than others)."""
     from miaotui.data.datasets import spread_rows, without_labels
+    from miaotui.data.tokenizers import tokenizer_padding
 
     pad = tokenizer_padding(config)
     rows = [as_one_text(engine, without_labels(row), config, pad) for row in spread_rows(validation, SINGLE_CALLS, samples)]
