@@ -47,8 +47,8 @@ class BuildOptions:
     # at the opt shape (lstm-sentiment on an AMD EPYC without AMX: about 25%); "int8" or "float" to choose.
     openvino_lstm: str = "auto"
     # openvino, models with [batch, seq] inputs that mask padding (a mask input, or the tokenizer's padding id,
-    # checked at build): one text a call padded to the next of at
-    # most 16 widths and run on a model compiled for that shape (engines/openvino_shapes.py). "auto":
+    # checked at build): one text a call padded to the next of at most 16 widths and run on a model compiled
+    # for that shape (engines/openvino_shapes.py). "auto":
     # where the build measures one text at the opt width at least 5% faster (MiniLM on a Zen 5 EPYC: about
     # 20%); "static" or "dynamic" to choose.
     openvino_one_text: str = "auto"

@@ -17,8 +17,8 @@ each compiled on the first call at that width (or all at once: Engine.prepare_on
 
 Both apply only where the model masks padding: by a padding-mask input, or by the tokenizer's padding id
 itself (lstm-sentiment reads each text's state at its last real token), which the build checks on the
-compiled model before it pads anything. The answer is then the text's own up to rounding. Which compiled model answers depends on the input's shape alone: the same input always gets
-the same answer.
+compiled model before it pads anything. The answer is then the text's own up to rounding. Which compiled
+model answers depends on the input's shape alone: the same input always gets the same answer.
 
 What each call shape costs is measured at build (`CallCosts`: rows in powers of two by a few widths, the
 rest interpolated), so that Classifier.predict cuts its batches by the engine's own times: a call of a

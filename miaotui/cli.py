@@ -319,8 +319,9 @@ def run(config, work_dir: Path, force: bool, wait: bool, progress: StageProgress
               help="openvino, INT8 graphs: LSTM layers in INT8 where their input has a known bound (an embedding "
                    "table, another LSTM's states); auto keeps them where the build measures them at least 3% faster.")
 @click.option("--openvino-one-text", type=click.Choice(["auto", "static", "dynamic"]), default="auto", show_default=True,
-              help="openvino, models that mask padding (a mask input, or the padding id, checked): one text a call padded to the next of at most 16 widths and "
-                   "run on a model compiled for that shape; auto where the build measures it at least 5% faster.")
+              help="openvino, models that mask padding (a mask input, or the padding id, checked): one text a call "
+                   "padded to the next of at most 16 widths and run on a model compiled for that shape; auto where "
+                   "the build measures it at least 5% faster.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="ENGINE",
               help="Engine file (.ort or .plan; default: engines/<name>.<backend>.<precision>.<ext> beside the ONNX file).")
 @_apply(_TENSORRT_OPTIONS)
