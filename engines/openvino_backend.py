@@ -585,6 +585,8 @@ class OpenVINO(Backend):
         attention = " (attention in INT8)" if metadata.settings.get("attention") == "int8" else ""
         attention += " (LSTM layers in INT8)" if metadata.settings.get("lstm") == "int8" else ""
         attention += " (one text at fixed widths)" if metadata.settings.get("one_text") == "static" else ""
+        if "padded_by" in metadata.checks and "padded_widths_why_not" not in metadata.checks:
+            attention += f" (padding marked by {metadata.checks['padded_by']}, checked)"
         return (f"openvino {metadata.backend_version.split('-')[0]} IR{attention}, float parts in {hint}{where}; "
                 f"ran at min/opt/max shapes; vs ONNX Runtime on the .onnx max |diff| {diff:.0e}")
 

@@ -707,6 +707,9 @@ def test_an_lstm_masking_padding_by_its_id_takes_padded_widths(openvino_work: Pa
     metadata = read_metadata(path)
     assert metadata.checks["padded_by"] == "input_ids id 0" and "padded_widths_why_not" not in metadata.checks
     assert metadata.checks["padding_checked_at"][-1] == 256 and metadata.session["width_step"] == 16
+    from miaotui.engines.backend import get_backend
+
+    assert "(padding marked by input_ids id 0, checked)" in get_backend("openvino").describe(metadata)
     engine = Engine.load(path)
     assert engine.padded_width(37) == 48 and engine.knows_call_costs
     ids = _ids(3, 37)
