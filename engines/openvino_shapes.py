@@ -163,8 +163,8 @@ def unsuitable(ranges, padding_mask: str | None, padding_id: int | None = None) 
 
 
 # Padded by its padding id, a model must answer as unpadded up to this much of its largest answer (at least
-# 1): lstm-sentiment's INT8 engine answered bitwise alike; a model reading its state after the padding
-# differs by tenths.
+# 1): lstm-sentiment's INT8 engine answered bitwise alike; padded with a real character's id (7) instead,
+# its logits moved by 1.7 times the largest one.
 PADDING_TOLERANCE = 1e-3
 
 
