@@ -383,18 +383,20 @@ def _call_costs(runner: "OpenVINORunner", ranges: list[TensorRange], config, ste
     return CallCosts(tuple(rows), tuple(widths), ms).to_json()
 
 
-def _call_shapes(ov, model, job: BuildJob, hint: str) -> tuple[int | None, OneTextForms | None, dict[str, Any]]:
+def _call_shapes(ov, model, job: BuildJob, hint: str) -> tuple[int | None, OneTextForms | None, dict[str, Any],
+                                                                dict[str, Any]]:
     """(the width step calls are padded to, or None where the model cannot take padding; the fixed-width
     forms for one text, where asked for or, with "auto", where one text runs at least ONE_TEXT_MIN_GAIN faster
-    on them, over a few widths; what was decided). engines/openvino_shapes.py."""
+    on them, over a few widths; what was decided; what the padding-id check recorded, for the sidecar's
+    checks). engines/openvino_shapes.py."""
     from miaotui.data.tokenizers import tokenizer_padding
-    from miaotui.engines.openvino_shapes import ONE_TEXT_CHOICES, ONE_TEXT_MIN_GAIN, unsuitable, width_step
+    from miaotui.engines.openvino_shapes import ONE_TEXT_CHOICES, ONE_TEXT_MIN_GAIN, mask_input, unsuitable, width_step
 
     requested = job.options.openvino_one_text
     if requested not in ONE_TEXT_CHOICES:
         raise InputError(f"--openvino-one-text {requested}: expected one of {', '.join(ONE_TEXT_CHOICES)}")
     mask = job.config.padding_mask if job.config else None
-    by_id = not mask and job.config is not None and "attention_mask" not in {t.name for t in job.ranges}
+    by_id = job.config is not None and mask_input(job.ranges, mask) is None
     pad_id = tokenizer_padding(job.config) if by_id else None
     why_not = unsuitable(job.ranges, mask, pad_id)
     step = width_step(job.ranges[0].max[1])
@@ -404,10 +406,10 @@ def _call_shapes(ov, model, job: BuildJob, hint: str) -> tuple[int | None, OneTe
     if why_not:
         if requested == "static":
             raise InputError(f"--openvino-one-text static: {job.onnx_path} cannot run one text at fixed widths: {why_not}")
-        return None, None, {"form": "dynamic", "why_not": why_not} | checked
+        return None, None, {"form": "dynamic", "why_not": why_not}, checked
     forms = OneTextForms(step, job.ranges[0].min[1], job.ranges[0].max[1])
     if requested != "auto":
-        return step, (forms if requested == "static" else None), {"form": requested} | checked
+        return step, (forms if requested == "static" else None), {"form": requested}, checked
     timed = {width: _faster_form(ov, {"dynamic": model, "static": with_static_shape(model, width)}, hint,
                                  _feed_at(job.ranges, job.config, width)) for width in _one_text_widths(job.ranges)}
     # The geometric mean of the static / dynamic ratios: each width counts alike, whatever its length.
@@ -415,7 +417,7 @@ def _call_shapes(ov, model, job: BuildJob, hint: str) -> tuple[int | None, OneTe
     faster = ratio <= 1 - ONE_TEXT_MIN_GAIN
     return step, (forms if faster else None), {"form": "static" if faster else "dynamic", "min_gain": ONE_TEXT_MIN_GAIN,
                                                "ms_by_width": {str(w): t for w, t in timed.items()},
-                                               "static_to_dynamic": round(ratio, 4)} | checked
+                                               "static_to_dynamic": round(ratio, 4)}, checked
 
 
 def _padding_checked(ov, model, job: BuildJob, hint: str, pad_id: int, step: int) -> tuple[str | None, dict[str, Any]]:
@@ -518,7 +520,7 @@ class OpenVINO(Backend):
             ov.save_model(model, str(xml), compress_to_fp16=False)  # the graph's precision, not FP16 weights
             shutil.copyfile(xml, job.engine_path)
             shutil.copyfile(xml.with_suffix(WEIGHTS_SUFFIX), weights)
-        step, one_text, one_text_decided = _call_shapes(ov, model, job, hint)
+        step, one_text, one_text_decided, padding_checked = _call_shapes(ov, model, job, hint)
         # The staged files, compiled as the runtime will compile them.
         core, staged = read_ir(job.engine_path, weights)
         runner = OpenVINORunner(core, staged, job.engine_path, hint, None,
@@ -529,16 +531,12 @@ class OpenVINO(Backend):
                     "one_text": one_text_decided["form"],
                     "weights_sha256": sha256_file(weights), "weights_bytes": weights.stat().st_size}
         checks = _check(job.onnx_path, runner, job.ranges, job.config)
-        padding_keys = ("why_not", "padded_by", "padding_checked_at")
         for part, decided in (("attention", attention), ("lstm", lstm), ("one_text", one_text_decided)):
             if "min_gain" in decided:
-                checks[f"{part}_timing"] = {key: value for key, value in decided.items()
-                                            if key != "form" and key not in padding_keys}
+                checks[f"{part}_timing"] = {key: value for key, value in decided.items() if key != "form"}
         if "why_not" in one_text_decided:
             checks["padded_widths_why_not"] = one_text_decided["why_not"]
-        for key in ("padded_by", "padding_checked_at"):  # padding marked by the tokenizer's id, checked here
-            if key in one_text_decided:
-                checks[key] = one_text_decided[key]
+        checks |= padding_checked  # padding marked by the tokenizer's id: what was checked
         session: dict[str, Any] = {"width_step": step, "one_text_fixed": one_text is not None} if step else {}
         if batch_axis_shared(job.ranges) and all(len(t.dims) == 2 for t in job.ranges):
             # What each call shape costs: Engine.run cuts a batch's rows by it, Classifier.predict its texts.

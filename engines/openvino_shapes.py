@@ -156,10 +156,16 @@ def unsuitable(ranges, padding_mask: str | None, padding_id: int | None = None) 
         return "its batch range does not start at 1"
     if ranges[0].min[1] == ranges[0].max[1]:
         return "its sequence length is fixed"
-    mask = padding_mask or ("attention_mask" if "attention_mask" in names else None)
-    if mask not in names and (padding_id is None or "input_ids" not in names):
+    if mask_input(ranges, padding_mask) is None and (padding_id is None or "input_ids" not in names):
         return "it has no padding mask and no tokenizer padding id in input_ids (padding would change its answer)"
     return None
+
+
+def mask_input(ranges, padding_mask: str | None) -> str | None:
+    """The input that masks padding: the config's padding mask, else one named attention_mask (None if neither)."""
+    names = [t.name for t in ranges]
+    mask = padding_mask or ("attention_mask" if "attention_mask" in names else None)
+    return mask if mask in names else None
 
 
 # Padded by its padding id, a model must answer as unpadded up to this much of its largest answer (at least
