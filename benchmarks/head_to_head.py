@@ -1,0 +1,192 @@
+"""The openvino engine against NNCF's INT8 IRs, paired: the subjects take turns call by call, in fresh processes.
+
+    python benchmarks/head_to_head.py [--model minilm-sentiment] [--batch 1,32] [--seq 128] [--threads 2]
+                                      [--seconds 20] [--block 4] [--processes 8]
+
+peers.py times each peer in its own process in slices of about a second: on the shared machines here the
+machine's speed drifts between slices by more than these engines differ (per-round ratios 0.79 to 1.07 in
+one run), so its medians cannot say which of two engines within 5% of each other is faster. Here the
+subjects are compiled in one process and take turns in cycles (the order reversed every other cycle):
+each turn makes one call that is not timed (the subject's weights back in the caches after the other's
+calls) and then `--block` timed calls, and the ratio engine / peer is taken within each cycle, so drift
+cancels. But one process is not enough either: two such runs minutes apart gave 0.93 and 1.05-1.10 at
+batch 32, each with a 95% interval a few thousandths wide (benchmarks/NOTES.md, sixteenth session): how a
+process's memory and threads land costs each compiled model differently, and the cost lasts as long as
+the process. So the paired run is repeated in `--processes` fresh processes, one after another, and the
+table gives the median of their ratios, the lowest and highest, and in how many the engine was faster.
+What a process compiles first can run slower than what follows it, so the engine is loaded first in every
+other process and last in the rest; a second copy of the engine takes turns too, as a control (its ratio
+should be 1: how far it strays is the table's noise).
+The peers run as peers.py runs them (the CPU plugin's defaults, `--threads` threads); the engine through
+the miaotui runtime (Engine.run), as a user calls it.
+
+Writes benchmarks/results/<model>/head_to_head.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+BOOTSTRAP_SAMPLES = 2000
+CONTROL = "the engine, a second copy (control)"
+
+
+def paired_ratios(calls: dict, engine: str, cycles: int, block: int) -> dict[str, np.ndarray]:
+    """Per cycle, ms per call of each subject (one untimed call, then `block` timed ones a turn)."""
+    names = list(calls)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for cycle in range(cycles):
+        for name in (names if cycle % 2 == 0 else names[::-1]):
+            calls[name]()
+            started = time.perf_counter()
+            for _ in range(block):
+                calls[name]()
+            times[name].append((time.perf_counter() - started) * 1000 / block)
+    return {name: np.array(values) for name, values in times.items()}
+
+
+def summary(ms: dict[str, np.ndarray], engine: str, seed: int = 0) -> dict[str, dict]:
+    """For each peer: both medians (ms), the paired ratio's median, its 95% bootstrap interval, the share of
+    cycles the engine was faster."""
+    rng = np.random.default_rng(seed)
+    rows = {}
+    for name, values in ms.items():
+        if name == engine:
+            continue
+        ratios = ms[engine] / values
+        medians = np.median(rng.choice(ratios, (BOOTSTRAP_SAMPLES, len(ratios))), axis=1)
+        rows[name] = {"engine_ms": round(float(np.median(ms[engine])), 3), "peer_ms": round(float(np.median(values)), 3),
+                      "ratio": round(float(np.median(ratios)), 4),
+                      "interval": [round(float(np.percentile(medians, 2.5)), 4), round(float(np.percentile(medians, 97.5)), 4)],
+                      "engine_faster": round(float((ratios < 1).mean()), 3), "cycles": len(ratios)}
+    return rows
+
+
+def one_process(args) -> dict:
+    """The paired cycles in this process: {shape: {peer: summary row}}."""
+    import openvino
+
+    from peers import nncf_int8  # this folder's peer recipes: the same IRs as peers.py's table
+
+    from miaotui.engines.shapes import synthetic_feed
+    from miaotui.models import resolve_config
+    from miaotui.runtime import Engine
+
+    config = resolve_config(args.model)
+    work = REPO / "build" / config.name
+    engine_path = work / "engines" / f"{config.name}.openvino.int8.xml"
+    core = openvino.Core()
+    peers = {"nncf int8 (openvino, defaults)": nncf_int8(config, work),
+             "nncf int8 transformer (openvino)": nncf_int8(config, work, transformer=True)}
+
+    def load_peers() -> dict:
+        return {name: core.compile_model(core.read_model(str(path)), "CPU", {"INFERENCE_NUM_THREADS": args.threads})
+                .create_infer_request() for name, path in peers.items()}
+
+    # What is compiled first ran about 2% slower at batch 32 than a copy compiled after it (a /tmp A/B of eight
+    # processes): the engine is loaded first in every other process, last in the others.
+    requests = {} if args.engine_first else load_peers()
+    engine = Engine.load(engine_path, threads=args.threads)
+    control = Engine.load(engine_path, threads=args.threads)  # a second copy: how far the same engine differs from itself
+    requests = requests or load_peers()
+    results = {}
+    for batch in [int(b) for b in args.batch.split(",")]:
+        ranges = [replace(t, opt=(batch, args.seq)) for t in engine.inputs]
+        feed = synthetic_feed(ranges, "opt", config)
+        calls = {"engine": lambda feed=feed: engine.run(feed), CONTROL: lambda feed=feed: control.run(feed)}
+        for name, request in requests.items():
+            names = {port.get_any_name() for port in request.model_inputs}
+            calls[name] = lambda request=request, peer_feed={k: v for k, v in feed.items() if k in names}: request.infer(peer_feed)
+        for call in calls.values():  # shapes prepared, one-text models compiled
+            for _ in range(3):
+                call()
+        turn = paired_ratios(calls, "engine", 1, args.block)  # one cycle to size the budget
+        cycle_ms = sum(values[0] * (args.block + 1) for values in turn.values())
+        cycles = max(10, int(args.seconds * 1000 / cycle_ms))
+        results[f"b{batch} s{args.seq}"] = summary(paired_ratios(calls, "engine", cycles, args.block), "engine")
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="minilm-sentiment")
+    parser.add_argument("--batch", default="1,32")
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=20.0, help="timing budget per batch size and process")
+    parser.add_argument("--block", type=int, default=4, help="timed calls per turn")
+    parser.add_argument("--processes", type=int, default=8, help="fresh processes, one after another")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--engine-first", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(one_process(args)))
+        return
+
+    from peers import nncf_int8
+
+    from miaotui.engines import BuildOptions
+    from miaotui.engines.onnxruntime_backend import cpu_description
+    from miaotui.models import resolve_config
+    from miaotui.stages import run_build_stage
+
+    config = resolve_config(args.model)
+    work = REPO / "build" / config.name
+    engine_path = run_build_stage(config, work, BuildOptions(backend="openvino")).path
+    nncf_int8(config, work), nncf_int8(config, work, transformer=True)  # made once, before the workers
+    started = time.time()
+    runs = []
+    for index in range(args.processes):
+        order = ["--engine-first"] if index % 2 == 0 else []
+        worker = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--worker", *order], capture_output=True, text=True)
+        if worker.returncode:
+            sys.exit(f"error: benchmarks/head_to_head.py: worker {index + 1} failed:\n{worker.stderr[-2000:]}")
+        runs.append(json.loads(worker.stdout.strip().splitlines()[-1]))
+        print(f"process {index + 1} of {args.processes}: " + "; ".join(
+            f"{shape} {name.split(' (')[0]} {row['ratio']:.3f}" for shape, rows in runs[-1].items()
+            for name, row in rows.items()), file=sys.stderr, flush=True)
+    cpu = cpu_description()
+    command = (f"python benchmarks/head_to_head.py --model {config.name} --batch {args.batch} --seq {args.seq} "
+               f"--threads {args.threads} --seconds {args.seconds:g} --block {args.block} --processes {args.processes}")
+    lines = [f"{config.name}, the openvino engine (`{engine_path.name}`) against NNCF's INT8 IRs, paired within each of "
+             f"{args.processes} fresh processes, {args.threads} threads: `{command}` ({time.time() - started:.0f} s). "
+             f"{cpu['cpu']} ({', '.join(cpu['isa'])}).", "",
+             "Ratio: the engine's ms / the peer's ms within a cycle, its median in each process (under 1: the engine "
+             "faster); across the processes: their median, the lowest and highest, in how many the engine was faster, "
+             "and the widest 95% interval one process gave itself.", "",
+             "| shape | peer | engine ms | peer ms | ratio, median of processes [lowest, highest] | engine faster in "
+             "| one process's widest interval |", "|---|---|---|---|---|---|---|"]
+    table = {}
+    for shape in runs[0]:
+        for name in runs[0][shape]:
+            rows = [run[shape][name] for run in runs]
+            ratios = np.array([row["ratio"] for row in rows])
+            widest = max(rows, key=lambda row: row["interval"][1] - row["interval"][0])["interval"]
+            table.setdefault(shape, {})[name] = {
+                "engine_ms": float(np.median([row["engine_ms"] for row in rows])),
+                "peer_ms": float(np.median([row["peer_ms"] for row in rows])), "ratio": float(np.median(ratios)),
+                "lowest": float(ratios.min()), "highest": float(ratios.max()), "engine_faster": int((ratios < 1).sum()),
+                "widest_interval": widest, "ratios": ratios.tolist()}
+            row = table[shape][name]
+            lines.append(f"| {shape} | {name} | {row['engine_ms']:.2f} | {row['peer_ms']:.2f} | {row['ratio']:.3f} "
+                         f"[{row['lowest']:.3f}, {row['highest']:.3f}] | {row['engine_faster']} of {len(ratios)} "
+                         f"| [{widest[0]:.3f}, {widest[1]:.3f}] |")
+    out = REPO / "benchmarks" / "results" / config.name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "head_to_head.json").write_text(json.dumps({"command": command, "cpu": cpu, "engine": engine_path.name,
+                                                       "table": table, "processes": runs}, indent=2) + "\n")
+    (out / "head_to_head.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
