@@ -40,7 +40,7 @@ BOOTSTRAP_SAMPLES = 2000
 CONTROL = "the engine, a second copy (control)"
 
 
-def paired_ratios(calls: dict, engine: str, cycles: int, block: int) -> dict[str, np.ndarray]:
+def paired_ms(calls: dict, cycles: int, block: int) -> dict[str, np.ndarray]:
     """Per cycle, ms per call of each subject (one untimed call, then `block` timed ones a turn)."""
     names = list(calls)
     times: dict[str, list[float]] = {name: [] for name in names}
@@ -73,46 +73,46 @@ def summary(ms: dict[str, np.ndarray], engine: str, seed: int = 0) -> dict[str, 
 
 def one_process(args) -> dict:
     """The paired cycles in this process: {shape: {peer: summary row}}."""
-    import openvino
-
     from peers import nncf_int8  # this folder's peer recipes: the same IRs as peers.py's table
 
+    from miaotui.bench.worker import _runner
     from miaotui.engines.shapes import synthetic_feed
     from miaotui.models import resolve_config
     from miaotui.runtime import Engine
 
     config = resolve_config(args.model)
     work = REPO / "build" / config.name
-    engine_path = work / "engines" / f"{config.name}.openvino.int8.xml"
-    core = openvino.Core()
     peers = {"nncf int8 (openvino, defaults)": nncf_int8(config, work),
              "nncf int8 transformer (openvino)": nncf_int8(config, work, transformer=True)}
 
     def load_peers() -> dict:
-        return {name: core.compile_model(core.read_model(str(path)), "CPU", {"INFERENCE_NUM_THREADS": args.threads})
-                .create_infer_request() for name, path in peers.items()}
+        """name -> (call, the input names it takes), compiled as peers.py's workers compile them."""
+        loaded = {}
+        for name, path in peers.items():
+            call, specs, *_ = _runner({"kind": "openvino", "path": str(path), "threads": args.threads})
+            loaded[name] = call, {spec[0] for spec in specs}
+        return loaded
 
     # What is compiled first ran about 2% slower at batch 32 than a copy compiled after it (a /tmp A/B of eight
     # processes): the engine is loaded first in every other process, last in the others.
     requests = {} if args.engine_first else load_peers()
-    engine = Engine.load(engine_path, threads=args.threads)
-    control = Engine.load(engine_path, threads=args.threads)  # a second copy: how far the same engine differs from itself
+    engine = Engine.load(args.engine, threads=args.threads)
+    control = Engine.load(args.engine, threads=args.threads)  # a second copy: how far the same engine differs from itself
     requests = requests or load_peers()
     results = {}
     for batch in [int(b) for b in args.batch.split(",")]:
         ranges = [replace(t, opt=(batch, args.seq)) for t in engine.inputs]
         feed = synthetic_feed(ranges, "opt", config)
         calls = {"engine": lambda feed=feed: engine.run(feed), CONTROL: lambda feed=feed: control.run(feed)}
-        for name, request in requests.items():
-            names = {port.get_any_name() for port in request.model_inputs}
-            calls[name] = lambda request=request, peer_feed={k: v for k, v in feed.items() if k in names}: request.infer(peer_feed)
+        for name, (call, names) in requests.items():
+            calls[name] = lambda call=call, peer_feed={k: v for k, v in feed.items() if k in names}: call(peer_feed)
         for call in calls.values():  # shapes prepared, one-text models compiled
             for _ in range(3):
                 call()
-        turn = paired_ratios(calls, "engine", 1, args.block)  # one cycle to size the budget
+        turn = paired_ms(calls, 1, args.block)  # one cycle to size the budget
         cycle_ms = sum(values[0] * (args.block + 1) for values in turn.values())
         cycles = max(10, int(args.seconds * 1000 / cycle_ms))
-        results[f"b{batch} s{args.seq}"] = summary(paired_ratios(calls, "engine", cycles, args.block), "engine")
+        results[f"b{batch} s{args.seq}"] = summary(paired_ms(calls, cycles, args.block), "engine")
     return results
 
 
@@ -127,6 +127,7 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=8, help="fresh processes, one after another")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--engine-first", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--engine", help=argparse.SUPPRESS)  # the workers' engine file, as the build stage made it
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(one_process(args)))
@@ -142,12 +143,14 @@ def main() -> None:
     config = resolve_config(args.model)
     work = REPO / "build" / config.name
     engine_path = run_build_stage(config, work, BuildOptions(backend="openvino")).path
-    nncf_int8(config, work), nncf_int8(config, work, transformer=True)  # made once, before the workers
+    for transformer in (False, True):  # made once, before the workers
+        nncf_int8(config, work, transformer=transformer)
     started = time.time()
     runs = []
     for index in range(args.processes):
         order = ["--engine-first"] if index % 2 == 0 else []
-        worker = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--worker", *order], capture_output=True, text=True)
+        worker = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--worker", "--engine", str(engine_path), *order],
+                                capture_output=True, text=True)
         if worker.returncode:
             sys.exit(f"error: benchmarks/head_to_head.py: worker {index + 1} failed:\n{worker.stderr[-2000:]}")
         runs.append(json.loads(worker.stdout.strip().splitlines()[-1]))
