@@ -133,10 +133,9 @@ def main() -> None:
         print(json.dumps(one_process(args)))
         return
 
-    from peers import nncf_int8
+    from peers import describe_machine, nncf_int8
 
     from miaotui.engines import BuildOptions
-    from miaotui.engines.onnxruntime_backend import cpu_description
     from miaotui.models import resolve_config
     from miaotui.stages import run_build_stage
 
@@ -157,12 +156,12 @@ def main() -> None:
         print(f"process {index + 1} of {args.processes}: " + "; ".join(
             f"{shape} {name.split(' (')[0]} {row['ratio']:.3f}" for shape, rows in runs[-1].items()
             for name, row in rows.items()), file=sys.stderr, flush=True)
-    cpu = cpu_description()
+    cpu, machine = describe_machine()
     command = (f"python benchmarks/head_to_head.py --model {config.name} --batch {args.batch} --seq {args.seq} "
                f"--threads {args.threads} --seconds {args.seconds:g} --block {args.block} --processes {args.processes}")
     lines = [f"{config.name}, the openvino engine (`{engine_path.name}`) against NNCF's INT8 IRs, paired within each of "
              f"{args.processes} fresh processes, {args.threads} threads: `{command}` ({time.time() - started:.0f} s). "
-             f"{cpu['cpu']} ({', '.join(cpu['isa'])}).", "",
+             f"{machine}.", "",
              "Ratio: the engine's ms / the peer's ms within a cycle, its median in each process (under 1: the engine "
              "faster); across the processes: their median, the lowest and highest, in how many the engine was faster, "
              "and the widest 95% interval one process gave itself.", "",

@@ -156,6 +156,20 @@ def split_scores(config, peers: dict[str, tuple[str, str | None]], splits: dict[
     return scores
 
 
+def describe_machine() -> tuple[dict, str]:
+    """ONNX Runtime's view of the CPU (cpu_description) and one sentence for a results header."""
+    import openvino
+
+    from miaotui.engines.onnxruntime_backend import cpu_description
+    from miaotui.engines.openvino_backend import native_bf16
+
+    cpu = cpu_description()
+    # cpu['isa'] lists what changes ONNX Runtime's kernels; OpenVINO's float parts also depend on native BF16
+    # (AVX512-BF16 or AMX), which the openvino engine and OpenVINO's FP32 default then compute in.
+    bf16 = "native BF16 (OpenVINO computes float parts in BF16)" if native_bf16(openvino) else "no native BF16"
+    return cpu, f"{cpu['cpu']} ({', '.join(cpu['isa'])}; {bf16})"
+
+
 def int8_gemm_rate(threads: int) -> float:
     """MAC/s of ONNX Runtime's MatMulInteger (uint8 x int8) on 1024^3, in its own process."""
     code = f"""
@@ -284,22 +298,12 @@ def main() -> None:
     out = REPO / "benchmarks" / "results" / config.name
     write_bench_reports(rows, out, args.threads)
     reference = {(r["batch"], r["seq"]): r for r in rows if r["name"] == "pytorch fp32 eager"}
-    from miaotui.engines.onnxruntime_backend import cpu_description
-
-    import openvino
-
-    from miaotui.engines.openvino_backend import native_bf16
-
-    cpu = cpu_description()
-    # cpu['isa'] lists what changes ONNX Runtime's kernels; OpenVINO's float parts also depend on native BF16
-    # (AVX512-BF16 or AMX), which the openvino engine and OpenVINO's FP32 default then compute in.
-    bf16 = "native BF16 (OpenVINO computes float parts in BF16)" if native_bf16(openvino) else "no native BF16"
+    cpu, machine = describe_machine()
     rounds = f" --rounds {args.rounds}" if args.rounds > 1 else ""
     how = f"interleaved in {args.rounds} rounds" if args.rounds > 1 else "one peer after another"
     lines = [f"{config.name}, {args.threads} threads, `python benchmarks/peers.py --model {config.name} --batch {args.batch} "
              f"--seq {args.seq} --threads {args.threads} --seconds {args.seconds:g}{rounds}` ({time.time() - started:.0f} s, "
-             f"{how}). {cpu['cpu']} "
-             f"({', '.join(cpu['isa'])}; {bf16}). INT8 GEMM rate here: {rate / 1e9:.0f} GMAC/s.", "",
+             f"{how}). {machine}. INT8 GEMM rate here: {rate / 1e9:.0f} GMAC/s.", "",
              "| peer | top-1 validation | top-1 test | one text a call: validation / test | accuracy (test) | " + " | ".join(
                  f"b{b} s{s} p50 ms (speed-up)" for s in seqs for b in batches) + " |",
              "|---|---|---|---|---|" + "---|" * (len(batches) * len(seqs))]

@@ -443,7 +443,7 @@ def _padding_checked(ov, model, job: BuildJob, hint: str, pad_id: int, step: int
         feeds.append(feed)
     widths = sorted({padded_width(w + 1, step, low, high) for w in (low, opt)} | {high})
     why_not = padding_changes_answer(run, feeds, pad_id, widths)
-    return why_not, {"padded_by": f"input_ids id {pad_id}", "padding_checked_at": widths}
+    return why_not, {"padding_checked_with": f"input_ids id {pad_id}", "padding_checked_at": widths}
 
 
 def _check(onnx_path: Path, runner: OpenVINORunner, ranges: list[TensorRange], config) -> dict:
@@ -583,8 +583,8 @@ class OpenVINO(Backend):
         attention = " (attention in INT8)" if metadata.settings.get("attention") == "int8" else ""
         attention += " (LSTM layers in INT8)" if metadata.settings.get("lstm") == "int8" else ""
         attention += " (one text at fixed widths)" if metadata.settings.get("one_text") == "static" else ""
-        if "padded_by" in metadata.checks and "padded_widths_why_not" not in metadata.checks:
-            attention += f" (padding marked by {metadata.checks['padded_by']}, checked)"
+        if "padding_checked_with" in metadata.checks and "padded_widths_why_not" not in metadata.checks:
+            attention += f" (padding marked by {metadata.checks['padding_checked_with']}, checked)"
         return (f"openvino {metadata.backend_version.split('-')[0]} IR{attention}, float parts in {hint}{where}; "
                 f"ran at min/opt/max shapes; vs ONNX Runtime on the .onnx max |diff| {diff:.0e}")
 

@@ -705,7 +705,7 @@ def test_an_lstm_masking_padding_by_its_id_takes_padded_widths(openvino_work: Pa
 
     path = openvino_work / "engines" / "lstm-sentiment.openvino.int8.xml"  # built with auto
     metadata = read_metadata(path)
-    assert metadata.checks["padded_by"] == "input_ids id 0" and "padded_widths_why_not" not in metadata.checks
+    assert metadata.checks["padding_checked_with"] == "input_ids id 0" and "padded_widths_why_not" not in metadata.checks
     assert metadata.checks["padding_checked_at"][-1] == 256 and metadata.session["width_step"] == 16
     from miaotui.engines.backend import get_backend
 
@@ -751,7 +751,7 @@ def test_padded_widths_are_refused_where_padding_changes_the_answer(openvino_wor
     build_engine(openvino_work / "model.int8.onnx", out / "x.xml", BuildOptions(backend="openvino"), config)
     metadata = read_metadata(out / "x.xml")
     assert metadata.settings["one_text"] == "dynamic" and "padding id 7" in metadata.checks["padded_widths_why_not"]
-    assert metadata.checks["padded_by"] == "input_ids id 7"  # what was checked
+    assert metadata.checks["padding_checked_with"] == "input_ids id 7"  # what was checked
     assert set(metadata.session) == {"call_ms"}
     engine = Engine.load(out / "x.xml")
     assert engine.padded_width(37) == 37 and engine.width_step is None and engine.knows_call_costs
