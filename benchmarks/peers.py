@@ -298,7 +298,7 @@ def main() -> None:
     out = REPO / "benchmarks" / "results" / config.name
     write_bench_reports(rows, out, args.threads)
     reference = {(r["batch"], r["seq"]): r for r in rows if r["name"] == "pytorch fp32 eager"}
-    cpu, machine = describe_machine()
+    _, machine = describe_machine()
     rounds = f" --rounds {args.rounds}" if args.rounds > 1 else ""
     how = f"interleaved in {args.rounds} rounds" if args.rounds > 1 else "one peer after another"
     lines = [f"{config.name}, {args.threads} threads, `python benchmarks/peers.py --model {config.name} --batch {args.batch} "
