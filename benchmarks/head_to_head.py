@@ -40,20 +40,6 @@ BOOTSTRAP_SAMPLES = 2000
 CONTROL = "the engine, a second copy (control)"
 
 
-def paired_ms(calls: dict, cycles: int, block: int) -> dict[str, np.ndarray]:
-    """Per cycle, ms per call of each subject (one untimed call, then `block` timed ones a turn)."""
-    names = list(calls)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for cycle in range(cycles):
-        for name in (names if cycle % 2 == 0 else names[::-1]):
-            calls[name]()
-            started = time.perf_counter()
-            for _ in range(block):
-                calls[name]()
-            times[name].append((time.perf_counter() - started) * 1000 / block)
-    return {name: np.array(values) for name, values in times.items()}
-
-
 def summary(ms: dict[str, np.ndarray], engine: str, seed: int = 0) -> dict[str, dict]:
     """For each peer: both medians (ms), the paired ratio's median, its 95% bootstrap interval, the share of
     cycles the engine was faster."""
@@ -77,6 +63,7 @@ def one_process(args) -> dict:
 
     from miaotui.bench.worker import _runner
     from miaotui.engines.shapes import synthetic_feed
+    from miaotui.engines.timing import round_ms
     from miaotui.models import resolve_config
     from miaotui.runtime import Engine
 
@@ -93,8 +80,9 @@ def one_process(args) -> dict:
             loaded[name] = call, {spec[0] for spec in specs}
         return loaded
 
-    # What is compiled first ran about 2% slower at batch 32 than a copy compiled after it (a /tmp A/B of eight
-    # processes): the engine is loaded first in every other process, last in the others.
+    # What is compiled first ran about 2% slower at batch 32 than a copy compiled after it in one /tmp A/B of eight
+    # processes (not in six later ones, benchmarks/NOTES.md): the engine is loaded first in every other process,
+    # last in the others, which costs nothing where there is no such effect.
     requests = {} if args.engine_first else load_peers()
     engine = Engine.load(args.engine, threads=args.threads)
     control = Engine.load(args.engine, threads=args.threads)  # a second copy: how far the same engine differs from itself
@@ -109,10 +97,10 @@ def one_process(args) -> dict:
         for call in calls.values():  # shapes prepared, one-text models compiled
             for _ in range(3):
                 call()
-        turn = paired_ms(calls, 1, args.block)  # one cycle to size the budget
+        turn = round_ms(calls, 1, args.block, settle=1)  # one cycle to size the budget
         cycle_ms = sum(values[0] * (args.block + 1) for values in turn.values())
         cycles = max(10, int(args.seconds * 1000 / cycle_ms))
-        results[f"b{batch} s{args.seq}"] = summary(paired_ms(calls, cycles, args.block), "engine")
+        results[f"b{batch} s{args.seq}"] = summary(round_ms(calls, cycles, args.block, settle=1), "engine")
     return results
 
 

@@ -20,11 +20,24 @@ def interleaved_ms(calls: Mapping[str, Callable[[], object]], rounds: int, warmu
     for call in calls.values():
         for _ in range(warmup):
             call()
+    return {name: float(np.median(values)) for name, values in round_ms(calls, rounds).items()}
+
+
+def round_ms(calls: Mapping[str, Callable[[], object]], rounds: int, block: int = 1,
+             settle: int = 0) -> dict[str, np.ndarray]:
+    """Milliseconds per call of each call in each of `rounds` rounds, the order reversed every other round
+    (interleaved_ms's rounds, kept per round so that two calls' times can be paired round by round). Each
+    turn makes `settle` untimed calls (its data back in the caches after the others' turns) and then
+    `block` timed ones."""
     names = list(calls)
     times: dict[str, list[float]] = {name: [] for name in names}
     for round_ in range(rounds):
         for name in (names if round_ % 2 == 0 else names[::-1]):
+            call = calls[name]
+            for _ in range(settle):
+                call()
             started = time.perf_counter()
-            calls[name]()
-            times[name].append(time.perf_counter() - started)
-    return {name: float(np.median(values)) * 1000 for name, values in times.items()}
+            for _ in range(block):
+                call()
+            times[name].append((time.perf_counter() - started) * 1000 / block)
+    return {name: np.array(values) for name, values in times.items()}
