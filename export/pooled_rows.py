@@ -80,8 +80,11 @@ def narrow_to_pooled_rows(model) -> PooledRowsReport:
         return PooledRowsReport(0, 0)
 
     narrowed_tensors = {name for node in graph.node if id(node) in rules for name in node.output if name}
-    new_nodes, slices, reshape_shapes = [], {}, []
+    new_nodes, slices = [], {}
     for node in graph.node:
+        reshape = None
+        if id(node) in rules and node.op_type == "Reshape":
+            reshape = _reshape_form(shapes.get(node.input[0]), shapes[node.output[0]], demand[node.output[0]])
         for index, axis in enumerate(rules.get(id(node), ())):
             name = node.input[index]
             if axis is FULL or name in narrowed_tensors:
@@ -89,18 +92,9 @@ def narrow_to_pooled_rows(model) -> PooledRowsReport:
             if (name, axis) not in slices:
                 slices[(name, axis)] = _row_slice(name, axis, new_nodes, graph, numpy_helper)
             node.input[index] = slices[(name, axis)]
-        if id(node) in rules and node.op_type == "Reshape":
-            reshape_shapes.append(node)
+        if reshape is not None:
+            _narrow_reshape(node, reshape, new_nodes, graph, numpy_helper)
         new_nodes.append(node)
-    for node in reshape_shapes:
-        target = _narrowed_reshape_target(shapes[node.output[0]], rules[id(node)][0])
-        name = f"{node.output[0]}__rows0_shape"
-        graph.initializer.append(numpy_helper.from_array(np.array(target, dtype=np.int64), name))
-        node.input[1] = name
-        # The target's zeros copy the input's leading dims (the exporter writes allowzero=1: zeros literal).
-        for attribute in node.attribute:
-            if attribute.name == "allowzero":
-                attribute.i = 0
     del graph.node[:]
     graph.node.extend(new_nodes)
     # The narrowed tensors' recorded shapes are stale: drop them for shape inference to write again.
@@ -183,11 +177,8 @@ def _input_demand(node, axis: int, shapes, constants) -> list[int | None] | None
             return [left - 2, FULL] if left >= 2 else None
         return _broadcast_demand(node.input, axis, rank, shapes, constants)
     if op == "Reshape":
-        source = shapes.get(node.input[0])
-        if (source is None or len(source) <= axis
-                or source[:axis + 1] != output[:axis + 1] or None in output[:axis + 1]):
-            return None
-        return [axis, FULL] if _narrowed_reshape_target(output, axis) is not None else None
+        regrouped = _reshape_form(shapes.get(node.input[0]), output, axis)
+        return None if regrouped is None else [regrouped[0], FULL]
     return None
 
 
@@ -212,11 +203,45 @@ def _broadcast_demand(inputs, axis: int, rank: int, shapes, constants) -> list[i
     return demand
 
 
-def _narrowed_reshape_target(output: list, axis: int) -> list[int] | None:
-    """Reshape's target for the narrowed input: the leading axes copied (0), then the output's own dims
-    (at most one unknown, as -1)."""
-    tail = [d if isinstance(d, int) and d > 0 else -1 for d in output[axis + 1:]]
-    return [0] * (axis + 1) + tail if tail.count(-1) <= 1 else None
+def _reshape_form(source: list | None, output: list, axis: int) -> tuple[int, list[int], bool] | None:
+    """(the input's axis that becomes `axis`, the target's constant part, whether the input's dims after that
+    axis end the target) for a Reshape that keeps row 0 of `axis` a row of its own: either the axes up to
+    it kept and the ones after regrouped ([batch, seq, heads, size] -> [batch, seq, hidden]: target 0s,
+    then the output's dims after it, at most one unknown as -1), or the ones before it regrouped and it
+    and the ones after kept ([batch * heads, seq, size] -> [batch, heads, seq, size], as DeBERTa splits
+    its heads: the output's dims before it, at most one unknown, then 1, then the input's own dims after
+    it, read at run time). None for any other Reshape."""
+    if source is None:
+        return None
+    if len(source) > axis and source[:axis + 1] == output[:axis + 1] and None not in output[:axis + 1]:
+        tail = [d if isinstance(d, int) and d > 0 else -1 for d in output[axis + 1:]]
+        return (axis, [0] * (axis + 1) + tail, False) if tail.count(-1) <= 1 else None
+    kept = output[axis:]
+    first = len(source) - len(kept)
+    if first >= 0 and source[first:] == kept and None not in kept:
+        lead = [d if isinstance(d, int) and d > 0 else -1 for d in output[:axis]]
+        return (first, [*lead, 1], True) if lead.count(-1) <= 1 else None
+    return None
+
+
+def _narrow_reshape(node, form: tuple[int, list[int], bool], nodes: list, graph, numpy_helper) -> None:
+    """Give a narrowed Reshape its target for the one row (`_reshape_form`; nodes computing it appended to
+    `nodes`)."""
+    import onnx
+
+    first, constant, input_tail = form
+    name = f"{node.output[0]}__rows0_shape"
+    graph.initializer.append(numpy_helper.from_array(np.array(constant, dtype=np.int64), name))
+    if input_tail:  # the dims after the row axis as the input has them at run time
+        tail = f"{node.output[0]}__rows0_tail"
+        nodes.append(onnx.helper.make_node("Shape", [node.input[0]], [tail], start=first + 1))
+        nodes.append(onnx.helper.make_node("Concat", [name, tail], [name + "_full"], axis=0))
+        name += "_full"
+    node.input[1] = name
+    # The target's zeros copy the input's dims (the exporter writes allowzero=1: zeros literal).
+    for attribute in node.attribute:
+        if attribute.name == "allowzero":
+            attribute.i = 0
 
 
 def _row_slice(name: str, axis: int, nodes: list, graph, numpy_helper) -> str:

@@ -70,30 +70,42 @@ def test_graphs_that_read_other_rows_are_left_alone(pool: str, extra_output: boo
     assert model.SerializeToString() == before
 
 
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory) -> tuple:
-    """A tiny random BertForSequenceClassification through export and optimize, as `miaotui run` does."""
+def _optimized_checkpoint(root: Path, family: str) -> tuple:
+    """A tiny random checkpoint of `family` through export and optimize, as `miaotui run` does."""
     pytest.importorskip("transformers")
     from test_huggingface import make_project, write_texts
 
     from miaotui.config import load_config
     from miaotui.stages import run_optimize_stage
 
-    root = tmp_path_factory.mktemp("pooled")
     write_texts(root / "calibration.csv", "calibration", 64)
     write_texts(root / "validation.csv", "validation", 64)
-    config = load_config(make_project(root, "bert", root))
+    config = load_config(make_project(root, family, root))
     return config, run_optimize_stage(config, root / "work")
+
+
+def _same_logits(config, optimized_path: Path) -> None:
+    """model.opt.onnx answers like model.onnx on padded texts and on a one-token text."""
+    from miaotui.data.tokenizers import encode, load_tokenizer
+
+    from test_huggingface import TEXTS
+
+    optimized, exported = onnx.load(str(optimized_path)), onnx.load(str(optimized_path.parent / "model.onnx"))
+    tokenizer = load_tokenizer(config.model.tokenizer, 128)
+    for texts in (TEXTS, ["好"], TEXTS * 5):
+        feed = encode(tokenizer, texts, names=list(config.inputs))
+        np.testing.assert_allclose(_run(optimized, feed), _run(exported, feed), atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory) -> tuple:
+    return _optimized_checkpoint(tmp_path_factory.mktemp("pooled"), "bert")
 
 
 def test_a_bert_checkpoint_runs_its_last_layer_on_the_first_token(tiny_bert):
     """The pooler reads hidden[:, 0]: the last layer computes its query side, output projection,
     feed-forward block and LayerNorms on that row, its keys and values on every token; the logits are
     those of the whole graph, padded rows and a one-token text included."""
-    from miaotui.data.tokenizers import encode, load_tokenizer
-
-    from test_huggingface import TEXTS
-
     config, result = tiny_bert
     assert result.details["pooled_row_nodes"] >= 20  # BERT's last layer from the query projection on
     optimized = onnx.load(str(result.path))
@@ -104,9 +116,18 @@ def test_a_bert_checkpoint_runs_its_last_layer_on_the_first_token(tiny_bert):
     rows = [_shape(optimized, n.output[0])[-2] for n in matmuls]
     assert rows.count(1) == 6 and rows.count("seq") == len(rows) - 6  # Q, scores, context, out, up, down
 
-    exported = onnx.load(str(result.path.parent / "model.onnx"))
-    tokenizer = load_tokenizer(config.model.tokenizer, 128)
-    for texts in (TEXTS, ["好"], TEXTS * 5):
-        feed = encode(tokenizer, texts, names=list(config.inputs))
-        np.testing.assert_allclose(_run(optimized, feed), _run(exported, feed), atol=1e-5, rtol=0)
+    _same_logits(config, result.path)
     assert "(" in result.check and "on the pooled token only" in result.check
+
+
+def test_deberta_heads_split_through_the_batch_axis_are_narrowed_too(tmp_path: Path):
+    """DeBERTa reshapes its heads into the batch axis ([batch * heads, seq, size]): the row axis and the
+    ones after it are kept there, so the attention context is narrowed through those Reshapes as well."""
+    config, result = _optimized_checkpoint(tmp_path, "deberta-v2")
+    optimized = onnx.load(str(result.path))
+    # The Reshapes that regroup the axes before the row axis: [2*batch, 1, 16] -> [batch, 2, 1, 16] and back.
+    regrouped = [(_shape(optimized, n.input[0]), _shape(optimized, n.output[0])) for n in optimized.graph.node
+                 if n.op_type == "Reshape" and n.input[1].endswith("__rows0_shape_full")]
+    assert regrouped and all(source[-2] == output[-2] == 1 and source[0] != output[0] for source, output in regrouped)
+    assert result.details["pooled_row_nodes"] >= 20
+    _same_logits(config, result.path)
