@@ -161,7 +161,8 @@ def export(config, work_dir: Path, force: bool, wait: bool, progress: StageProgr
     return pipeline.ran
 
 
-@_stage_command("optimize", "Fold constants, infer shapes, drop dead nodes (model.opt.onnx), after export.")
+@_stage_command("optimize", "Fold constants, infer shapes, drop dead nodes; where the head reads only the first "
+                            "token, run the last layer on that token (model.opt.onnx), after export.")
 def optimize(config, work_dir: Path, force: bool, wait: bool, progress: StageProgress):
     from miaotui.stages import Optimize, Pipeline
 

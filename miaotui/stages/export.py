@@ -138,7 +138,8 @@ class OptimizeResult(StageResult):
 
 
 class Optimize(Unit):
-    """model.onnx -> model.opt.onnx: constant folding, shape inference, dead nodes (export/optimize.py)."""
+    """model.onnx -> model.opt.onnx: constant folding, shape inference, dead nodes, the last layer on the
+    pooled token where the head reads one (export/optimize.py, export/pooled_rows.py)."""
 
     name = "optimize"
     needs = ("export",)
