@@ -56,8 +56,10 @@ def narrow_to_pooled_rows(model) -> PooledRowsReport:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
             constants[node.output[0]] = node.attribute[0].t
     shapes = _known_shapes(graph)
+    # Held for the whole pass: nodes are keyed by id() below, which is unique only while they are alive.
+    nodes = list(graph.node)
     consumers: dict[str, list] = defaultdict(list)
-    for node in graph.node:
+    for node in nodes:
         for name in node.input:
             if name:
                 consumers[name].append(node)
@@ -67,7 +69,7 @@ def narrow_to_pooled_rows(model) -> PooledRowsReport:
     # row 0 of an axis when every reader asks for just that row of it.
     demand: dict[str, int | None] = {}
     rules: dict[int, list[int | None]] = {}  # id(node) -> what each input must supply, for narrowed nodes
-    for node in reversed(graph.node):
+    for node in reversed(nodes):
         for name in node.output:
             demand[name] = _combined_demand(name, consumers[name], outputs, rules, constants, shapes)
         wanted = {demand[name] for name in node.output if name}
@@ -79,9 +81,9 @@ def narrow_to_pooled_rows(model) -> PooledRowsReport:
     if not rules:
         return PooledRowsReport(0, 0)
 
-    narrowed_tensors = {name for node in graph.node if id(node) in rules for name in node.output if name}
+    narrowed_tensors = {name for node in nodes if id(node) in rules for name in node.output if name}
     new_nodes, slices = [], {}
-    for node in graph.node:
+    for node in nodes:
         reshape = None
         if id(node) in rules and node.op_type == "Reshape":
             reshape = _reshape_form(shapes.get(node.input[0]), shapes[node.output[0]], demand[node.output[0]])
