@@ -8,7 +8,8 @@ plain ONNX (no ONNX Runtime contrib ops: ORT's fusions happen later, in the onnx
 must answer like model.onnx within 1e-5.
 
 Then, where the classifier pools its first token, the last layer is narrowed to that row
-(export/pooled_rows.py): exact, and a sixth of a BERT-style encoder's work at sequence 128 gone.
+(export/pooled_rows.py): exact, and about 14% of a six-layer BERT-style encoder's matrix work at
+sequence 128 gone.
 """
 
 from __future__ import annotations

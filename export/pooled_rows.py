@@ -12,7 +12,7 @@ encoder's). The answers are the same computation on fewer rows.
 Done here on the ONNX graph rather than in the model, so it holds for every family the exporter
 writes: demand for rows is traced back from the pooling Gather through the ops whose rows are
 independent (elementwise ops with broadcasting, MatMul's rows, Softmax and LayerNormalization across
-other axes, Transposes, Reshapes that keep the leading axes); those nodes are narrowed in place to the
+other axes, Transposes, Reshapes that keep the row axis whole); those nodes are narrowed in place to the
 one row and a Slice is put where a narrowed node reads a tensor that something else still reads whole
 (the last layer's input, which its keys and values need). Neither onnxruntime's nor OpenVINO's graph
 optimizers do this (they keep every row of a tensor that the graph computes), nor onnx-graphsurgeon's
@@ -45,7 +45,6 @@ def narrow_to_pooled_rows(model) -> PooledRowsReport:
     """Narrow, in place, the nodes whose only use is a first-token pooling (onnx ModelProto with shapes
     inferred: a node is narrowed only where its tensors' shapes are known)."""
     import onnx
-    from onnx import numpy_helper
 
     graph = model.graph
     if any(attribute.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
@@ -92,10 +91,10 @@ def narrow_to_pooled_rows(model) -> PooledRowsReport:
             if axis is FULL or name in narrowed_tensors:
                 continue
             if (name, axis) not in slices:
-                slices[(name, axis)] = _row_slice(name, axis, new_nodes, graph, numpy_helper)
+                slices[(name, axis)] = _row_slice(name, axis, new_nodes, graph)
             node.input[index] = slices[(name, axis)]
         if reshape is not None:
-            _narrow_reshape(node, reshape, new_nodes, graph, numpy_helper)
+            _narrow_reshape(node, reshape, new_nodes, graph)
         new_nodes.append(node)
     del graph.node[:]
     graph.node.extend(new_nodes)
@@ -226,10 +225,11 @@ def _reshape_form(source: list | None, output: list, axis: int) -> tuple[int, li
     return None
 
 
-def _narrow_reshape(node, form: tuple[int, list[int], bool], nodes: list, graph, numpy_helper) -> None:
+def _narrow_reshape(node, form: tuple[int, list[int], bool], nodes: list, graph) -> None:
     """Give a narrowed Reshape its target for the one row (`_reshape_form`; nodes computing it appended to
     `nodes`)."""
     import onnx
+    from onnx import numpy_helper
 
     first, constant, input_tail = form
     name = f"{node.output[0]}__rows0_shape"
@@ -246,9 +246,10 @@ def _narrow_reshape(node, form: tuple[int, list[int], bool], nodes: list, graph,
             attribute.i = 0
 
 
-def _row_slice(name: str, axis: int, nodes: list, graph, numpy_helper) -> str:
+def _row_slice(name: str, axis: int, nodes: list, graph) -> str:
     """A Slice of row 0 of `axis` of `name`, appended to `nodes`; its output's name."""
     import onnx
+    from onnx import numpy_helper
 
     out = f"{name}__rows0_axis{axis}"
     bounds = []
