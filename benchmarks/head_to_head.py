@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -59,11 +58,10 @@ def summary(ms: dict[str, np.ndarray], engine: str, seed: int = 0) -> dict[str, 
 
 def one_process(args) -> dict:
     """The paired cycles in this process: {shape: {peer: summary row}}."""
-    from peers import nncf_int8  # this folder's peer recipes: the same IRs as peers.py's table
+    from peers import nncf_int8, paired_ms  # this folder's peer recipes: the same IRs as peers.py's table
 
     from miaotui.bench.worker import _runner
     from miaotui.engines.shapes import synthetic_feed
-    from miaotui.engines.timing import round_ms
     from miaotui.models import resolve_config
     from miaotui.runtime import Engine
 
@@ -94,13 +92,7 @@ def one_process(args) -> dict:
         calls = {"engine": lambda feed=feed: engine.run(feed), CONTROL: lambda feed=feed: control.run(feed)}
         for name, (call, names) in requests.items():
             calls[name] = lambda call=call, peer_feed={k: v for k, v in feed.items() if k in names}: call(peer_feed)
-        for call in calls.values():  # shapes prepared, one-text models compiled
-            for _ in range(3):
-                call()
-        turn = round_ms(calls, 1, args.block, settle=1)  # one cycle to size the budget
-        cycle_ms = sum(values[0] * (args.block + 1) for values in turn.values())
-        cycles = max(10, int(args.seconds * 1000 / cycle_ms))
-        results[f"b{batch} s{args.seq}"] = summary(round_ms(calls, cycles, args.block, settle=1), "engine")
+        results[f"b{batch} s{args.seq}"] = summary(paired_ms(calls, args.seconds, args.block), "engine")
     return results
 
 
@@ -121,7 +113,7 @@ def main() -> None:
         print(json.dumps(one_process(args)))
         return
 
-    from peers import describe_machine, nncf_int8
+    from peers import describe_machine, fresh_workers, nncf_int8
 
     from miaotui.engines import BuildOptions
     from miaotui.models import resolve_config
@@ -133,17 +125,11 @@ def main() -> None:
     for transformer in (False, True):  # made once, before the workers
         nncf_int8(config, work, transformer=transformer)
     started = time.time()
-    runs = []
-    for index in range(args.processes):
-        order = ["--engine-first"] if index % 2 == 0 else []
-        worker = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--worker", "--engine", str(engine_path), *order],
-                                capture_output=True, text=True)
-        if worker.returncode:
-            sys.exit(f"error: benchmarks/head_to_head.py: worker {index + 1} failed:\n{worker.stderr[-2000:]}")
-        runs.append(json.loads(worker.stdout.strip().splitlines()[-1]))
-        print(f"process {index + 1} of {args.processes}: " + "; ".join(
-            f"{shape} {name.split(' (')[0]} {row['ratio']:.3f}" for shape, rows in runs[-1].items()
-            for name, row in rows.items()), file=sys.stderr, flush=True)
+    # the engine loaded first in every other process
+    worker_args = [["--engine", str(engine_path), *(["--engine-first"] if index % 2 == 0 else [])]
+                   for index in range(args.processes)]
+    runs = fresh_workers(__file__, worker_args, "benchmarks/head_to_head.py", progress=lambda run: "; ".join(
+        f"{shape} {name.split(' (')[0]} {row['ratio']:.3f}" for shape, rows in run.items() for name, row in rows.items()))
     cpu, machine = describe_machine()
     command = (f"python benchmarks/head_to_head.py --model {config.name} --batch {args.batch} --seq {args.seq} "
                f"--threads {args.threads} --seconds {args.seconds:g} --block {args.block} --processes {args.processes}")

@@ -170,6 +170,35 @@ def describe_machine() -> tuple[dict, str]:
     return cpu, f"{cpu['cpu']} ({', '.join(cpu['isa'])}; {bf16})"
 
 
+def paired_ms(calls: dict, seconds: float, block: int) -> dict[str, np.ndarray]:
+    """engines/timing.round_ms over `calls` for about `seconds` (at least 10 cycles), after three warm-up calls
+    each (shapes prepared, one-text models compiled); each turn one untimed call, then `block` timed ones.
+    One cycle sizes the budget, so a slow shape gets fewer cycles rather than a longer run."""
+    from miaotui.engines.timing import round_ms
+
+    for call in calls.values():
+        for _ in range(3):
+            call()
+    cycle_ms = sum(values[0] * (block + 1) for values in round_ms(calls, 1, block, settle=1).values())
+    return round_ms(calls, max(10, int(seconds * 1000 / cycle_ms)), block, settle=1)
+
+
+def fresh_workers(script: str, worker_args: list[list[str]], label: str, progress=None) -> list[dict]:
+    """Run `script --worker ...` once per entry of worker_args, one fresh process after another (a process's
+    memory and thread placement costs each compiled model differently for as long as it lives), and return
+    each one's JSON answer, its stdout's last line; `progress(answer)`, if given, is a line for stderr after
+    each. A failed worker ends the benchmark with its stderr."""
+    runs = []
+    for index, extra in enumerate(worker_args):
+        worker = subprocess.run([sys.executable, script, *sys.argv[1:], "--worker", *extra], capture_output=True, text=True)
+        if worker.returncode:
+            sys.exit(f"error: {label}: worker {index + 1} of {len(worker_args)} failed:\n{worker.stderr[-2000:]}")
+        runs.append(json.loads(worker.stdout.strip().splitlines()[-1]))
+        if progress:
+            print(f"process {index + 1} of {len(worker_args)}: {progress(runs[-1])}", file=sys.stderr, flush=True)
+    return runs
+
+
 def int8_gemm_rate(threads: int) -> float:
     """MAC/s of ONNX Runtime's MatMulInteger (uint8 x int8) on 1024^3, in its own process."""
     code = f"""

@@ -1,6 +1,6 @@
 """The last layer on the pooled token only (export/pooled_rows.py): each INT8 engine with and without it.
 
-    python benchmarks/pooled_rows.py [--out build/hf-minilm] [--backends onnxruntime,openvino]
+    python benchmarks/pooled_rows.py [--out build/hf-minilm] [--stack-layers N] [--backends onnxruntime,openvino]
                                      [--batch 1,32] [--seq 128] [--threads 2] [--seconds 10] [--processes 3]
 
 Takes the fine-tuned checkpoint that benchmarks/huggingface_finetune.py leaves in --out (its config
@@ -12,6 +12,12 @@ turn by turn, in `--processes` fresh processes (a process's memory placement cos
 differently, benchmarks/NOTES.md); and both engines' labels through Classifier.predict are compared
 with the checkpoint's own on the validation and test splits. Writes
 benchmarks/results/hf-minilm/pooled_rows.{json,md}.
+
+`--stack-layers N` times a deeper encoder of the same width instead: a checkpoint whose N layers are
+the fine-tuned one's repeated in order (0-5, 0-5 for 12), written with the same CSV files and its
+config to <out>-N-layers (results in benchmarks/results/hf-minilm-N-layers/). Its answers are not a
+trained model's, so its agreement says only that both engines answer alike; the times are a
+deeper model's (nothing downloads a pretrained one here).
 """
 
 from __future__ import annotations
@@ -28,16 +34,18 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 KINDS = ("narrowed", "all rows")
+CONFIG = "hf-minilm.toml"  # the `miaotui init` config in --out
 
 
 def one_process(args) -> dict:
     """{backend: {shape: ms of each kind and the all-rows / narrowed ratio, medians over the turns}}."""
+    from peers import paired_ms  # this folder's
+
     from miaotui.config import load_config
     from miaotui.engines.shapes import synthetic_feed
-    from miaotui.engines.timing import round_ms
     from miaotui.runtime import Engine
 
-    config = load_config(args.out / "hf-minilm.toml")
+    config = load_config(args.out / CONFIG)
     paths = json.loads(args.engines)
     results = {}
     for backend in args.backends.split(","):
@@ -46,16 +54,48 @@ def one_process(args) -> dict:
             ranges = [replace(t, opt=(batch, args.seq)) for t in engines["narrowed"].inputs]
             feed = synthetic_feed(ranges, "opt", config)
             calls = {kind: (lambda engine=engine: engine.run(feed)) for kind, engine in engines.items()}
-            for call in calls.values():
-                for _ in range(3):
-                    call()
-            turn = round_ms(calls, 1, 2, settle=1)
-            rounds = max(10, int(args.seconds * 1000 / sum(3 * values[0] for values in turn.values())))
-            ms = round_ms(calls, rounds, 2, settle=1)
+            ms = paired_ms(calls, args.seconds, block=2)
             results.setdefault(backend, {})[f"{batch} x {args.seq}"] = {
                 **{kind: round(float(np.median(ms[kind])), 3) for kind in KINDS},
-                "ratio": round(float(np.median(ms["all rows"] / ms["narrowed"])), 4), "rounds": rounds}
+                "ratio": round(float(np.median(ms["all rows"] / ms["narrowed"])), 4), "rounds": len(ms["narrowed"])}
     return results
+
+
+def stacked_folder(out: Path, layers: int) -> Path:
+    return out.with_name(f"{out.name}-{layers}-layers")
+
+
+def stack_layers(out: Path, layers: int) -> Path:
+    """<out>-<layers>-layers: the checkpoint in <out> with its encoder layers repeated in order up to `layers`,
+    the same CSV files, and a config named after the folder. Made afresh each time (a few seconds)."""
+    import shutil
+
+    from transformers import BertConfig, BertForSequenceClassification
+
+    target = stacked_folder(out, layers)
+    source = BertForSequenceClassification.from_pretrained(out / "checkpoint")
+    depth = source.config.num_hidden_layers
+    model = BertForSequenceClassification(BertConfig.from_pretrained(out / "checkpoint", num_hidden_layers=layers))
+    weights = source.state_dict()
+
+    def source_name(name: str) -> str:  # bert.encoder.layer.<i>.… reads layer i modulo the source's depth
+        parts = name.split(".")
+        if "layer" in parts:
+            index = parts.index("layer") + 1
+            parts[index] = str(int(parts[index]) % depth)
+        return ".".join(parts)
+
+    model.load_state_dict({name: weights[source_name(name)] for name in model.state_dict()})
+    model.save_pretrained(target / "checkpoint")
+    shutil.copy(out / "checkpoint" / "tokenizer.json", target / "checkpoint")
+    for name in ("calibration.csv", "validation.csv", "test.csv"):
+        shutil.copy(out / name, target / name)
+    subprocess.run([sys.executable, "-m", "miaotui.cli", "init", str(target / "checkpoint"), "-o", str(target / CONFIG),
+                    "--force", "--calibration", str(target / "calibration.csv"), "--validation",
+                    str(target / "validation.csv")], check=True)
+    config = target / CONFIG
+    config.write_text(config.read_text().replace('name = "checkpoint"', f'name = "{target.name}"'))
+    return target
 
 
 def build_both(out: Path, backends: list[str]) -> dict[str, dict[str, str]]:
@@ -65,7 +105,7 @@ def build_both(out: Path, backends: list[str]) -> dict[str, dict[str, str]]:
     from miaotui.engines import BuildOptions
     from miaotui.stages import run_build_stage
 
-    config = load_config(out / "hf-minilm.toml")
+    config = load_config(out / CONFIG)
     paths = {backend: {"narrowed": str(run_build_stage(config, out / "work", BuildOptions(backend=backend)).path)}
              for backend in backends}
     narrow = pooled_rows.narrow_to_pooled_rows
@@ -104,6 +144,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "build" / "hf-minilm",
                         help="where benchmarks/huggingface_finetune.py left the checkpoint and its work dir")
+    parser.add_argument("--stack-layers", type=int, help="time a checkpoint of this many layers, the fine-tuned "
+                        "one's repeated (its answers are not a trained model's)")
     parser.add_argument("--backends", default="onnxruntime,openvino")
     parser.add_argument("--batch", default="1,32")
     parser.add_argument("--seq", type=int, default=128)
@@ -115,23 +157,23 @@ def main() -> None:
     args = parser.parse_args()
     args.out = args.out.resolve()
     if args.worker:
+        if args.stack_layers:
+            args.out = stacked_folder(args.out, args.stack_layers)
         print(json.dumps(one_process(args)))
         return
-    if not (args.out / "hf-minilm.toml").is_file():
-        sys.exit(f"{args.out / 'hf-minilm.toml'}: not found; run benchmarks/huggingface_finetune.py first")
+    if not (args.out / CONFIG).is_file():
+        sys.exit(f"{args.out / CONFIG}: not found; run benchmarks/huggingface_finetune.py first")
 
-    from peers import describe_machine
+    from peers import describe_machine, fresh_workers
+
+    from miaotui.config import load_config
 
     backends = args.backends.split(",")
     started = time.time()
+    if args.stack_layers:
+        args.out = stack_layers(args.out, args.stack_layers)
     paths = build_both(args.out, backends)
-    runs = []
-    for _ in range(args.processes):
-        worker = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--worker", "--engines", json.dumps(paths)],
-                                capture_output=True, text=True)
-        if worker.returncode:
-            sys.exit(f"worker failed: {worker.stderr.strip().splitlines()[-1]}")
-        runs.append(json.loads(worker.stdout.strip().splitlines()[-1]))
+    runs = fresh_workers(__file__, [["--engines", json.dumps(paths)]] * args.processes, "benchmarks/pooled_rows.py")
     speed = {backend: {shape: {"ratio": round(float(np.median([run[backend][shape]["ratio"] for run in runs])), 4),
                                "ratios": [run[backend][shape]["ratio"] for run in runs],
                                **{kind: round(float(np.median([run[backend][shape][kind] for run in runs])), 3)
@@ -142,7 +184,7 @@ def main() -> None:
     command = "python benchmarks/pooled_rows.py " + " ".join(sys.argv[1:])
     record = {"command": command.strip(), "machine": machine, "cpu": cpu, "seconds": round(time.time() - started),
               "threads": args.threads, "speed": speed, "agreement_with_checkpoint": agreed, "runs": runs}
-    target = REPO / "benchmarks" / "results" / "hf-minilm"
+    target = REPO / "benchmarks" / "results" / load_config(args.out / CONFIG).name
     target.mkdir(parents=True, exist_ok=True)
     (target / "pooled_rows.json").write_text(json.dumps(record, indent=2) + "\n")
     lines = [f"# The last layer on the pooled token only, INT8 engines with and without it\n",
