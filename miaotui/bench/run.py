@@ -130,7 +130,7 @@ def _interleaved(subjects: list[Subject], batches: list[int], seqs: list[int], t
             slices = latencies[key]
             row |= summarize([value for part in slices for value in part], batch)
             row["rounds"] = rounds
-            row["round_p50_ms"] = [round(summarize(part, batch)["p50_ms"], 3) for part in slices]
+            row["round_p50_ms"] = [summarize(part, batch)["p50_ms"] for part in slices]  # unrounded: p50_ms lies between them
             rows.append(row)
     return rows
 
