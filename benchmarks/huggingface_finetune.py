@@ -100,6 +100,16 @@ def write_csv(path: Path, split: str) -> list:
     return examples
 
 
+def init_config(out: Path, name: str) -> Path:
+    """<out>/hf-minilm.toml as a user makes it: `miaotui init` on <out>/checkpoint with <out>'s calibration and
+    validation CSVs, the work dir named `name`."""
+    config = out / "hf-minilm.toml"
+    subprocess.run([sys.executable, "-m", "miaotui.cli", "init", str(out / "checkpoint"), "-o", str(config), "--force",
+                    "--calibration", str(out / "calibration.csv"), "--validation", str(out / "validation.csv")], check=True)
+    config.write_text(config.read_text().replace('name = "checkpoint"', f'name = "{name}"'))
+    return config
+
+
 def stage_seconds(work: Path, parity: dict) -> dict[str, float]:
     """Seconds of each stage the run recorded (manifest.json) and of the parity gate itself: where a
     change to the data path shows (the reference, quantize's agreement and the gate read the validation
@@ -128,11 +138,8 @@ def main() -> None:
         (out / "training.json").write_text(json.dumps(training))
 
     splits = {split: write_csv(out / f"{split}.csv", split) for split in ("calibration", "validation", "test")}
-    config = out / "hf-minilm.toml"
+    config = init_config(out, "hf-minilm")
     miaotui = [sys.executable, "-m", "miaotui.cli"]
-    subprocess.run([*miaotui, "init", str(checkpoint), "-o", str(config), "--force", "--calibration",
-                    str(out / "calibration.csv"), "--validation", str(out / "validation.csv")], check=True)
-    config.write_text(config.read_text().replace('name = "checkpoint"', 'name = "hf-minilm"'))
     work = out / "work"
     shutil.rmtree(work, ignore_errors=True)  # a whole run each time: run_seconds and the stage times compare
     started = time.perf_counter()

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -34,7 +33,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 KINDS = ("narrowed", "all rows")
-CONFIG = "hf-minilm.toml"  # the `miaotui init` config in --out
+CONFIG = "hf-minilm.toml"  # the `miaotui init` config in --out (huggingface_finetune.init_config writes it)
 
 
 def one_process(args) -> dict:
@@ -77,6 +76,7 @@ def stack_layers(out: Path, layers: int) -> Path:
     the same CSV files, and a config named after the folder. Made afresh each time (a few seconds)."""
     import shutil
 
+    from huggingface_finetune import init_config  # this folder's: the config as a user makes it
     from transformers import BertConfig, BertForSequenceClassification
 
     target = stacked_folder(out, layers)
@@ -97,11 +97,7 @@ def stack_layers(out: Path, layers: int) -> Path:
     shutil.copy(out / "checkpoint" / "tokenizer.json", target / "checkpoint")
     for name in ("calibration.csv", "validation.csv", "test.csv"):
         shutil.copy(out / name, target / name)
-    subprocess.run([sys.executable, "-m", "miaotui.cli", "init", str(target / "checkpoint"), "-o", str(target / CONFIG),
-                    "--force", "--calibration", str(target / "calibration.csv"), "--validation",
-                    str(target / "validation.csv")], check=True)
-    config = target / CONFIG
-    config.write_text(config.read_text().replace('name = "checkpoint"', f'name = "{target.name}"'))
+    init_config(target, target.name)
     return target
 
 
