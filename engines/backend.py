@@ -62,6 +62,9 @@ class BackendBuild:
     session: dict[str, Any] = field(default_factory=dict)  # what the runtime must set when loading
     network: dict[str, Any] = field(default_factory=dict)  # what the builder saw, beyond the ONNX node counts
     warnings: list[str] = field(default_factory=list)
+    # What the build decided by timing on this machine's CPUs (e.g. "call split"): decisions that a busy
+    # machine can get wrong, so the build records how busy it was (engines/timing.cpu_use).
+    timed: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from miaotui.config import PRECISIONS, Config
 from miaotui.engines.backend import BuildJob, get_backend
 from miaotui.engines.metadata import EngineMetadata, TensorInfo
 from miaotui.engines.tensorrt_engine import TensorRTOptions
+from miaotui.engines.timing import BUSY_ELSEWHERE_WARNING, cpu_use
 from miaotui.errors import InputError
 from miaotui.workdir import WorkDir, engine_file_name, sidecar_path
 
@@ -80,6 +81,11 @@ def default_engine_path(onnx_path: Path, backend: str, precision: str | None, co
     return WorkDir(onnx_path.parent).engines_dir / default_engine_name(name, backend, graph_precision)
 
 
+def _listed(items: list[str]) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    return " and ".join(filter(None, [", ".join(items[:-1]), items[-1]]))
+
+
 def _miaotui_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -127,7 +133,15 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, options: BuildO
         job = BuildJob(onnx_path, staged_engine, engine_path.name, options, ranges, summary.precision,
                        tuple(summary.foreign_domains), config, cache_path or timing_cache_path(engine_path),
                        lambda name: staged.enter_context(atomic_path(engine_path.with_name(name))))
-        built = backend.build(job)
+        with cpu_use() as use:
+            built = backend.build(job)
+        warnings = list(built.warnings)
+        if built.timed and use.busy_elsewhere is not None:
+            built.checks["cpu_busy_elsewhere"] = use.busy_elsewhere
+            if use.busy_elsewhere > BUSY_ELSEWHERE_WARNING:
+                warnings.append(f"{engine_path.name}: other processes took {use.busy_elsewhere:.0%} of this machine's CPU "
+                                f"time while the build timed its {_listed(built.timed)}; what it chose may not be "
+                                "the fastest here: rebuild the engine when the machine is quiet")
         network = {"onnx_nodes": sum(summary.op_counts.values()), "int8_nodes": summary.int8_nodes,
                    "float_nodes": summary.float_nodes} | built.network
         metadata = EngineMetadata(
@@ -151,4 +165,4 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, options: BuildO
             miaotui_version=_miaotui_version(),
         )
         atomic_write_json(staged_sidecar, metadata.to_json())
-    return BuildResult(engine_path, sidecar, metadata, list(built.warnings))
+    return BuildResult(engine_path, sidecar, metadata, warnings)

@@ -292,13 +292,15 @@ class OnnxRuntime(Backend):
             if source != job.onnx_path:  # the rewritten graph is checked above; how far it is from the source:
                 checks["vs_source_onnx_max_abs_diff"] = _compare_sources(job.onnx_path, source, job.ranges, job.config)
             # Half-precision graphs are GPU precisions, checked on the CPU but not run there for speed: not timed.
+            timed = []
             if actual == "CPUExecutionProvider" and job.precision in ("fp32", "int8"):
                 split = _time_call_split(job.engine_path, session, job.ranges, job.config)
                 if split is not None:
+                    timed.append("call split")
                     checks["call_split"] = split
                     if split["max_call_elements"]:
                         session["max_call_elements"] = split["max_call_elements"]
-        return BackendBuild(self.version(), device, settings, checks, session=session, warnings=warnings)
+        return BackendBuild(self.version(), device, settings, checks, session=session, warnings=warnings, timed=timed)
 
     def check_machine(self, path: Path, metadata: EngineMetadata) -> None:
         """The engine was built for an instruction set and provider this machine must have."""

@@ -531,9 +531,11 @@ class OpenVINO(Backend):
                     "one_text": one_text_decided["form"],
                     "weights_sha256": sha256_file(weights), "weights_bytes": weights.stat().st_size}
         checks = _check(job.onnx_path, runner, job.ranges, job.config)
+        timed = []
         for part, decided in (("attention", attention), ("lstm", lstm), ("one_text", one_text_decided)):
             if "min_gain" in decided:
                 checks[f"{part}_timing"] = {key: value for key, value in decided.items() if key != "form"}
+                timed.append(f"{part.replace('_', '-')} form")
         if "why_not" in one_text_decided:
             checks["padded_widths_why_not"] = one_text_decided["why_not"]
         checks |= padding_checked  # padding marked by the tokenizer's id: what was checked
@@ -542,7 +544,8 @@ class OpenVINO(Backend):
             # What each call shape costs: Engine.run cuts a batch's rows by it, Classifier.predict its texts.
             # Without a width step the widths come as they are: the table's are timed at the smallest step.
             session["call_ms"] = _call_costs(runner, job.ranges, job.config, step or MIN_STEP)
-        return BackendBuild(self.version(), cpu_description(), settings, checks, session)
+            timed.append("call costs")
+        return BackendBuild(self.version(), cpu_description(), settings, checks, session, timed=timed)
 
     def engine_files(self, engine: Path) -> list[Path]:
         return [weights_path(engine)]

@@ -6,8 +6,11 @@ a handful of forms of one engine in one process, and this is that comparison.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -41,3 +44,62 @@ def round_ms(calls: Mapping[str, Callable[[], object]], rounds: int, block: int 
                 call()
             times[name].append((time.perf_counter() - started) * 1000 / block)
     return {name: np.array(values) for name, values in times.items()}
+
+
+# Above this share of the CPUs' time going to other processes during a build, its timing decisions are
+# reported as made on a busy machine. A quiet machine here: under 2%; one other process spinning on one
+# of two CPUs: about 50% (tests/test_timing.py).
+BUSY_ELSEWHERE_WARNING = 0.2
+
+
+@dataclass
+class CpuUse:
+    """What share of this process's CPUs' time went to other processes (and to the hypervisor's steal)
+    while a block ran; None where the kernel does not say (not Linux)."""
+
+    busy_elsewhere: float | None = None
+
+
+def _cpu_ticks(cpus: set[int]) -> tuple[int, int] | None:
+    """(busy, total) clock ticks of `cpus` since boot, from /proc/stat's per-CPU lines; None where unreadable."""
+    busy = total = 0
+    try:
+        lines = Path("/proc/stat").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        name, *fields = line.split()
+        if not (name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus):
+            continue
+        # user nice system idle iowait irq softirq steal (guest time is already inside user and nice)
+        ticks = [int(value) for value in fields[:8]]
+        busy += sum(ticks) - ticks[3] - ticks[4]
+        total += sum(ticks)
+    return (busy, total) if total else None
+
+
+@contextlib.contextmanager
+def cpu_use() -> Iterator[CpuUse]:
+    """Measure how busy other processes kept this process's CPUs during the block: the kernel's busy ticks
+    on the CPUs this process may run on, less this process's own CPU time. Written here because neither
+    psutil (not a dependency) nor the libraries' own timing say it: a build's timing on a shared machine
+    decides call forms that last as long as the engine."""
+    import os
+
+    try:
+        cpus = os.sched_getaffinity(0)
+    except (AttributeError, OSError):
+        cpus = set()
+    before, own_before, started = _cpu_ticks(cpus), os.times(), time.monotonic()
+    use = CpuUse()
+    yield use
+    after, own_after, wall = _cpu_ticks(cpus), os.times(), time.monotonic() - started
+    if before is None or after is None or after[1] <= before[1] or wall <= 0:
+        return
+    hz = os.sysconf("SC_CLK_TCK")
+    busy = (after[0] - before[0]) / hz
+    own = sum(getattr(own_after, key) - getattr(own_before, key)
+              for key in ("user", "system", "children_user", "children_system"))
+    # The kernel's ticks and the wall clock count the same seconds: total ticks over the block, per CPU.
+    capacity = (after[1] - before[1]) / hz
+    use.busy_elsewhere = round(min(1.0, max(0.0, (busy - own) / capacity)), 3)

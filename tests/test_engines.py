@@ -432,6 +432,7 @@ def test_large_batches_run_in_row_slices_with_the_same_answers(lstm_work: Path, 
     split = metadata.checks["call_split"]
     assert split["shape"] == [64, 128] and "whole" in split["ms"] and all(ms > 0 for ms in split["ms"].values())
     assert metadata.session.get("max_call_elements") == split["max_call_elements"]  # what Engine.run will use
+    assert 0 <= metadata.checks["cpu_busy_elsewhere"] <= 1  # how busy the machine was while it timed
 
     tokenizer = load_tokenizer(resolve_config("lstm-sentiment").model.tokenizer, MAX_LENGTH)
     feed = {"input_ids": encode(tokenizer, [e.text for e in load_split("validation")[:45]])["input_ids"]}
@@ -462,3 +463,66 @@ def test_build_timing_interleaves_its_candidates_and_warms_each_first():
     assert order[:6] == ["a", "a", "b", "b", "c", "c"]
     assert order[6:] == ["a", "b", "c", "c", "b", "a", "a", "b", "c"]
     assert set(timed) == {"a", "b", "c"} and all(ms >= 0 for ms in timed.values())
+
+
+SPIN = "import os, sys\nos.sched_setaffinity(0, {int(sys.argv[1])})\nwhile True: pass"
+
+
+def _spinners(cpus) -> list[subprocess.Popen]:
+    """One process spinning on each of `cpus` (pinned there): another user's load on the machine."""
+    return [subprocess.Popen([sys.executable, "-c", SPIN, str(cpu)]) for cpu in cpus]
+
+
+def _stop(processes: list[subprocess.Popen]) -> None:
+    for process in processes:
+        process.kill()
+        process.wait()
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or not Path("/proc/stat").exists(), reason="Linux only")
+def test_cpu_use_counts_other_processes_on_this_process_cpus_and_not_its_own_work():
+    """cpu_use: a process spinning on this thread's CPU shows as busy elsewhere; this thread's own
+    spinning does not (the kernel's busy ticks less this process's CPU time)."""
+    import time
+
+    from miaotui.engines.timing import cpu_use
+
+    allowed = os.sched_getaffinity(0)
+    cpu = min(allowed)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        with cpu_use() as own:
+            started = time.monotonic()
+            while time.monotonic() - started < 1.5:
+                pass
+        spinners = _spinners([cpu])
+        try:
+            time.sleep(0.2)
+            with cpu_use() as other:
+                time.sleep(1.5)
+        finally:
+            _stop(spinners)
+    finally:
+        os.sched_setaffinity(0, allowed)
+    assert other.busy_elsewhere is not None and other.busy_elsewhere > 0.6, other
+    assert own.busy_elsewhere is not None and own.busy_elsewhere < other.busy_elsewhere - 0.4, (own, other)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or not Path("/proc/stat").exists(), reason="Linux only")
+def test_a_build_on_a_busy_machine_records_it_and_warns_that_its_timing_may_be_wrong(lstm_work: Path, tmp_path: Path):
+    """The call split is chosen by timing: a build that shared its CPUs with other processes says so
+    in the sidecar (checks.cpu_busy_elsewhere) and in one warning line naming the engine and what was timed."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) > 8:
+        pytest.skip(f"{len(cpus)} CPUs: too many to load with spinning processes")
+    engine_path = tmp_path / "lstm.ort"
+    spinners = _spinners(cpus)
+    try:
+        result = run_cli("build", str(lstm_work / "model.int8.onnx"), "-o", str(engine_path))
+    finally:
+        _stop(spinners)
+    assert result.returncode == 0, result.stderr
+    busy = read_metadata(engine_path).checks["cpu_busy_elsewhere"]
+    assert busy > 0.2, busy
+    warning = [line for line in result.stderr.splitlines() if "warning:" in line]
+    assert len(warning) == 1 and "lstm.ort: other processes took" in warning[0] and "call split" in warning[0], result.stderr
