@@ -82,6 +82,7 @@ def test_the_gate_passes_on_the_default_models_int8_engine(lstm_work: Path, tmp_
     assert "PASSED" in result.stdout and "top-1 agreement" in result.stdout
     report = json.loads((tmp_path / "reports" / "parity.json").read_text())
     assert report["passed"] and report["samples"] == 886 and report["from_work_dir"]
+    assert report["engine_seconds"] > 0 and 0 <= report["cpu_busy_elsewhere"] <= 1  # the engine choice's timing
     (logits,) = report["outputs"]
     assert logits["top1_agreement"] >= 0.99 and logits["accuracy_drop"] <= 0.01 and logits["nan_count"] == 0
     cases = ET.parse(junit).getroot().findall("./testsuite/testcase")

@@ -38,6 +38,7 @@ class ParityReport:
     # the engine file it was (engine_sha256) and the machine it ran on (engines.choice.this_machine).
     engine_seconds: float = 0.0
     single_seconds: float = 0.0  # per call, samples one at a time, their padding trimmed (as one text is sent)
+    cpu_busy_elsewhere: float | None = None  # share of the CPUs' time other processes took meanwhile (engines/timing.py)
     engine_sha256: str = ""
     machine: str = ""
     # An engine that pads one text to fixed widths (openvino) runs it on other compiled models than a

@@ -28,6 +28,7 @@ def validate_engine(engine_path: str | Path, config: Config, work_dir: str | Pat
                     threads: int | None = None) -> ParityReport:
     from miaotui.data.datasets import data_set, summarize
     from miaotui.engines.choice import this_machine
+    from miaotui.engines.timing import BUSY_ELSEWHERE_WARNING, cpu_use
     from miaotui.runtime import Engine
     from miaotui.stages.reference import Reference
     from miaotui.stages.runner import Pipeline
@@ -45,21 +46,26 @@ def validate_engine(engine_path: str | Path, config: Config, work_dir: str | Pat
     reference_stage = Pipeline(config, work_dir, progress).run(Reference(summary=summary))
     reference = load_reference(reference_stage.path)
     from_work_dir = engine.metadata.onnx_sha256 in WorkDir(work_dir).graph_digests()
-    samples, metrics, checks, warnings, inside = compare_engine(engine, validation, summary.has_labels, bars, reference,
-                                                                reference_stage.path, from_work_dir, Path(work_dir),
-                                                                progress, as_sent(engine, config))
-    one_text = None
-    if engine.one_text_fixed:
-        # Before the timing: the fixed-width models are compiled on their first call, once per process
-        one_text = judge_one_text(engine, validation, config, reference, bars, summary.has_labels)
-        checks += judge(one_text, bars)
-    single = single_call_seconds(engine, validation, config, summary.samples)
+    with cpu_use() as use:  # the engine choice reads the timings below: how busy the machine was meanwhile
+        samples, metrics, checks, warnings, inside = compare_engine(engine, validation, summary.has_labels, bars,
+                                                                    reference, reference_stage.path, from_work_dir,
+                                                                    Path(work_dir), progress, as_sent(engine, config))
+        one_text = None
+        if engine.one_text_fixed:
+            # Before the timing: the fixed-width models are compiled on their first call, once per process
+            one_text = judge_one_text(engine, validation, config, reference, bars, summary.has_labels)
+            checks += judge(one_text, bars)
+        single = single_call_seconds(engine, validation, config, summary.samples)
+    if use.busy_elsewhere is not None and use.busy_elsewhere > BUSY_ELSEWHERE_WARNING:
+        warnings.append(f"{engine.path.name}: other processes took {use.busy_elsewhere:.0%} of this machine's CPU time "
+                        "while the gate timed the engine, and the engine choice (Classifier, Triton packaging) reads "
+                        "those timings: validate it again when the machine is quiet")
     return ParityReport(
         engine=str(engine.path), backend=engine.backend, precision=precision, provider=engine.provider,
         config=str(config.path), validation_set=validation.where, samples=samples, from_work_dir=from_work_dir,
         bars=bars, outputs=metrics, checks=checks, reference_cached=reference_stage.skipped,
         seconds=round(time.perf_counter() - started, 3), warnings=warnings, engine_seconds=round(inside, 4),
-        single_seconds=round(single, 6),
+        single_seconds=round(single, 6), cpu_busy_elsewhere=use.busy_elsewhere,
         engine_sha256=engine.metadata.engine_sha256, machine=this_machine(), one_text=one_text)
 
 
