@@ -48,7 +48,7 @@ def round_ms(calls: Mapping[str, Callable[[], object]], rounds: int, block: int 
 
 # Above this share of the CPUs' time going to other processes during a build, its timing decisions are
 # reported as made on a busy machine. A quiet machine here: under 2%; one other process spinning on one
-# of two CPUs: about 50% (tests/test_timing.py).
+# of two CPUs: about 50% (tests/test_engines.py, benchmarks/NOTES.md).
 BUSY_ELSEWHERE_WARNING = 0.2
 
 
@@ -90,16 +90,15 @@ def cpu_use() -> Iterator[CpuUse]:
         cpus = os.sched_getaffinity(0)
     except (AttributeError, OSError):
         cpus = set()
-    before, own_before, started = _cpu_ticks(cpus), os.times(), time.monotonic()
+    before, own_before = _cpu_ticks(cpus), os.times()
     use = CpuUse()
     yield use
-    after, own_after, wall = _cpu_ticks(cpus), os.times(), time.monotonic() - started
-    if before is None or after is None or after[1] <= before[1] or wall <= 0:
+    after, own_after = _cpu_ticks(cpus), os.times()
+    if before is None or after is None or after[1] <= before[1]:
         return
     hz = os.sysconf("SC_CLK_TCK")
     busy = (after[0] - before[0]) / hz
     own = sum(getattr(own_after, key) - getattr(own_before, key)
               for key in ("user", "system", "children_user", "children_system"))
-    # The kernel's ticks and the wall clock count the same seconds: total ticks over the block, per CPU.
-    capacity = (after[1] - before[1]) / hz
+    capacity = (after[1] - before[1]) / hz  # every tick of these CPUs over the block, idle ones included
     use.busy_elsewhere = round(min(1.0, max(0.0, (busy - own) / capacity)), 3)
