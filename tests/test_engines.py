@@ -508,6 +508,19 @@ def test_cpu_use_counts_other_processes_on_this_process_cpus_and_not_its_own_wor
     assert own.busy_elsewhere is not None and own.busy_elsewhere < other.busy_elsewhere - 0.4, (own, other)
 
 
+def _cpu_quota() -> float | None:
+    """CPUs' worth of time this process's cgroup may use (cgroup v2 cpu.max or v1 cfs quota); None: no quota."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        try:
+            quota = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text().strip()
+            period = Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return None
+    return None if quota in ("max", "-1") else int(quota) / int(period)
+
+
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or not Path("/proc/stat").exists(), reason="Linux only")
 def test_a_build_on_a_busy_machine_records_it_and_warns_that_its_timing_may_be_wrong(lstm_work: Path, tmp_path: Path):
     """The call split is chosen by timing: a build that shared its CPUs with other processes says so
@@ -515,6 +528,9 @@ def test_a_build_on_a_busy_machine_records_it_and_warns_that_its_timing_may_be_w
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) > 8:
         pytest.skip(f"{len(cpus)} CPUs: too many to load with spinning processes")
+    quota = _cpu_quota()
+    if quota is not None and quota < len(cpus):
+        pytest.skip(f"a cgroup quota of {quota:.1f} CPUs over {len(cpus)}: spinners would share it with the build")
     engine_path = tmp_path / "lstm.ort"
     spinners = _spinners(cpus)
     try:
