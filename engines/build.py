@@ -141,7 +141,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, options: BuildO
             if use.busy_elsewhere > BUSY_ELSEWHERE_WARNING:
                 warnings.append(f"{engine_path.name}: other processes took {use.busy_elsewhere:.0%} of this machine's CPU "
                                 f"time while the build timed its {_listed(built.timed)}; what it chose may not be "
-                                "the fastest here: rebuild the engine when the machine is quiet")
+                                "the fastest here: rebuild it when the machine is quiet (miaotui run --force, or miaotui build)")
         network = {"onnx_nodes": sum(summary.op_counts.values()), "int8_nodes": summary.int8_nodes,
                    "float_nodes": summary.float_nodes} | built.network
         metadata = EngineMetadata(

@@ -59,7 +59,7 @@ def validate_engine(engine_path: str | Path, config: Config, work_dir: str | Pat
     if use.busy_elsewhere is not None and use.busy_elsewhere > BUSY_ELSEWHERE_WARNING:
         warnings.append(f"{engine.path.name}: other processes took {use.busy_elsewhere:.0%} of this machine's CPU time "
                         "while the gate timed the engine, and the engine choice (Classifier, Triton packaging) reads "
-                        "those timings: validate it again when the machine is quiet")
+                        "those timings: validate it again when the machine is quiet (miaotui validate)")
     return ParityReport(
         engine=str(engine.path), backend=engine.backend, precision=precision, provider=engine.provider,
         config=str(config.path), validation_set=validation.where, samples=samples, from_work_dir=from_work_dir,
