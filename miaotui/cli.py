@@ -501,6 +501,12 @@ def _inspect_engine(path: Path) -> None:
     device = ", ".join(f"{k} {v if not isinstance(v, list) else ' '.join(map(str, v))}" for k, v in meta.device.items())
     _console().print(f"built for: {escape(device)}")
     _console().print(f"from: {escape(meta.onnx_file)} (sha256 {meta.onnx_sha256[:12]}...)")
+    busy = meta.checks.get("cpu_busy_elsewhere")
+    if busy is not None:  # the build decided something by timing (engines/timing.cpu_use)
+        from miaotui.engines.timing import BUSY_ELSEWHERE_WARNING
+
+        doubt = ": what it timed may not be the fastest here, rebuild it on a quiet machine" if busy > BUSY_ELSEWHERE_WARNING else ""
+        _console().print(f"other processes took {busy:.0%} of the CPU time while the build timed its choices{doubt}")
     rows = [("input", t.name, t.dtype, f"{'x'.join(map(str, t.min))} .. {'x'.join(map(str, t.opt))} .. "
              f"{'x'.join(map(str, t.max))}") for t in meta.inputs]
     rows += [("output", t.name, t.dtype, "[" + ", ".join(map(str, t.dims)) + "]") for t in meta.outputs]

@@ -542,3 +542,5 @@ def test_a_build_on_a_busy_machine_records_it_and_warns_that_its_timing_may_be_w
     assert busy > 0.2, busy
     warning = [line for line in result.stderr.splitlines() if "warning:" in line]
     assert len(warning) == 1 and "lstm.ort: other processes took" in warning[0] and "call split" in warning[0], result.stderr
+    shown = run_cli("inspect", str(engine_path)).stdout
+    assert f"other processes took {busy:.0%} of the CPU time while the build timed its choices: what it timed" in shown
