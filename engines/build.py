@@ -19,7 +19,7 @@ from miaotui.config import PRECISIONS, Config
 from miaotui.engines.backend import BuildJob, get_backend
 from miaotui.engines.metadata import EngineMetadata, TensorInfo
 from miaotui.engines.tensorrt_engine import TensorRTOptions
-from miaotui.engines.timing import BUSY_ELSEWHERE_WARNING, cpu_use
+from miaotui.engines.timing import BUSY_ELSEWHERE_WARNING, timing_ledger
 from miaotui.errors import InputError
 from miaotui.workdir import WorkDir, engine_file_name, sidecar_path
 
@@ -133,15 +133,15 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, options: BuildO
         job = BuildJob(onnx_path, staged_engine, engine_path.name, options, ranges, summary.precision,
                        tuple(summary.foreign_domains), config, cache_path or timing_cache_path(engine_path),
                        lambda name: staged.enter_context(atomic_path(engine_path.with_name(name))))
-        with cpu_use() as use:
+        with timing_ledger() as shares:  # each timing's share of the CPUs other processes took (engines/timing.py)
             built = backend.build(job)
         warnings = list(built.warnings)
-        if built.timed and use.busy_elsewhere is not None:
-            built.checks["cpu_busy_elsewhere"] = use.busy_elsewhere
-            if use.busy_elsewhere > BUSY_ELSEWHERE_WARNING:
-                warnings.append(f"{engine_path.name}: other processes took {use.busy_elsewhere:.0%} of this machine's CPU "
-                                f"time while the build timed its {_listed(built.timed)}; what it chose may not be "
-                                "the fastest here: rebuild it when the machine is quiet (miaotui run --force, or miaotui build)")
+        if built.timed and shares:
+            busy = built.checks["cpu_busy_elsewhere"] = max(shares)  # the busiest timing a choice rests on
+            if busy > BUSY_ELSEWHERE_WARNING:
+                warnings.append(f"{engine_path.name}: other processes took {busy:.0%} of this machine's CPU time while "
+                                f"the build timed its {_listed(built.timed)}; what it chose may not be the fastest here: "
+                                "rebuild it when the machine is quiet (miaotui run --force, or miaotui build)")
         network = {"onnx_nodes": sum(summary.op_counts.values()), "int8_nodes": summary.int8_nodes,
                    "float_nodes": summary.float_nodes} | built.network
         metadata = EngineMetadata(

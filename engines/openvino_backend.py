@@ -363,6 +363,7 @@ def _call_costs(runner: "OpenVINORunner", ranges: list[TensorRange], config, ste
     import time
 
     from miaotui.engines.openvino_shapes import CallCosts, cost_rows, cost_widths
+    from miaotui.engines.timing import cpu_use, record_busy
 
     rows = cost_rows(ranges[0].max[0])
     widths = cost_widths(step, ranges[0].min[1], ranges[0].max[1])
@@ -370,15 +371,17 @@ def _call_costs(runner: "OpenVINORunner", ranges: list[TensorRange], config, ste
     for feed in feeds.values():
         runner.run(feed)
     best = dict.fromkeys(feeds, float("inf"))
-    for round_ in range(COST_ROUNDS):
-        # Every call follows a call of another shape, as in predict; the rounds go forward and back so that
-        # no shape always follows the largest (lstm-sentiment's 1 x 16, timed right after 32 x 256 in both
-        # rounds, read 0.8-1.4 ms against 0.3 ms after a call of 1 x 32).
-        for shape in (list(feeds) if round_ % 2 == 0 else list(feeds)[::-1]):
-            feed = feeds[shape]
-            started = time.perf_counter()
-            runner.run(feed)
-            best[shape] = min(best[shape], (time.perf_counter() - started) * 1000)
+    with cpu_use() as use:  # not redone when busy (about 5 s): recorded, and warned of by the build
+        for round_ in range(COST_ROUNDS):
+            # Every call follows a call of another shape, as in predict; the rounds go forward and back so that
+            # no shape always follows the largest (lstm-sentiment's 1 x 16, timed right after 32 x 256 in both
+            # rounds, read 0.8-1.4 ms against 0.3 ms after a call of 1 x 32).
+            for shape in (list(feeds) if round_ % 2 == 0 else list(feeds)[::-1]):
+                feed = feeds[shape]
+                started = time.perf_counter()
+                runner.run(feed)
+                best[shape] = min(best[shape], (time.perf_counter() - started) * 1000)
+    record_busy(use.busy_elsewhere)
     ms = tuple(tuple(round(best[(r, w)], 3) for w in widths) for r in rows)
     return CallCosts(tuple(rows), tuple(widths), ms).to_json()
 
