@@ -84,7 +84,8 @@ def test_default_model_in_half_precision_passes_the_gate_and_builds_with_tensorr
     assert source["precision"] == precision and source["onnx_file"] == str(graph.resolve())
     report = validate_engine(built.path, config, lstm_work, progress=False)
     assert report.passed, [c.sentence() for c in report.checks if not c.passed]
-    assert report.from_work_dir and not report.warnings
+    # no warning but, on a busy machine, the one that says so (engines/timing.py)
+    assert report.from_work_dir and not [w for w in report.warnings if "other processes took" not in w]
     assert report.precision == precision and report.bars["min_top1_agreement"] >= 0.99
 
     plan = pipeline.run(Build(BuildOptions(backend="tensorrt-rtx", precision=precision)))
