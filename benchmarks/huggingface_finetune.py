@@ -28,6 +28,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_LENGTH = 128
+CONFIG_FILE = "hf-minilm.toml"  # the `miaotui init` config in --out (pooled_rows.py reads it too)
 
 
 def fine_tune(folder: Path, minutes: float, threads: int) -> dict:
@@ -101,9 +102,9 @@ def write_csv(path: Path, split: str) -> list:
 
 
 def init_config(out: Path, name: str) -> Path:
-    """<out>/hf-minilm.toml as a user makes it: `miaotui init` on <out>/checkpoint with <out>'s calibration and
+    """<out>/CONFIG_FILE as a user makes it: `miaotui init` on <out>/checkpoint with <out>'s calibration and
     validation CSVs, the work dir named `name`."""
-    config = out / "hf-minilm.toml"
+    config = out / CONFIG_FILE
     subprocess.run([sys.executable, "-m", "miaotui.cli", "init", str(out / "checkpoint"), "-o", str(config), "--force",
                     "--calibration", str(out / "calibration.csv"), "--validation", str(out / "validation.csv")], check=True)
     config.write_text(config.read_text().replace('name = "checkpoint"', f'name = "{name}"'))

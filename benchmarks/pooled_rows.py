@@ -30,10 +30,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+from huggingface_finetune import CONFIG_FILE as CONFIG, checkpoint_predictions, init_config  # this folder's
 
 REPO = Path(__file__).resolve().parents[1]
 KINDS = ("narrowed", "all rows")
-CONFIG = "hf-minilm.toml"  # the `miaotui init` config in --out (huggingface_finetune.init_config writes it)
 
 
 def one_process(args) -> dict:
@@ -76,7 +76,6 @@ def stack_layers(out: Path, layers: int) -> Path:
     the same CSV files, and a config named after the folder. Made afresh each time (a few seconds)."""
     import shutil
 
-    from huggingface_finetune import init_config  # this folder's: the config as a user makes it
     from transformers import BertConfig, BertForSequenceClassification
 
     target = stacked_folder(out, layers)
@@ -124,7 +123,6 @@ def build_both(out: Path, backends: list[str]) -> dict[str, dict[str, str]]:
 
 def agreement(out: Path, backends: list[str], threads: int) -> dict:
     """Top-1 agreement of each engine with the checkpoint (transformers, FP32) through Classifier.predict."""
-    from huggingface_finetune import checkpoint_predictions  # this folder's: the checkpoint's own labels
 
     from miaotui.data.corpus import load_split
     from miaotui.runtime import Classifier

@@ -54,20 +54,20 @@ def interleaved_ms(calls: Mapping[str, Callable[[], object]], rounds: int, warmu
     for call in calls.values():
         for _ in range(warmup):
             call()
-    kept: tuple[float, dict[str, np.ndarray]] | None = None
+    kept: dict[str, np.ndarray] = {}
+    kept_busy: float | None = None
     for attempt in range(max(1, attempts)):
         if attempt:
             time.sleep(QUIET_PAUSE_S)
         with cpu_use() as use:
             timed = round_ms(calls, rounds)
-        if use.busy_elsewhere is None:  # the kernel does not say (not Linux): nothing to redo by
-            return {name: float(np.median(values)) for name, values in timed.items()}
-        if kept is None or use.busy_elsewhere < kept[0]:
-            kept = (use.busy_elsewhere, timed)
-        if use.busy_elsewhere <= BUSY_ELSEWHERE_WARNING:
+        busy = use.busy_elsewhere
+        if not kept or (busy is not None and busy < kept_busy):
+            kept, kept_busy = timed, busy
+        if busy is None or busy <= BUSY_ELSEWHERE_WARNING:  # None: the kernel does not say (not Linux)
             break
-    record_busy(kept[0])
-    return {name: float(np.median(values)) for name, values in kept[1].items()}
+    record_busy(kept_busy)
+    return {name: float(np.median(values)) for name, values in kept.items()}
 
 
 def round_ms(calls: Mapping[str, Callable[[], object]], rounds: int, block: int = 1,
@@ -88,8 +88,6 @@ def round_ms(calls: Mapping[str, Callable[[], object]], rounds: int, block: int 
                 call()
             times[name].append((time.perf_counter() - started) * 1000 / block)
     return {name: np.array(values) for name, values in times.items()}
-
-
 
 
 @dataclass

@@ -465,12 +465,13 @@ def test_build_timing_interleaves_its_candidates_and_warms_each_first():
     assert set(timed) == {"a", "b", "c"} and all(ms >= 0 for ms in timed.values())
 
 
-SPIN = "import os, sys\nos.sched_setaffinity(0, {int(sys.argv[1])})\nwhile True: pass"
+SPIN = ("import os, sys, time\nos.sched_setaffinity(0, {int(sys.argv[1])})\nend = time.time() + float(sys.argv[2])\n"
+        "while time.time() < end: pass")
 
 
-def _spinners(cpus) -> list[subprocess.Popen]:
-    """One process spinning on each of `cpus` (pinned there): another user's load on the machine."""
-    return [subprocess.Popen([sys.executable, "-c", SPIN, str(cpu)]) for cpu in cpus]
+def _spinners(cpus, seconds: float = float("inf")) -> list[subprocess.Popen]:
+    """One process spinning on each of `cpus` (pinned there) for `seconds`: another user's load on the machine."""
+    return [subprocess.Popen([sys.executable, "-c", SPIN, str(cpu), str(seconds)]) for cpu in cpus]
 
 
 def _stop(processes: list[subprocess.Popen]) -> None:
@@ -560,9 +561,8 @@ def test_a_comparison_timed_while_other_processes_were_busy_is_timed_again_and_t
         pytest.skip("cannot load every CPU of this process with spinning processes")
     # Spinners that stop by themselves 1.5 s after they start: the first attempt (0.8 s, after 0.4 s of
     # warm-up calls) runs beside them, the next one (after the 1 s pause) on a quiet machine.
-    spin = "import os, sys, time\nos.sched_setaffinity(0, {int(sys.argv[1])})\nend = time.time() + 1.5\nwhile time.time() < end: pass"
     calls: list[str] = []
-    spinners = [subprocess.Popen([sys.executable, "-c", spin, str(cpu)]) for cpu in cpus]
+    spinners = _spinners(cpus, seconds=1.5)
     try:
         time.sleep(0.1)  # the spinners' interpreters started
         with timing_ledger() as shares:
