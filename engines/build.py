@@ -40,17 +40,17 @@ class BuildOptions:
     # batch 32 83 -> 70 ms, top-1 agreement with PyTorch 0.9944 -> 0.9966 (benchmarks/NOTES.md).
     openvino_float: str = "auto"
     # openvino, INT8 graphs with self-attention: Q and K in INT8 too (the scores product), from the ranges
-    # model.int8.onnx records (export/attention.py). "auto": where the build measures it at least 3%
-    # faster at the opt shape (MiniLM on an AMD EPYC without AMX: about 5%); "int8" or "float" to choose.
+    # model.int8.onnx records (export/attention.py). "auto": where the build measures it at least 2% faster
+    # over the opt shape and 32 rows (MiniLM on AMD EPYCs without AMX: 2-4%); "int8" or "float" to choose.
     openvino_attention: str = "auto"
     # openvino, INT8 graphs with LSTM layers (float in the QDQ graph): the layers in INT8 where their input
     # has a known bound (engines/openvino_lstm.py). "auto": where the build measures it at least 3% faster
-    # at the opt shape (lstm-sentiment on an AMD EPYC without AMX: about 25%); "int8" or "float" to choose.
+    # over the opt shape and 32 rows (lstm-sentiment on an AMD EPYC without AMX: about 25%); "int8" or "float" to choose.
     openvino_lstm: str = "auto"
     # openvino, models with [batch, seq] inputs that mask padding (a mask input, or the tokenizer's padding id,
     # checked at build): one text a call padded to the next of at most 16 widths and run on a model compiled
     # for that shape (engines/openvino_shapes.py). "auto":
-    # where the build measures one text at the opt width at least 5% faster (MiniLM on a Zen 5 EPYC: about
+    # where the build measures one text at least 5% faster over three widths (MiniLM on a Zen 5 EPYC: about
     # 20%); "static" or "dynamic" to choose.
     openvino_one_text: str = "auto"
 

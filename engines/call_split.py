@@ -48,20 +48,29 @@ def row_slices(arrays: dict[str, object], rows: int | Sequence[int]) -> Iterator
         start += size
 
 
-def measure_call_split(run: Run, feed: dict[str, np.ndarray]) -> tuple[int | None, dict[str, float]]:
-    """The budget (input elements per call) that runs `feed` fastest, None when whole calls are as fast
-    (within MIN_GAIN), and the milliseconds each took ("whole" and each budget that splits the feed)."""
-    from miaotui.engines.timing import interleaved_ms
-
+def split_calls(run: Run, feed: dict[str, np.ndarray]) -> dict[str, Callable[[], object]]:
+    """The ways to run `feed` the build compares: "whole" (one call) and each budget that splits it."""
     batch = len(next(iter(feed.values())))
-    calls = {"whole": lambda: run(feed)}
+    calls: dict[str, Callable[[], object]] = {"whole": lambda: run(feed)}
     for budget in CANDIDATE_ELEMENTS:
         rows = rows_per_call(feed, budget)
         if rows < batch:
             parts = list(row_slices(feed, rows))
             calls[str(budget)] = lambda parts=parts: [run(part) for part in parts]
-    timings = {name: round(ms, 2) for name, ms in interleaved_ms(calls, TIMING_ROUNDS).items()}
-    best = min(timings, key=timings.get)
-    if best == "whole" or timings[best] > (1 - MIN_GAIN) * timings["whole"]:
-        return None, timings
-    return int(best), timings
+    return calls
+
+
+def measure_call_split(run: Run, feed: dict[str, np.ndarray]) -> tuple[int | None, dict[str, float], dict[str, float]]:
+    """The budget (input elements per call) that runs `feed` fastest, None when whole calls are as fast
+    (within MIN_GAIN); the milliseconds each took ("whole" and each budget that splits the feed); and each
+    budget's time over whole calls', paired round by round (engines/timing.Interleaved.ratio), which decides."""
+    from miaotui.engines.timing import interleaved
+
+    calls = split_calls(run, feed)
+    timed = interleaved(calls, TIMING_ROUNDS)
+    milliseconds = {name: round(ms, 2) for name, ms in timed.ms().items()}
+    to_whole = {name: round(timed.ratio(name, "whole"), 4) for name in calls if name != "whole"}
+    if not to_whole:
+        return None, milliseconds, to_whole
+    best = min(to_whole, key=to_whole.get)
+    return (int(best) if to_whole[best] <= 1 - MIN_GAIN else None), milliseconds, to_whole

@@ -112,8 +112,8 @@ def _time_call_split(engine: Path, session_settings: dict, ranges: list[TensorRa
     session = _session(engine, session_settings, engine_format=True)
     largest = [dataclasses.replace(r, opt=(r.max[0], *r.opt[1:])) for r in ranges]
     feed = synthetic_feed(largest, "opt", config)
-    chosen, timings = measure_call_split(lambda arrays: session.run(None, arrays), feed)
-    return {"max_call_elements": chosen, "shape": list(largest[0].opt), "ms": timings}
+    chosen, milliseconds, to_whole = measure_call_split(lambda arrays: session.run(None, arrays), feed)
+    return {"max_call_elements": chosen, "shape": list(largest[0].opt), "ms": milliseconds, "to_whole": to_whole}
 
 
 def check_engine(onnx_path: Path, engine: Path, name: str, session_settings: dict,

@@ -313,25 +313,40 @@ def _keep_int8_form(ov, model, int8_form, requested: str, min_gain: float, hint:
         large = [replace(t, opt=(rows, *t.opt[1:])) for t in job.ranges]
         decided[f"ms_at_rows_{rows}"] = _faster_form(ov, forms, hint, synthetic_feed(large, "opt", job.config),
                                                      rounds=LARGE_BATCH_ROUNDS)
-    ratios = [timed["int8"] / timed["float"] for timed in decided.values()]
-    ratio = float(np.exp(np.mean(np.log(ratios))))
+    ratio = geometric_mean([timed["int8_to_float"] for timed in decided.values()])
     faster = ratio <= 1 - min_gain
     return (int8_form if faster else model), {"form": "int8" if faster else "float", **decided,
                                               "int8_to_float": round(ratio, 4), "min_gain": min_gain}
 
 
-def _faster_form(ov, forms: dict, hint: str, feed: dict[str, np.ndarray],
-                 rounds: int = ATTENTION_TIMING_ROUNDS) -> dict[str, float]:
-    """Median ms per call of each form at `feed`, compiled as the runtime compiles them, rounds interleaved."""
-    from miaotui.engines.timing import interleaved_ms
+def geometric_mean(ratios: list[float]) -> float:
+    """Each shape's ratio counts alike, whatever its time."""
+    return float(np.exp(np.mean(np.log(ratios))))
 
+
+def form_calls(ov, forms: dict, hint: str, feed: dict[str, np.ndarray]) -> dict[str, Any]:
+    """A call of each form at `feed`, compiled as the runtime compiles them (what the build times). One
+    compiled model each: timing two copies of each by the fastest (a copy's memory can land badly) slowed
+    one-text calls by 20-40% with four models taking turns and misread the fixed-width forms' gain
+    (benchmarks/NOTES.md)."""
     core = ov.Core()
     requests = {name: core.compile_model(model, "CPU", _compile_config(hint, None)).create_infer_request()
                 for name, model in forms.items()}
     inputs = numpy_feed(feed)
-    timed = interleaved_ms({name: (lambda request=request: request.infer(inputs)) for name, request in requests.items()},
-                           rounds, warmup=2)
-    return {name: round(ms, 3) for name, ms in timed.items()}
+    return {name: (lambda request=request: request.infer(inputs)) for name, request in requests.items()}
+
+
+def _faster_form(ov, forms: dict, hint: str, feed: dict[str, np.ndarray],
+                 rounds: int = ATTENTION_TIMING_ROUNDS) -> dict[str, float]:
+    """Median ms per call of each of the two forms at `feed`, compiled as the runtime compiles them, rounds
+    interleaved, and the second's time over the first's paired round by round (engines/timing.Interleaved.ratio),
+    under "<second>_to_<first>"."""
+    from miaotui.engines.timing import interleaved
+
+    timed = interleaved(form_calls(ov, forms, hint, feed), rounds, warmup=2)
+    first, second = forms
+    return {name: round(ms, 3) for name, ms in timed.ms().items()} | {
+        f"{second}_to_{first}": round(timed.ratio(second, first), 4)}
 
 
 def _one_text_widths(ranges: list[TensorRange]) -> list[int]:
@@ -415,8 +430,7 @@ def _call_shapes(ov, model, job: BuildJob, hint: str) -> tuple[int | None, OneTe
         return step, (forms if requested == "static" else None), {"form": requested}, checked
     timed = {width: _faster_form(ov, {"dynamic": model, "static": with_static_shape(model, width)}, hint,
                                  _feed_at(job.ranges, job.config, width)) for width in _one_text_widths(job.ranges)}
-    # The geometric mean of the static / dynamic ratios: each width counts alike, whatever its length.
-    ratio = float(np.exp(np.mean([np.log(t["static"] / t["dynamic"]) for t in timed.values()])))
+    ratio = geometric_mean([t["static_to_dynamic"] for t in timed.values()])
     faster = ratio <= 1 - ONE_TEXT_MIN_GAIN
     return step, (forms if faster else None), {"form": "static" if faster else "dynamic", "min_gain": ONE_TEXT_MIN_GAIN,
                                                "ms_by_width": {str(w): t for w, t in timed.items()},

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-# Above this share of the CPUs' time going to other processes, a timing is redone (interleaved_ms) and,
+# Above this share of the CPUs' time going to other processes, a timing is redone (interleaved) and,
 # if it stays so, reported as made on a busy machine. A quiet machine here: under 2%; one other process
 # spinning on one of two CPUs: about 50% (tests/test_engines.py, benchmarks/NOTES.md).
 BUSY_ELSEWHERE_WARNING = 0.2
@@ -42,9 +42,28 @@ def record_busy(share: float | None) -> None:
         shares.append(share)
 
 
-def interleaved_ms(calls: Mapping[str, Callable[[], object]], rounds: int, warmup: int = 1,
-                   attempts: int = QUIET_ATTEMPTS) -> dict[str, float]:
-    """Median milliseconds of each call over `rounds` rounds, every round calling each once, the order
+@dataclass(frozen=True)
+class Interleaved:
+    """The milliseconds per call of each candidate in each round of one interleaved comparison."""
+
+    rounds: dict[str, np.ndarray]
+
+    def ms(self) -> dict[str, float]:
+        """Each candidate's median milliseconds per call (what the sidecars record)."""
+        return {name: float(np.median(values)) for name, values in self.rounds.items()}
+
+    def ratio(self, name: str, baseline: str) -> float:
+        """`name`'s time over `baseline`'s, the median of the two's ratio within each round: the rounds pair
+        calls made next to each other, so a slow spell that covers some rounds cancels in each ratio, where it
+        moves one candidate's median and not the other's. (What it gains is modest: benchmarks/build_decisions.py
+        on a Zen 5 put the spread within a process at 0.0034-0.0050 paired against 0.0058-0.0087 in one run,
+        level in the next; across processes the process's own placement dominates, benchmarks/NOTES.md.)"""
+        return float(np.median(self.rounds[name] / self.rounds[baseline]))
+
+
+def interleaved(calls: Mapping[str, Callable[[], object]], rounds: int, warmup: int = 1,
+                attempts: int = QUIET_ATTEMPTS) -> Interleaved:
+    """Each call's milliseconds in each of `rounds` rounds, every round calling each once, the order
     reversed every other round: a shared machine's drift then lands on all of them alike, where timing
     one after another credits it to whichever ran in a quiet spell. Each is first called `warmup` times
     (a first call on new shapes pays for their setup). Rounds during which other processes kept the CPUs
@@ -67,13 +86,13 @@ def interleaved_ms(calls: Mapping[str, Callable[[], object]], rounds: int, warmu
         if busy is None or busy <= BUSY_ELSEWHERE_WARNING:  # None: the kernel does not say (not Linux)
             break
     record_busy(kept_busy)
-    return {name: float(np.median(values)) for name, values in kept.items()}
+    return Interleaved(kept)
 
 
 def round_ms(calls: Mapping[str, Callable[[], object]], rounds: int, block: int = 1,
              settle: int = 0) -> dict[str, np.ndarray]:
     """Milliseconds per call of each call in each of `rounds` rounds, the order reversed every other round
-    (interleaved_ms's rounds, kept per round so that two calls' times can be paired round by round). Each
+    (interleaved's rounds, kept per round so that two calls' times can be paired round by round). Each
     turn makes `settle` untimed calls (its data back in the caches after the others' turns) and then
     `block` timed ones."""
     names = list(calls)

@@ -24,6 +24,7 @@ from miaotui.data.corpus import load_split
 from miaotui.data.tokenizers import encode, load_tokenizer
 from miaotui.engines import BuildOptions, TensorRTOptions, build_engine, read_metadata
 from miaotui.stages import run_build_stage
+from miaotui.engines.call_split import MIN_GAIN
 from miaotui.engines.tensorrt_engine import HARDWARE_COMPATIBILITY
 from miaotui.errors import InputError
 from miaotui.models import resolve_config
@@ -432,6 +433,10 @@ def test_large_batches_run_in_row_slices_with_the_same_answers(lstm_work: Path, 
     split = metadata.checks["call_split"]
     assert split["shape"] == [64, 128] and "whole" in split["ms"] and all(ms > 0 for ms in split["ms"].values())
     assert metadata.session.get("max_call_elements") == split["max_call_elements"]  # what Engine.run will use
+    # The decision rests on each budget's time over whole calls', paired round by round
+    assert set(split["to_whole"]) == set(split["ms"]) - {"whole"} and all(r > 0 for r in split["to_whole"].values())
+    best = min(split["to_whole"], key=split["to_whole"].get)
+    assert split["max_call_elements"] == (int(best) if split["to_whole"][best] <= 1 - MIN_GAIN else None)
     assert 0 <= metadata.checks["cpu_busy_elsewhere"] <= 1  # how busy the machine was while it timed
 
     tokenizer = load_tokenizer(resolve_config("lstm-sentiment").model.tokenizer, MAX_LENGTH)
@@ -455,14 +460,28 @@ def test_large_batches_run_in_row_slices_with_the_same_answers(lstm_work: Path, 
 def test_build_timing_interleaves_its_candidates_and_warms_each_first():
     """The build's comparisons (call split, OpenVINO's attention form) time every candidate once a
     round, the order reversed every other round, after warm-up calls that are not counted."""
-    from miaotui.engines.timing import interleaved_ms
+    from miaotui.engines.timing import interleaved
 
     order: list[str] = []
-    timed = interleaved_ms({name: (lambda name=name: order.append(name)) for name in ("a", "b", "c")}, rounds=3,
-                           warmup=2, attempts=1)
+    timed = interleaved({name: (lambda name=name: order.append(name)) for name in ("a", "b", "c")}, rounds=3,
+                        warmup=2, attempts=1)
     assert order[:6] == ["a", "a", "b", "b", "c", "c"]
     assert order[6:] == ["a", "b", "c", "c", "b", "a", "a", "b", "c"]
-    assert set(timed) == {"a", "b", "c"} and all(ms >= 0 for ms in timed.values())
+    assert set(timed.ms()) == {"a", "b", "c"} and all(len(ms) == 3 and min(ms) >= 0 for ms in timed.rounds.values())
+
+
+def test_build_decisions_pair_the_candidates_round_by_round():
+    """A slow spell that starts between two candidates' calls moves one's median and not the other's; the
+    ratio within each round still says what the candidate costs."""
+    from miaotui.engines.timing import Interleaved
+
+    # "split" is 5% faster than "whole" in every round; the machine ran at half speed from between the two
+    # calls of the second round to the end of the fourth.
+    timed = Interleaved({"whole": np.array([10.0, 10.0, 20.0, 20.0, 10.0]),
+                         "split": np.array([9.5, 19.0, 19.0, 19.0, 9.5])})
+    assert timed.ms() == {"whole": 10.0, "split": 19.0}  # by the medians, 1.9x slower
+    assert timed.ratio("split", "whole") == pytest.approx(0.95)
+    assert timed.ratio("whole", "split") == pytest.approx(1 / 0.95)
 
 
 SPIN = ("import os, sys, time\nos.sched_setaffinity(0, {int(sys.argv[1])})\nend = time.time() + float(sys.argv[2])\n"
@@ -549,11 +568,11 @@ def test_a_build_on_a_busy_machine_records_it_and_warns_that_its_timing_may_be_w
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or not Path("/proc/stat").exists(), reason="Linux only")
 def test_a_comparison_timed_while_other_processes_were_busy_is_timed_again_and_the_quiet_attempt_counts():
-    """interleaved_ms: rounds during which other processes kept this process's CPUs busy are timed again
+    """interleaved: rounds during which other processes kept this process's CPUs busy are timed again
     after a pause; the attempt that counts is the quietest, and its share goes to the open ledger."""
     import time
 
-    from miaotui.engines.timing import BUSY_ELSEWHERE_WARNING, interleaved_ms, timing_ledger
+    from miaotui.engines.timing import BUSY_ELSEWHERE_WARNING, interleaved, timing_ledger
 
     cpus = sorted(os.sched_getaffinity(0))
     quota = _cpu_quota()
@@ -566,8 +585,8 @@ def test_a_comparison_timed_while_other_processes_were_busy_is_timed_again_and_t
     try:
         time.sleep(0.1)  # the spinners' interpreters started
         with timing_ledger() as shares:
-            timed = interleaved_ms({name: (lambda name=name: calls.append(name) or time.sleep(0.2)) for name in "ab"},
-                                   rounds=2, warmup=1)
+            timed = interleaved({name: (lambda name=name: calls.append(name) or time.sleep(0.2)) for name in "ab"},
+                                rounds=2, warmup=1).ms()
     finally:
         _stop(spinners)
     assert len(calls) >= 2 + 2 * 4, calls  # warm-up, the busy attempt, at least one more
