@@ -35,3 +35,48 @@ def inspect_engine(path: str | Path) -> EngineReport:
     if report.file_matches:
         report.layers, report.layers_unavailable = get_backend(metadata.backend).layers(engine_path, metadata)
     return report
+
+
+# A reading this close to its rule may fall on the other side in the next build: the spread of one build's
+# reading across processes was 0.013-0.018 for minilm-sentiment's attention form on a Zen 5 (benchmarks/NOTES.md).
+CLOSE_TO_RULE = 0.015
+
+
+@dataclass(frozen=True)
+class TimingDecision:
+    """One choice a build made by timing, as its sidecar records it."""
+
+    what: str  # "attention form", "LSTM form", "one-text form", "call split"
+    chosen: str
+    ratio: float  # the candidate's time over the baseline's, as the build read it
+    compared: str  # what over what
+    rule: float  # the candidate is kept at or under this ratio
+    pinned_by: str | None  # the build option that fixes the choice instead
+
+    @property
+    def close(self) -> bool:
+        return abs(self.ratio - self.rule) < CLOSE_TO_RULE
+
+
+def timing_decisions(metadata: EngineMetadata) -> list[TimingDecision]:
+    """The choices the build made by timing (engines/timing.py), from the sidecar's checks."""
+    checks, settings, decisions = metadata.checks, metadata.settings, []
+    forms = (("attention", "attention form", "--openvino-attention int8|float", "int8", "float"),
+             ("lstm", "LSTM form", "--openvino-lstm int8|float", "int8", "float"),
+             ("one_text", "one-text form", "--openvino-one-text static|dynamic", "static", "dynamic"))
+    for part, what, flag, candidate, baseline in forms:
+        timed = checks.get(f"{part}_timing")
+        if isinstance(timed, dict) and f"{candidate}_to_{baseline}" in timed:
+            decisions.append(TimingDecision(what, str(settings.get(part)), float(timed[f"{candidate}_to_{baseline}"]),
+                                            f"{candidate} over {baseline}", 1 - float(timed["min_gain"]), flag))
+    split = checks.get("call_split")
+    if isinstance(split, dict) and isinstance(split.get("ms"), dict) and len(split["ms"]) > 1:
+        from miaotui.engines.call_split import MIN_GAIN
+
+        # to_whole: paired round by round; sidecars before it have the medians only
+        ratios = split.get("to_whole") or {name: ms / split["ms"]["whole"] for name, ms in split["ms"].items() if name != "whole"}
+        best = min(ratios, key=ratios.get)
+        chosen = f"calls of at most {split['max_call_elements']} elements" if split.get("max_call_elements") else "whole calls"
+        decisions.append(TimingDecision("call split", chosen, float(ratios[best]),
+                                        f"slices of {best} elements over whole calls", 1 - MIN_GAIN, None))
+    return decisions

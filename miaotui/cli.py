@@ -490,7 +490,7 @@ def _inspect_onnx(path: Path) -> None:
 
 
 def _inspect_engine(path: Path) -> None:
-    from miaotui.engines.inspect_engine import inspect_engine
+    from miaotui.engines.inspect_engine import inspect_engine, timing_decisions
 
     report = inspect_engine(path)
     meta = report.metadata
@@ -507,6 +507,13 @@ def _inspect_engine(path: Path) -> None:
 
         doubt = ": what it timed may not be the fastest here, rebuild it on a quiet machine" if busy > BUSY_ELSEWHERE_WARNING else ""
         _console().print(f"other processes took {busy:.0%} of the CPU time while the build timed its choices{doubt}")
+    for decision in timing_decisions(meta):
+        line = (f"{decision.what}: {decision.chosen} ({decision.compared} {decision.ratio:.3f}, "
+                f"kept at or under {decision.rule:.2f})")
+        if decision.close:
+            pin = f"; miaotui build {decision.pinned_by} fixes it" if decision.pinned_by else ""
+            line += f": close to the rule, another build may choose otherwise{pin}"
+        _console().print(escape(line))
     rows = [("input", t.name, t.dtype, f"{'x'.join(map(str, t.min))} .. {'x'.join(map(str, t.opt))} .. "
              f"{'x'.join(map(str, t.max))}") for t in meta.inputs]
     rows += [("output", t.name, t.dtype, "[" + ", ".join(map(str, t.dims)) + "]") for t in meta.outputs]

@@ -437,6 +437,9 @@ def test_large_batches_run_in_row_slices_with_the_same_answers(lstm_work: Path, 
     assert set(split["to_whole"]) == set(split["ms"]) - {"whole"} and all(r > 0 for r in split["to_whole"].values())
     best = min(split["to_whole"], key=split["to_whole"].get)
     assert split["max_call_elements"] == (int(best) if split["to_whole"][best] <= 1 - MIN_GAIN else None)
+    chosen = f"calls of at most {best} elements" if split["max_call_elements"] else "whole calls"
+    assert (f"call split: {chosen} (slices of {best} elements over whole calls {split['to_whole'][best]:.3f}, kept at or "
+            "under 0.95)") in " ".join(run_cli("inspect", str(engine_path)).stdout.split())
     assert 0 <= metadata.checks["cpu_busy_elsewhere"] <= 1  # how busy the machine was while it timed
 
     tokenizer = load_tokenizer(resolve_config("lstm-sentiment").model.tokenizer, MAX_LENGTH)

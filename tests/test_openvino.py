@@ -410,6 +410,21 @@ def test_auto_keeps_int8_attention_only_where_it_measured_faster(tiny_bert_work,
     faster = timing["static_to_dynamic"] <= 1 - ONE_TEXT_MIN_GAIN
     assert built.metadata.settings["one_text"] == ("static" if faster else "dynamic")
     assert _session_beside_its_costs(built.metadata) == {"width_step": 16, "one_text_fixed": faster}
+    # inspect reads both decisions back, each with its ratio and rule
+    from miaotui.engines.inspect_engine import CLOSE_TO_RULE, timing_decisions
+
+    decisions = {d.what: d for d in timing_decisions(built.metadata)}
+    assert set(decisions) == {"attention form", "one-text form"}
+    one_text = decisions["one-text form"]
+    assert (one_text.chosen, one_text.ratio, one_text.rule) == (built.metadata.settings["one_text"],
+                                                                 timing["static_to_dynamic"], 1 - ONE_TEXT_MIN_GAIN)
+    assert decisions["attention form"].chosen == built.metadata.settings["attention"]
+    from miaotui.cli import main
+
+    shown = " ".join(CliRunner().invoke(main, ["inspect", str(tmp_path / "auto.xml")]).output.split())
+    assert f"one-text form: {one_text.chosen} (static over dynamic {one_text.ratio:.3f}, kept at or under 0.95)" in shown
+    close = abs(one_text.ratio - 0.95) < CLOSE_TO_RULE
+    assert ("--openvino-one-text static|dynamic fixes it" in shown) == close, shown
 
 
 def _session_beside_its_costs(metadata) -> dict:
