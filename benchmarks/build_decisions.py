@@ -24,7 +24,6 @@ import json
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -40,17 +39,13 @@ def _readings(timed, name: str, baseline: str) -> dict[str, float]:
     return {"paired": timed.ratio(name, baseline), "medians": medians[name] / medians[baseline]}
 
 
-def _geometric(values: list[float]) -> float:
-    return float(np.exp(np.mean(np.log(values))))
-
-
 def attention_decision(config, work: Path, repeats: int) -> list[dict[str, float]]:
     """The openvino build's attention comparison, `repeats` times: the INT8 form's time over the float
     form's, the geometric mean over the opt shape and LARGE_BATCH rows, each way of reading it."""
     import openvino as ov
 
     from miaotui.engines import openvino_backend as backend
-    from miaotui.engines.shapes import resolve_shapes, synthetic_feed
+    from miaotui.engines.shapes import resolve_shapes
     from miaotui.engines.timing import interleaved
     from miaotui.export.inspect_onnx import summarize_onnx
 
@@ -65,17 +60,12 @@ def attention_decision(config, work: Path, repeats: int) -> list[dict[str, float
     backend._keep_reductions_unfused(model)
     with tempfile.TemporaryDirectory() as folder:
         int8_form = backend._with_int8_attention(ov, graph, onnx_path, blocks, ranges, Path(folder))
-    backend._keep_reductions_unfused(int8_form)
     forms = {"float": model, "int8": int8_form}
-    rows = min(backend.LARGE_BATCH, ranges[0].max[0])
-    shapes = [(synthetic_feed(ranges, "opt", config), backend.ATTENTION_TIMING_ROUNDS),
-              (synthetic_feed([replace(t, opt=(rows, *t.opt[1:])) for t in ranges], "opt", config),
-               backend.LARGE_BATCH_ROUNDS)]
-    calls = [(backend.form_calls(ov, forms, hint, feed), rounds) for feed, rounds in shapes]
+    calls = [(backend.form_calls(ov, forms, hint, feed), rounds) for _, feed, rounds in backend.int8_form_shapes(ranges, config)]
     readings = []
     for _ in range(repeats):
         per_shape = [_readings(interleaved(shape_calls, rounds, warmup=2), "int8", "float") for shape_calls, rounds in calls]
-        readings.append({reading: _geometric([r[reading] for r in per_shape]) for reading in READINGS})
+        readings.append({reading: backend.geometric_mean([r[reading] for r in per_shape]) for reading in READINGS})
     return readings
 
 
@@ -83,16 +73,14 @@ def call_split_decision(config, work: Path, repeats: int) -> list[dict[str, floa
     """The onnxruntime build's call-split comparison on the work dir's engine, `repeats` times: the best slice
     budget's time over whole calls', each way of reading it."""
     from miaotui.engines import read_metadata
-    from miaotui.engines.call_split import TIMING_ROUNDS, split_calls
+    from miaotui.engines.call_split import TIMING_ROUNDS, split_calls, split_feed
     from miaotui.engines.onnxruntime_backend import _session
-    from miaotui.engines.shapes import synthetic_feed
     from miaotui.engines.timing import interleaved
 
     engine = work / "engines" / f"{config.name}.onnxruntime.int8.ort"
     metadata = read_metadata(engine)
     session = _session(engine, metadata.session, engine_format=True)
-    largest = [replace(t, opt=(t.max[0], *t.opt[1:])) for t in metadata.inputs]
-    calls = split_calls(lambda arrays: session.run(None, arrays), synthetic_feed(largest, "opt", config))
+    calls = split_calls(lambda arrays: session.run(None, arrays), split_feed(metadata.inputs, config))
     readings = []
     for _ in range(repeats):
         timed = interleaved(calls, TIMING_ROUNDS)

@@ -48,6 +48,15 @@ def row_slices(arrays: dict[str, object], rows: int | Sequence[int]) -> Iterator
         start += size
 
 
+def split_feed(ranges, config) -> dict[str, np.ndarray]:
+    """What the build times the split at: the largest batch of the shape ranges, the rest of the shape at opt."""
+    from dataclasses import replace
+
+    from miaotui.engines.shapes import synthetic_feed
+
+    return synthetic_feed([replace(r, opt=(r.max[0], *r.opt[1:])) for r in ranges], "opt", config)
+
+
 def split_calls(run: Run, feed: dict[str, np.ndarray]) -> dict[str, Callable[[], object]]:
     """The ways to run `feed` the build compares: "whole" (one call) and each budget that splits it."""
     batch = len(next(iter(feed.values())))

@@ -102,18 +102,15 @@ def _session(path: Path, session_settings: dict, engine_format: bool):
 def _time_call_split(engine: Path, session_settings: dict, ranges: list[TensorRange], config) -> dict | None:
     """The engine timed at its largest batch (and typical rest of the shape), whole and in row slices
     (engines/call_split.py); None where its inputs share no batch axis."""
-    import dataclasses
-
-    from miaotui.engines.call_split import measure_call_split
-    from miaotui.engines.shapes import synthetic_feed
+    from miaotui.engines.call_split import measure_call_split, split_feed
 
     if not ranges or not batch_axis_shared(ranges):  # the only split Engine.run makes
         return None
     session = _session(engine, session_settings, engine_format=True)
-    largest = [dataclasses.replace(r, opt=(r.max[0], *r.opt[1:])) for r in ranges]
-    feed = synthetic_feed(largest, "opt", config)
+    feed = split_feed(ranges, config)
     chosen, milliseconds, to_whole = measure_call_split(lambda arrays: session.run(None, arrays), feed)
-    return {"max_call_elements": chosen, "shape": list(largest[0].opt), "ms": milliseconds, "to_whole": to_whole}
+    return {"max_call_elements": chosen, "shape": list(feed[ranges[0].name].shape), "ms": milliseconds,
+            "to_whole": to_whole}
 
 
 def check_engine(onnx_path: Path, engine: Path, name: str, session_settings: dict,

@@ -268,7 +268,8 @@ def _attention_blocks(onnx_path: Path, requested: str, precision: str) -> tuple[
 
 
 def _with_int8_attention(ov, graph, onnx_path: Path, blocks: list, ranges: list[TensorRange], folder: Path):
-    """`graph` (read from `onnx_path`) with Q/DQ on each attention block, converted like the graph itself."""
+    """`graph` (read from `onnx_path`) with Q/DQ on each attention block, converted like the graph itself (its
+    reductions kept unfused, as the INT8 graph's are)."""
     from onnx.external_data_helper import load_external_data_for_model
 
     from miaotui.export.attention import int8_attention_graph
@@ -278,7 +279,9 @@ def _with_int8_attention(ov, graph, onnx_path: Path, blocks: list, ranges: list[
     int8_attention_graph(graph, blocks)
     path = folder / "attention.int8.onnx"
     save_model(graph, path, Path(str(onnx_path) + ".data").is_file())
-    return _convert(ov, path, ranges)
+    model = _convert(ov, path, ranges)
+    _keep_reductions_unfused(model)
+    return model
 
 
 def _lstm_bounds(model, onnx_path: Path, requested: str, precision: str) -> list:
@@ -294,25 +297,31 @@ def _lstm_bounds(model, onnx_path: Path, requested: str, precision: str) -> list
     return bounds
 
 
-def _keep_int8_form(ov, model, int8_form, requested: str, min_gain: float, hint: str, job: BuildJob):
-    """(the model to build, what was decided): the INT8 form where asked for, or with "auto" where it timed at
-    least `min_gain` faster than `model`, as the geometric mean over the opt shape and a batch of
-    LARGE_BATCH rows at the opt width: INT8 attention gains more in large batches (MiniLM on a Zen 4
-    EPYC: 2-4% at 8 x 128, 3.6-3.8% at 32 x 128), and the opt shape alone decided differently from one
-    build to the next."""
+def int8_form_shapes(ranges: list[TensorRange], config) -> list[tuple[str, dict[str, np.ndarray], int]]:
+    """(sidecar key, feed, timing rounds) for each shape an INT8 form is timed at against float: the opt shape,
+    and LARGE_BATCH rows at the opt width where the opt batch is smaller: INT8 attention gains more in large
+    batches (MiniLM on a Zen 4 EPYC: 2-4% at 8 x 128, 3.6-3.8% at 32 x 128), and the opt shape alone decided
+    differently from one build to the next."""
     from dataclasses import replace
 
     from miaotui.engines.shapes import synthetic_feed
 
+    shapes = [("ms_at_opt", synthetic_feed(ranges, "opt", config), ATTENTION_TIMING_ROUNDS)]
+    rows = min(LARGE_BATCH, ranges[0].max[0])
+    if ranges[0].opt[0] < rows and batch_axis_shared(ranges):
+        large = [replace(t, opt=(rows, *t.opt[1:])) for t in ranges]
+        shapes.append((f"ms_at_rows_{rows}", synthetic_feed(large, "opt", config), LARGE_BATCH_ROUNDS))
+    return shapes
+
+
+def _keep_int8_form(ov, model, int8_form, requested: str, min_gain: float, hint: str, job: BuildJob):
+    """(the model to build, what was decided): the INT8 form where asked for, or with "auto" where it timed at
+    least `min_gain` faster than `model`, as the geometric mean over int8_form_shapes."""
     if requested != "auto":
         return int8_form, {"form": "int8"}
     forms = {"float": model, "int8": int8_form}
-    decided: dict[str, Any] = {"ms_at_opt": _faster_form(ov, forms, hint, synthetic_feed(job.ranges, "opt", job.config))}
-    rows = min(LARGE_BATCH, job.ranges[0].max[0])
-    if job.ranges[0].opt[0] < rows and batch_axis_shared(job.ranges):
-        large = [replace(t, opt=(rows, *t.opt[1:])) for t in job.ranges]
-        decided[f"ms_at_rows_{rows}"] = _faster_form(ov, forms, hint, synthetic_feed(large, "opt", job.config),
-                                                     rounds=LARGE_BATCH_ROUNDS)
+    decided: dict[str, Any] = {key: _faster_form(ov, forms, hint, feed, rounds)
+                               for key, feed, rounds in int8_form_shapes(job.ranges, job.config)}
     ratio = geometric_mean([timed["int8_to_float"] for timed in decided.values()])
     faster = ratio <= 1 - min_gain
     return (int8_form if faster else model), {"form": "int8" if faster else "float", **decided,
@@ -524,7 +533,6 @@ class OpenVINO(Backend):
         with tempfile.TemporaryDirectory(prefix="miaotui-openvino-") as folder:
             if blocks:
                 int8_form = _with_int8_attention(ov, graph, job.onnx_path, blocks, job.ranges, Path(folder))
-                _keep_reductions_unfused(int8_form)
                 model, attention = _keep_int8_form(ov, model, int8_form, job.options.openvino_attention,
                                                    ATTENTION_MIN_GAIN, hint, job)
             lstm_bounds = _lstm_bounds(model, job.onnx_path, job.options.openvino_lstm, job.precision)
