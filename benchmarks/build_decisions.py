@@ -61,7 +61,7 @@ def attention_decision(config, work: Path, repeats: int) -> list[dict[str, float
     with tempfile.TemporaryDirectory() as folder:
         int8_form = backend._with_int8_attention(ov, graph, onnx_path, blocks, ranges, Path(folder))
     forms = {"float": model, "int8": int8_form}
-    calls = [(backend.form_calls(ov, forms, hint, feed), rounds) for _, feed, rounds in backend.int8_form_shapes(ranges, config)]
+    calls = [(backend.form_calls(ov, forms, hint, feed), rounds) for _, feed, rounds in backend.timed_shapes(ranges, config)]
     readings = []
     for _ in range(repeats):
         per_shape = [_readings(interleaved(shape_calls, rounds, warmup=2), "int8", "float") for shape_calls, rounds in calls]

@@ -46,7 +46,7 @@ CLOSE_TO_RULE = 0.015
 class TimingDecision:
     """One choice a build made by timing, as its sidecar records it."""
 
-    what: str  # "attention form", "LSTM form", "one-text form", "call split"
+    what: str  # "attention form", "LSTM form", "one-text form", "streams form", "call split"
     chosen: str
     ratio: float  # the candidate's time over the baseline's, as the build read it
     compared: str  # what over what
@@ -63,7 +63,8 @@ def timing_decisions(metadata: EngineMetadata) -> list[TimingDecision]:
     checks, settings, decisions = metadata.checks, metadata.settings, []
     forms = (("attention", "attention form", "--openvino-attention int8|float", "int8", "float"),
              ("lstm", "LSTM form", "--openvino-lstm int8|float", "int8", "float"),
-             ("one_text", "one-text form", "--openvino-one-text static|dynamic", "static", "dynamic"))
+             ("one_text", "one-text form", "--openvino-one-text static|dynamic", "static", "dynamic"),
+             ("streams", "streams form", "--openvino-streams split|single", "split", "single"))
     for part, what, flag, candidate, baseline in forms:
         timed = checks.get(f"{part}_timing")
         if isinstance(timed, dict) and f"{candidate}_to_{baseline}" in timed:

@@ -20,7 +20,10 @@ layers (float in the QDQ graph) are built in INT8 form where their input has a k
 (engines/openvino_lstm.py, `openvino_lstm`) and kept where at least LSTM_MIN_GAIN faster. And one
 text a call runs on models compiled for its padded width where that is faster, and every call is padded
 to one of a few widths and cut into rows of powers of two (engines/openvino_shapes.py, `openvino_one_text`;
-the sidecar's session says the step the runtime pads to).
+the sidecar's session says the step the runtime pads to). A call of at least a row per stream may run
+split across the CPU plugin's streams (`openvino_streams`): one part per stream, all started at once, each
+on threads of its own, where one call on every thread makes them meet at each node; kept where the build
+times the staged engine at least STREAMS_MIN_GAIN faster so, at the cost of a second compiled model.
 """
 
 from __future__ import annotations
@@ -52,6 +55,10 @@ LARGE_BATCH = 32  # the INT8 forms are also timed at this many rows (the opt wid
 LARGE_BATCH_ROUNDS = 7
 COST_ROUNDS = 2  # timed calls per shape for the cost table (after one that prepares the shape)
 LSTM_MIN_GAIN = 0.03  # INT8 LSTM layers: kept when at least this much faster (lstm-sentiment: about 25%)
+STREAMS_CHOICES = ("auto", "split", "single")  # --openvino-streams
+# Calls split across streams cost a second compiled model (MiniLM: about 80 MB with its buffers): kept when at
+# least this much faster (MiniLM on a Zen 5 EPYC, 2 vCPUs: 0-17% at 2 to 64 rows, benchmarks/NOTES.md).
+STREAMS_MIN_GAIN = 0.02
 
 
 def weights_path(engine: Path) -> Path:
@@ -83,8 +90,11 @@ def float_precision(ov, requested: str, graph_precision: str) -> str:
     return requested
 
 
-def _compile_config(precision_hint: str, threads: int | None) -> dict[str, Any]:
-    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision_hint}
+def _compile_config(precision_hint: str, threads: int | None, streams: bool = False) -> dict[str, Any]:
+    """LATENCY: one stream, every thread on each call; THROUGHPUT: the threads in streams of their own, as many
+    as the CPU plugin finds best for them (2 vCPUs: two of one thread)."""
+    config: dict[str, Any] = {"PERFORMANCE_HINT": "THROUGHPUT" if streams else "LATENCY",
+                              "INFERENCE_PRECISION_HINT": precision_hint}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
     return config
@@ -121,9 +131,9 @@ def read_ir(xml: Path, weights: Path):
         raise InputError(f"{xml}: OpenVINO cannot load this engine ({first_line(error)}): rebuild it") from None
 
 
-def compile_model(core, model, where: Path, precision_hint: str, threads: int | None):
+def compile_model(core, model, where: Path, precision_hint: str, threads: int | None, streams: bool = False):
     try:
-        return core.compile_model(model, "CPU", _compile_config(precision_hint, threads))
+        return core.compile_model(model, "CPU", _compile_config(precision_hint, threads, streams))
     except Exception as error:
         raise InputError(f"{where}: OpenVINO cannot load this engine ({first_line(error)}): rebuild it") from None
 
@@ -138,11 +148,20 @@ def with_static_shape(model, width: int):
 
 class OpenVINORunner:
     """One compiled model, plus (with `one_text`) one compiled for each fixed width that one text a call
-    has come at; an infer request per calling thread and compiled model (a request holds its tensors)."""
+    has come at, and (with `streams`) one compiled in streams for calls of at least a row per stream; an
+    infer request per calling thread and compiled model (a request holds its tensors)."""
 
     def __init__(self, core, model, where: Path, precision_hint: str, threads: int | None, output_names: list[str],
-                 one_text: OneTextForms | None = None):
+                 one_text: OneTextForms | None = None, streams: bool = False):
         self.compiled = compile_model(core, model, where, precision_hint, threads)
+        # A call's rows split across streams, each part on threads of its own at once: no thread waits for
+        # another at every node, as one call on all of them does (engines/openvino_backend's docstring).
+        self._in_streams, self.streams = None, 1
+        if streams:
+            in_streams = compile_model(core, model, where, precision_hint, threads, streams=True)
+            count = int(in_streams.get_property("NUM_STREAMS"))
+            if count > 1:  # one thread (threads=1) is one stream: nothing to split across
+                self._in_streams, self.streams = in_streams, count
         self.provider = f"OpenVINO CPU ({self.compiled.get_property('INFERENCE_PRECISION_HINT').to_string()})"
         self.output_names = output_names
         # By position: a fixed-width model is a copy of the same model, its outputs in the same order
@@ -188,12 +207,38 @@ class OpenVINORunner:
 
     def run(self, arrays: dict[str, object]) -> list[np.ndarray]:
         feed = numpy_feed(arrays)
+        if self._in_streams is not None and _rows(feed) >= self.streams:
+            return self._run_in_streams(feed)
         request = self._request(self.one_text.fixed(feed) if self.one_text else None)
         try:
             results = request.infer(feed)
         except Exception as error:  # OpenVINO's RuntimeError; the inputs passed the sidecar's checks
             raise run_failed("OpenVINO", feed, error) from None
         return [np.array(results[position]) for position in self._positions]  # copies: the request reuses its buffers
+
+    def _run_in_streams(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """The rows in one part per stream (as even as they divide), started together; outputs joined in order."""
+        requests = getattr(self._local, "in_streams", None)
+        if requests is None:
+            requests = self._local.in_streams = [self._in_streams.create_infer_request() for _ in range(self.streams)]
+        bounds = np.linspace(0, _rows(feed), self.streams + 1).round().astype(int)
+        started, failure = [], None
+        for request, start, stop in zip(requests, bounds, bounds[1:]):
+            try:
+                request.start_async({name: array[start:stop] for name, array in feed.items()})
+            except Exception as error:  # OpenVINO's RuntimeError; the inputs passed the sidecar's checks
+                failure = error
+                break
+            started.append(request)
+        for request in started:  # every started part is waited for: none runs on into this thread's next call
+            try:
+                request.wait()
+            except Exception as error:
+                failure = failure or error
+        if failure is not None:
+            raise run_failed("OpenVINO", feed, failure)
+        return [np.concatenate([request.get_output_tensor(position).data for request in requests])
+                for position in self._positions]
 
     def signature(self):
         def describe(ports):
@@ -206,6 +251,10 @@ class OpenVINORunner:
             return described
 
         return describe(self.compiled.inputs), describe(self.compiled.outputs)
+
+
+def _rows(feed: dict[str, np.ndarray]) -> int:
+    return next(iter(feed.values())).shape[0]
 
 
 def _convert(ov, onnx_path: Path, ranges: list[TensorRange]):
@@ -297,8 +346,9 @@ def _lstm_bounds(model, onnx_path: Path, requested: str, precision: str) -> list
     return bounds
 
 
-def int8_form_shapes(ranges: list[TensorRange], config) -> list[tuple[str, dict[str, np.ndarray], int]]:
-    """(sidecar key, feed, timing rounds) for each shape an INT8 form is timed at against float: the opt shape,
+def timed_shapes(ranges: list[TensorRange], config) -> list[tuple[str, dict[str, np.ndarray], int]]:
+    """(sidecar key, feed, timing rounds) for each shape an INT8 form is timed at against float, and calls in
+    streams against calls on one: the opt shape,
     and LARGE_BATCH rows at the opt width where the opt batch is smaller: INT8 attention gains more in large
     batches (MiniLM on a Zen 4 EPYC: 2-4% at 8 x 128, 3.6-3.8% at 32 x 128), and the opt shape alone decided
     differently from one build to the next."""
@@ -316,12 +366,12 @@ def int8_form_shapes(ranges: list[TensorRange], config) -> list[tuple[str, dict[
 
 def _keep_int8_form(ov, model, int8_form, requested: str, min_gain: float, hint: str, job: BuildJob):
     """(the model to build, what was decided): the INT8 form where asked for, or with "auto" where it timed at
-    least `min_gain` faster than `model`, as the geometric mean over int8_form_shapes."""
+    least `min_gain` faster than `model`, as the geometric mean over timed_shapes."""
     if requested != "auto":
         return int8_form, {"form": "int8"}
     forms = {"float": model, "int8": int8_form}
     decided: dict[str, Any] = {key: _faster_form(ov, forms, hint, feed, rounds)
-                               for key, feed, rounds in int8_form_shapes(job.ranges, job.config)}
+                               for key, feed, rounds in timed_shapes(job.ranges, job.config)}
     ratio = geometric_mean([timed["int8_to_float"] for timed in decided.values()])
     faster = ratio <= 1 - min_gain
     return (int8_form if faster else model), {"form": "int8" if faster else "float", **decided,
@@ -356,6 +406,42 @@ def _faster_form(ov, forms: dict, hint: str, feed: dict[str, np.ndarray],
     first, second = forms
     return {name: round(ms, 3) for name, ms in timed.ms().items()} | {
         f"{second}_to_{first}": round(timed.ratio(second, first), 4)}
+
+
+def _streams_form(core, staged, job: BuildJob, hint: str, output_names: list[str]) -> tuple[bool, dict[str, Any]]:
+    """(whether calls of at least a row per stream run split across streams, what was decided): where asked
+    for, or with "auto" where the staged engine, run as the runtime runs it, timed at least STREAMS_MIN_GAIN
+    faster so over timed_shapes (those with a row per stream)."""
+    from miaotui.engines.timing import interleaved
+
+    requested = job.options.openvino_streams
+    if requested not in STREAMS_CHOICES:
+        raise InputError(f"--openvino-streams {requested}: expected one of {', '.join(STREAMS_CHOICES)}")
+    if not (batch_axis_shared(job.ranges) and job.ranges[0].max[0] > 1):
+        if requested == "split":
+            raise InputError(f"--openvino-streams split: {job.onnx_path} takes no batch of rows to split (its inputs "
+                             "do not share a batch axis of more than one row)")
+        return False, {"form": "single"}
+    if requested != "auto":
+        return requested == "split", {"form": requested}
+    runners = {name: OpenVINORunner(core, staged, job.engine_path, hint, None, output_names, streams=name == "split")
+               for name in ("single", "split")}
+    streams = runners["split"].streams
+    decided: dict[str, Any] = {"streams": streams}
+    for key, feed, rounds in timed_shapes(job.ranges, job.config):
+        if streams > 1 and _rows(feed) >= streams:
+            inputs = numpy_feed(feed)
+            timed = interleaved({name: (lambda runner=runner: runner.run(inputs)) for name, runner in runners.items()},
+                                rounds, warmup=2)
+            decided[key] = {name: round(ms, 3) for name, ms in timed.ms().items()} | {
+                "split_to_single": round(timed.ratio("split", "single"), 4)}
+    ratios = [timed["split_to_single"] for key, timed in decided.items() if key.startswith("ms_at_")]
+    if not ratios:  # one stream here (one thread), or no timed shape with a row per stream
+        return False, {"form": "single", **decided}
+    ratio = geometric_mean(ratios)
+    faster = ratio <= 1 - STREAMS_MIN_GAIN
+    return faster, {"form": "split" if faster else "single", **decided, "split_to_single": round(ratio, 4),
+                    "min_gain": STREAMS_MIN_GAIN}
 
 
 def _one_text_widths(ranges: list[TensorRange]) -> list[int]:
@@ -505,8 +591,9 @@ class OpenVINO(Backend):
     # 4: INT8 LSTM layers where faster; 6: calls padded to a few widths, one text on fixed-width models where faster;
     # 7: INT8 attention on Q and K only, fixed widths decided over three widths; 8: the cost table per call
     # shape, by which rows are cut or padded to powers of two (also where widths cannot be padded); 9: widths
-    # padded where the tokenizer's padding id masks padding (checked at build), not only a mask input
-    form = "9"
+    # padded where the tokenizer's padding id masks padding (checked at build), not only a mask input; 10: calls
+    # of at least a row per stream split across streams where faster
+    form = "10"
 
     def version(self) -> str:
         return _import_openvino().get_version()
@@ -548,16 +635,18 @@ class OpenVINO(Backend):
         step, one_text, one_text_decided, padding_checked = _call_shapes(ov, model, job, hint)
         # The staged files, compiled as the runtime will compile them.
         core, staged = read_ir(job.engine_path, weights)
-        runner = OpenVINORunner(core, staged, job.engine_path, hint, None,
-                                [o.get_any_name() for o in model.outputs if o.get_any_name() not in unfused], one_text)
+        output_names = [o.get_any_name() for o in model.outputs if o.get_any_name() not in unfused]
+        streams, streams_decided = _streams_form(core, staged, job, hint, output_names)
+        runner = OpenVINORunner(core, staged, job.engine_path, hint, None, output_names, one_text, streams)
         settings = {"precision_hint": hint, "performance_hint": "LATENCY", "unfused_outputs": unfused,
                     "attention": attention["form"], "int8_attention_blocks": len(blocks) if attention["form"] == "int8" else 0,
                     "lstm": lstm["form"], "int8_lstm_layers": len(lstm_bounds) if lstm["form"] == "int8" else 0,
-                    "one_text": one_text_decided["form"],
+                    "one_text": one_text_decided["form"], "streams": streams_decided["form"],
                     "weights_sha256": sha256_file(weights), "weights_bytes": weights.stat().st_size}
         checks = _check(job.onnx_path, runner, job.ranges, job.config)
         timed = []
-        for part, decided in (("attention", attention), ("lstm", lstm), ("one_text", one_text_decided)):
+        for part, decided in (("attention", attention), ("lstm", lstm), ("one_text", one_text_decided),
+                              ("streams", streams_decided)):
             if "min_gain" in decided:
                 checks[f"{part}_timing"] = {key: value for key, value in decided.items() if key != "form"}
                 timed.append(f"{part.replace('_', '-')} form")
@@ -602,7 +691,8 @@ class OpenVINO(Backend):
         one_text = (OneTextForms(step, metadata.inputs[0].min[1], metadata.inputs[0].max[1])
                     if step and metadata.session.get("one_text_fixed") else None)
         core, model = read_ir(path, weights_path(path))
-        return OpenVINORunner(core, model, path, hint, threads, [o.name for o in metadata.outputs], one_text)
+        return OpenVINORunner(core, model, path, hint, threads, [o.name for o in metadata.outputs], one_text,
+                              streams=metadata.settings.get("streams") == "split")
 
     def describe(self, metadata: EngineMetadata) -> str:
         diff = metadata.checks.get("vs_onnxruntime_max_abs_diff", float("nan"))
@@ -611,6 +701,7 @@ class OpenVINO(Backend):
         attention = " (attention in INT8)" if metadata.settings.get("attention") == "int8" else ""
         attention += " (LSTM layers in INT8)" if metadata.settings.get("lstm") == "int8" else ""
         attention += " (one text at fixed widths)" if metadata.settings.get("one_text") == "static" else ""
+        attention += " (batches split across streams)" if metadata.settings.get("streams") == "split" else ""
         if "padding_checked_with" in metadata.checks and "padded_widths_why_not" not in metadata.checks:
             attention += f" (padding marked by {metadata.checks['padding_checked_with']}, checked)"
         return (f"openvino {metadata.backend_version.split('-')[0]} IR{attention}, float parts in {hint}{where}; "

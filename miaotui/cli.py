@@ -315,7 +315,7 @@ def run(config, work_dir: Path, force: bool, wait: bool, progress: StageProgress
                    "BF16 natively (AMX, AVX512-BF16), f32 elsewhere. FP32 graphs run in f32 unless bf16 is asked for.")
 @click.option("--openvino-attention", type=click.Choice(["auto", "int8", "float"]), default="auto", show_default=True,
               help="openvino, INT8 graphs: self-attention's scores product (Q, K) in INT8 from the ranges the graph "
-                   "records; auto keeps it where the build measures it at least 3% faster.")
+                   "records; auto keeps it where the build measures it at least 2% faster.")
 @click.option("--openvino-lstm", type=click.Choice(["auto", "int8", "float"]), default="auto", show_default=True,
               help="openvino, INT8 graphs: LSTM layers in INT8 where their input has a known bound (an embedding "
                    "table, another LSTM's states); auto keeps them where the build measures them at least 3% faster.")
@@ -323,12 +323,15 @@ def run(config, work_dir: Path, force: bool, wait: bool, progress: StageProgress
               help="openvino, models that mask padding (a mask input, or the padding id, checked): one text a call "
                    "padded to the next of at most 16 widths and run on a model compiled for that shape; auto where "
                    "the build measures it at least 5% faster.")
+@click.option("--openvino-streams", type=click.Choice(["auto", "split", "single"]), default="auto", show_default=True,
+              help="openvino: a call of at least a row per stream split across the CPU's streams, its parts run at "
+                   "once (a second compiled model); auto where the build measures it at least 2% faster.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="ENGINE",
               help="Engine file (.ort or .plan; default: engines/<name>.<backend>.<precision>.<ext> beside the ONNX file).")
 @_apply(_TENSORRT_OPTIONS)
 @reports_errors
 def build(onnx_path: Path, backend, precision, shapes, config_or_model, provider, cpu_activations, openvino_float,
-          openvino_attention, openvino_lstm, openvino_one_text, output, **tensorrt) -> None:
+          openvino_attention, openvino_lstm, openvino_one_text, openvino_streams, output, **tensorrt) -> None:
     """Compile an ONNX file into an engine and its .json sidecar."""
     from miaotui.engines import BuildOptions, build_engine
     from miaotui.engines.build import default_engine_path
@@ -344,7 +347,8 @@ def build(onnx_path: Path, backend, precision, shapes, config_or_model, provider
     options = BuildOptions(backend=backend, precision=precision, shapes=tuple(shapes), provider=provider,
                            tensorrt=_tensorrt_options(**tensorrt), cpu_activations=cpu_activations,
                            openvino_float=openvino_float, openvino_attention=openvino_attention,
-                           openvino_lstm=openvino_lstm, openvino_one_text=openvino_one_text)
+                           openvino_lstm=openvino_lstm, openvino_one_text=openvino_one_text,
+                           openvino_streams=openvino_streams)
     made_folder = None
     if output is None:
         output = default_engine_path(onnx_path, backend, precision, config)

@@ -69,12 +69,19 @@ def test_threads_share_one_compiled_model(openvino_work: Path):
     engine = Engine.load(_engine(openvino_work))
     inputs = [_ids(1 + i % 7, 5 + 3 * i, seed=i) for i in range(16)]
     expected = [engine(input_ids=ids)["logits"] for ids in inputs]
+    assert not _mismatches_from_threads(engine, inputs, expected, calls=40, atol=0)
+
+
+def _mismatches_from_threads(engine, inputs: list[np.ndarray], expected: list[np.ndarray], calls: int,
+                             atol: float) -> list[int]:
+    """Four threads each make `calls` calls of the engine at once, going round `inputs`; the inputs whose
+    answer was not `expected` (within `atol`)."""
     mismatches = []
 
     def worker(offset: int) -> None:
-        for step in range(40):
+        for step in range(calls):
             index = (offset + step) % len(inputs)
-            if not np.array_equal(engine(input_ids=inputs[index])["logits"], expected[index]):
+            if not np.allclose(engine(input_ids=inputs[index])["logits"], expected[index], rtol=0, atol=atol):
                 mismatches.append(index)
 
     threads = [threading.Thread(target=worker, args=(offset,)) for offset in range(4)]
@@ -82,7 +89,7 @@ def test_threads_share_one_compiled_model(openvino_work: Path):
         thread.start()
     for thread in threads:
         thread.join()
-    assert not mismatches
+    return mismatches
 
 
 def test_damaged_or_missing_weights_are_refused_in_one_line(openvino_work: Path, tmp_path: Path):
@@ -414,7 +421,8 @@ def test_auto_keeps_int8_attention_only_where_it_measured_faster(tiny_bert_work,
     from miaotui.engines.inspect_engine import CLOSE_TO_RULE, timing_decisions
 
     decisions = {d.what: d for d in timing_decisions(built.metadata)}
-    assert set(decisions) == {"attention form", "one-text form"}
+    streams_timed = {"streams form"} if "streams_timing" in built.metadata.checks else set()  # a machine of 2+ CPUs
+    assert set(decisions) == {"attention form", "one-text form"} | streams_timed
     one_text = decisions["one-text form"]
     assert (one_text.chosen, one_text.ratio, one_text.rule) == (built.metadata.settings["one_text"],
                                                                  timing["static_to_dynamic"], 1 - ONE_TEXT_MIN_GAIN)
@@ -440,6 +448,63 @@ def _session_beside_its_costs(metadata) -> dict:
     assert all(ms > 0 for row in costs.ms for ms in row)
     assert costs.ms[-1][-1] > 2 * costs.ms[0][0]
     return session
+
+
+def _cpus() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@pytest.mark.skipif(_cpus() < 2, reason="streams need two CPUs: one thread is one stream")
+def test_calls_split_across_streams_answer_like_one_call_from_many_threads(openvino_work: Path, tmp_path: Path):
+    """With streams, a call of at least a row per stream runs in one part per stream at once, each calling
+    thread with requests of its own; the answers are the single-stream engine's. One row, or one thread
+    (one stream), runs as one call."""
+    from miaotui.config import load_config
+    from miaotui.engines import BuildOptions, build_engine
+    from miaotui.engines.openvino_backend import BACKEND
+    from miaotui.runtime import Engine
+
+    config = load_config(openvino_work / "config.toml")
+    built = {form: build_engine(openvino_work / "model.int8.onnx", tmp_path / f"{form}.xml",
+                                BuildOptions(backend="openvino", openvino_streams=form), config)
+             for form in ("split", "single")}
+    assert built["split"].metadata.settings["streams"] == "split" and "streams_timing" not in built["split"].metadata.checks
+    assert built["single"].metadata.settings["streams"] == "single"
+    assert "(batches split across streams)" in BACKEND.describe(built["split"].metadata)
+    diffs = {form: b.metadata.checks["vs_onnxruntime_max_abs_diff"] for form, b in built.items()}
+    assert diffs["split"] == pytest.approx(diffs["single"], abs=1e-4)  # the opt shape's 8 rows, in parts or not
+    split, single = Engine.load(tmp_path / "split.xml", threads=2), Engine.load(tmp_path / "single.xml", threads=2)
+    runner = split._backend
+    assert runner.streams == 2 and single._backend.streams == 1
+    parts = []
+    in_streams = runner._run_in_streams
+    runner._run_in_streams = lambda feed: parts.append(feed["input_ids"].shape[0]) or in_streams(feed)
+    inputs = [_ids(rows, 5 + 3 * rows, seed=rows) for rows in (1, 2, 3, 8, 21, 64)]
+    expected = [single(input_ids=ids)["logits"] for ids in inputs]
+    for ids, answer in zip(inputs, expected):
+        np.testing.assert_allclose(split(input_ids=ids)["logits"], answer, atol=1e-5)
+    assert parts and 1 not in parts  # every call of two rows or more went to the streams, one row did not
+    assert not _mismatches_from_threads(split, inputs, expected, calls=24, atol=1e-5)
+    one_thread = Engine.load(tmp_path / "split.xml", threads=1)
+    assert one_thread._backend.streams == 1
+    np.testing.assert_allclose(one_thread(input_ids=inputs[3])["logits"], expected[3], atol=1e-5)
+
+
+def test_streams_are_refused_in_one_line_where_there_is_no_batch_to_split(openvino_work: Path, tmp_path: Path):
+    from miaotui.config import load_config
+    from miaotui.engines import BuildOptions, build_engine
+
+    config = load_config(openvino_work / "config.toml")
+    one_row = ("input_ids:1x1,1x16,1x64",)
+    with pytest.raises(InputError, match=r"--openvino-streams split: .*model.int8.onnx takes no batch of rows to split") as error:
+        build_engine(openvino_work / "model.int8.onnx", tmp_path / "one-row.xml",
+                     BuildOptions(backend="openvino", shapes=one_row, openvino_streams="split"), config)
+    assert "\n" not in str(error.value) and not (tmp_path / "one-row.xml").exists()
+    built = build_engine(openvino_work / "model.int8.onnx", tmp_path / "auto.xml",
+                         BuildOptions(backend="openvino", shapes=one_row), config)
+    assert built.metadata.settings["streams"] == "single" and "streams_timing" not in built.metadata.checks
 
 
 def test_int8_attention_is_refused_in_one_line_where_the_graph_records_none(openvino_work: Path, tmp_path: Path):
@@ -501,6 +566,17 @@ def test_auto_keeps_int8_lstm_only_where_it_measured_faster(openvino_work: Path)
     timing = metadata.checks["lstm_timing"]
     faster = _int8_form_timed_faster(timing, LSTM_MIN_GAIN)
     assert metadata.settings["lstm"] == ("int8" if faster else "float")
+    # Calls split across streams likewise, timed as the runtime runs the staged engine (where there are two CPUs)
+    from miaotui.engines.openvino_backend import STREAMS_MIN_GAIN
+
+    streams = metadata.checks.get("streams_timing")
+    if _cpus() >= 2:
+        shapes = [key for key in streams if key.startswith("ms_at_")]
+        assert streams["streams"] == 2 and shapes == ["ms_at_opt", "ms_at_rows_32"]
+        assert all(set(streams[key]) == {"single", "split", "split_to_single"} for key in shapes)
+        ratio = float(np.prod([streams[key]["split_to_single"] for key in shapes]) ** 0.5)
+        assert streams["split_to_single"] == pytest.approx(ratio, abs=1e-4) and streams["min_gain"] == STREAMS_MIN_GAIN
+        assert metadata.settings["streams"] == ("split" if ratio <= 1 - STREAMS_MIN_GAIN else "single")
     # The FP32 graph's engine is left as the graph has it, and nothing is timed for it.
     fp32 = read_metadata(_engine(openvino_work))
     assert fp32.settings["lstm"] == "float" and "lstm_timing" not in fp32.checks
