@@ -1,7 +1,7 @@
 """The openvino engine against NNCF's INT8 IRs, paired: the subjects take turns call by call, in fresh processes.
 
     python benchmarks/head_to_head.py [--model minilm-sentiment] [--batch 1,32] [--seq 128] [--threads 2]
-                                      [--seconds 20] [--block 4] [--processes 8]
+                                      [--seconds 20] [--block 4] [--processes 8] [--peers-in-streams]
 
 peers.py times each peer in its own process in slices of about a second: on the shared machines here the
 machine's speed drifts between slices by more than these engines differ (per-round ratios 0.79 to 1.07 in
@@ -18,7 +18,10 @@ What a process compiles first can run slower than what follows it, so the engine
 other process and last in the rest; a second copy of the engine takes turns too, as a control (its ratio
 should be 1: how far it strays is the table's noise).
 The peers run as peers.py runs them (the CPU plugin's defaults, `--threads` threads); the engine through
-the miaotui runtime (Engine.run), as a user calls it.
+the miaotui runtime (Engine.run), as a user calls it. With `--peers-in-streams` each NNCF IR also runs as
+the engine runs a batch where its build chose streams (its rows split across the CPU plugin's THROUGHPUT
+streams, one part per stream at once; one row as one call), in the plugin's default precision: what the
+engine's graph gains over NNCF's, without what its way of running a call gains.
 
 Writes benchmarks/results/<model>/head_to_head.{json,md}.
 """
@@ -56,6 +59,17 @@ def summary(ms: dict[str, np.ndarray], engine: str, seed: int = 0) -> dict[str, 
     return rows
 
 
+def in_streams(path: Path, threads: int) -> tuple:
+    """(call, input names) of the IR at `path` run by the openvino engine's runner with streams, in the CPU
+    plugin's default precision (as the peer runs): a batch of a row per stream or more split across them."""
+    from miaotui.engines.openvino_backend import OpenVINORunner, read_ir
+
+    core, model = read_ir(path, path.with_suffix(".bin"))
+    default = core.get_property("CPU", "INFERENCE_PRECISION_HINT").to_string()
+    runner = OpenVINORunner(core, model, path, default, threads, [model.outputs[0].get_any_name()], streams=True)
+    return runner.run, {port.get_any_name() for port in model.inputs}
+
+
 def one_process(args) -> dict:
     """The paired cycles in this process: {shape: {peer: summary row}}."""
     from peers import nncf_int8, paired_ms  # this folder's peer recipes: the same IRs as peers.py's table
@@ -71,11 +85,14 @@ def one_process(args) -> dict:
              "nncf int8 transformer (openvino)": nncf_int8(config, work, transformer=True)}
 
     def load_peers() -> dict:
-        """name -> (call, the input names it takes), compiled as peers.py's workers compile them."""
+        """name -> (call, the input names it takes), compiled as peers.py's workers compile them (and, with
+        --peers-in-streams, as the engine's runner runs a batch in streams)."""
         loaded = {}
         for name, path in peers.items():
             call, specs, *_ = _runner({"kind": "openvino", "path": str(path), "threads": args.threads})
             loaded[name] = call, {spec[0] for spec in specs}
+            if args.peers_in_streams:
+                loaded[f"{name.removesuffix(')')}, split across streams)"] = in_streams(path, args.threads)
         return loaded
 
     # What is compiled first ran about 2% slower at batch 32 than a copy compiled after it in one /tmp A/B of eight
@@ -105,6 +122,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="timing budget per batch size and process")
     parser.add_argument("--block", type=int, default=4, help="timed calls per turn")
     parser.add_argument("--processes", type=int, default=8, help="fresh processes, one after another")
+    parser.add_argument("--peers-in-streams", action="store_true",
+                        help="also run each NNCF IR with its batch rows split across streams, as the engine may")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--engine-first", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--engine", help=argparse.SUPPRESS)  # the workers' engine file, as the build stage made it
@@ -132,7 +151,8 @@ def main() -> None:
         f"{shape} {name.split(' (')[0]} {row['ratio']:.3f}" for shape, rows in run.items() for name, row in rows.items()))
     cpu, machine = describe_machine()
     command = (f"python benchmarks/head_to_head.py --model {config.name} --batch {args.batch} --seq {args.seq} "
-               f"--threads {args.threads} --seconds {args.seconds:g} --block {args.block} --processes {args.processes}")
+               f"--threads {args.threads} --seconds {args.seconds:g} --block {args.block} --processes {args.processes}"
+               + (" --peers-in-streams" if args.peers_in_streams else ""))
     lines = [f"{config.name}, the openvino engine (`{engine_path.name}`) against NNCF's INT8 IRs, paired within each of "
              f"{args.processes} fresh processes, {args.threads} threads: `{command}` ({time.time() - started:.0f} s). "
              f"{machine}.", "",
