@@ -66,7 +66,8 @@ def in_streams(path: Path, threads: int) -> tuple:
 
     core, model = read_ir(path, path.with_suffix(".bin"))
     default = core.get_property("CPU", "INFERENCE_PRECISION_HINT").to_string()
-    runner = OpenVINORunner(core, model, path, default, threads, [model.outputs[0].get_any_name()], streams=True)
+    runner = OpenVINORunner(core, model, path, default, threads, [model.outputs[0].get_any_name()],
+                            split_from_rows=2)
     return runner.run, {port.get_any_name() for port in model.inputs}
 
 

@@ -53,10 +53,11 @@ class BuildOptions:
     # where the build measures one text at least 5% faster over three widths (MiniLM on a Zen 5 EPYC: about
     # 20%); "static" or "dynamic" to choose.
     openvino_one_text: str = "auto"
-    # openvino, models whose inputs share a batch axis: a call of at least a row per stream is split across
-    # streams (the CPU plugin's THROUGHPUT streams, 2 vCPUs: two of one thread), its parts run at once, at the
-    # cost of a second compiled model. "auto": where the build measures it at least 2% faster over the opt
-    # shape and 32 rows (MiniLM on a Zen 5 EPYC: 0-17%); "split" or "single" to choose.
+    # openvino, models whose inputs share a batch axis: a call of at least the smallest batch the build times
+    # (the opt batch, or 32 rows) is split across streams (the CPU plugin's THROUGHPUT streams, 2 vCPUs: two of
+    # one thread), its parts run at once, at the cost of a second compiled model. "auto": where the build
+    # measures it at least 2% faster over the opt shape and 32 rows (MiniLM on a Zen 5 EPYC: 1-17%, most
+    # where the machine is busy); "split" or "single" to choose.
     openvino_streams: str = "auto"
 
 

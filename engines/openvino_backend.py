@@ -20,10 +20,11 @@ layers (float in the QDQ graph) are built in INT8 form where their input has a k
 (engines/openvino_lstm.py, `openvino_lstm`) and kept where at least LSTM_MIN_GAIN faster. And one
 text a call runs on models compiled for its padded width where that is faster, and every call is padded
 to one of a few widths and cut into rows of powers of two (engines/openvino_shapes.py, `openvino_one_text`;
-the sidecar's session says the step the runtime pads to). A call of at least a row per stream may run
+the sidecar's session says the step the runtime pads to). A large call may run
 split across the CPU plugin's streams (`openvino_streams`): one part per stream, all started at once, each
 on threads of its own, where one call on every thread makes them meet at each node; kept where the build
-times the staged engine at least STREAMS_MIN_GAIN faster so, at the cost of a second compiled model.
+times the staged engine at least STREAMS_MIN_GAIN faster so, at the cost of a second compiled model, for
+calls of at least as many rows as the smallest batch it timed.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ COST_ROUNDS = 2  # timed calls per shape for the cost table (after one that prep
 LSTM_MIN_GAIN = 0.03  # INT8 LSTM layers: kept when at least this much faster (lstm-sentiment: about 25%)
 STREAMS_CHOICES = ("auto", "split", "single")  # --openvino-streams
 # Calls split across streams cost a second compiled model (MiniLM: about 80 MB with its buffers): kept when at
-# least this much faster (MiniLM on a Zen 5 EPYC, 2 vCPUs: 0-17% at 2 to 64 rows, benchmarks/NOTES.md).
+# least this much faster (MiniLM on a Zen 5 EPYC, 2 vCPUs: 1-17% at 2 to 64 rows, most where the machine is
+# busy, benchmarks/NOTES.md).
 STREAMS_MIN_GAIN = 0.02
 
 
@@ -148,20 +150,20 @@ def with_static_shape(model, width: int):
 
 class OpenVINORunner:
     """One compiled model, plus (with `one_text`) one compiled for each fixed width that one text a call
-    has come at, and (with `streams`) one compiled in streams for calls of at least a row per stream; an
-    infer request per calling thread and compiled model (a request holds its tensors)."""
+    has come at, and (with `split_from_rows`) one compiled in streams for calls of at least that many rows
+    (and a row per stream); an infer request per calling thread and compiled model (a request holds its
+    tensors)."""
 
     def __init__(self, core, model, where: Path, precision_hint: str, threads: int | None, output_names: list[str],
-                 one_text: OneTextForms | None = None, streams: bool = False):
+                 one_text: OneTextForms | None = None, split_from_rows: int | None = None):
         self.compiled = compile_model(core, model, where, precision_hint, threads)
         # A call's rows split across streams, each part on threads of its own at once: no thread waits for
-        # another at every node, as one call on all of them does (engines/openvino_backend's docstring).
+        # another at every node, as one call on all of them does (engines/openvino_backend's docstring). The
+        # model in streams is compiled on the first call that large (compile_streams): a service of one text
+        # a request never holds it (about 80 MiB for MiniLM).
+        self.split_from_rows = split_from_rows
         self._in_streams, self.streams = None, 1
-        if streams:
-            in_streams = compile_model(core, model, where, precision_hint, threads, streams=True)
-            count = int(in_streams.get_property("NUM_STREAMS"))
-            if count > 1:  # one thread (threads=1) is one stream: nothing to split across
-                self._in_streams, self.streams = in_streams, count
+        self._streams_lock = threading.Lock()
         self.provider = f"OpenVINO CPU ({self.compiled.get_property('INFERENCE_PRECISION_HINT').to_string()})"
         self.output_names = output_names
         # By position: a fixed-width model is a copy of the same model, its outputs in the same order
@@ -205,9 +207,25 @@ class OpenVINORunner:
         """The widths one text a call has run at so far (each a model compiled for it)."""
         return sorted(self._fixed)
 
+    def compile_streams(self) -> int:
+        """Compile the model in streams now, if this runner splits calls; the number of streams (1: none, or
+        one thread, which is one stream and nothing to split across: calls then run whole)."""
+        if self._in_streams is not None:
+            return self.streams
+        with self._streams_lock:
+            if self.split_from_rows is not None and self._in_streams is None:
+                in_streams = compile_model(self._core, self._model, self._where, self._hint, self._threads, streams=True)
+                self.streams = int(in_streams.get_property("NUM_STREAMS"))
+                if self.streams > 1:
+                    self._in_streams = in_streams
+                else:
+                    self.split_from_rows = None
+        return self.streams
+
     def run(self, arrays: dict[str, object]) -> list[np.ndarray]:
         feed = numpy_feed(arrays)
-        if self._in_streams is not None and _rows(feed) >= self.streams:
+        if self.split_from_rows is not None and _rows(feed) >= self.split_from_rows and self.compile_streams() > 1 \
+                and _rows(feed) >= self.streams:
             return self._run_in_streams(feed)
         request = self._request(self.one_text.fixed(feed) if self.one_text else None)
         try:
@@ -408,10 +426,13 @@ def _faster_form(ov, forms: dict, hint: str, feed: dict[str, np.ndarray],
         f"{second}_to_{first}": round(timed.ratio(second, first), 4)}
 
 
-def _streams_form(core, staged, job: BuildJob, hint: str, output_names: list[str]) -> tuple[bool, dict[str, Any]]:
-    """(whether calls of at least a row per stream run split across streams, what was decided): where asked
+def _streams_form(core, staged, job: BuildJob, hint: str, output_names: list[str]) -> tuple[int | None, dict[str, Any]]:
+    """(the rows from which a call runs split across streams, or None for never; what was decided): where asked
     for, or with "auto" where the staged engine, run as the runtime runs it, timed at least STREAMS_MIN_GAIN
-    faster so over timed_shapes (those with a row per stream)."""
+    faster so over timed_shapes (those with a row per stream). Calls smaller than the smallest shape timed
+    stay whole: served one text a request from 8 clients on the same two cores, MiniLM's engine splitting
+    calls of 2-4 rows answered 7% fewer texts per second than whole calls, splitting from 8 rows level
+    (benchmarks/NOTES.md)."""
     from miaotui.engines.timing import interleaved
 
     requested = job.options.openvino_streams
@@ -421,14 +442,16 @@ def _streams_form(core, staged, job: BuildJob, hint: str, output_names: list[str
         if requested == "split":
             raise InputError(f"--openvino-streams split: {job.onnx_path} takes no batch of rows to split (its inputs "
                              "do not share a batch axis of more than one row)")
-        return False, {"form": "single"}
+        return None, {"form": "single"}
+    shapes = [(key, feed, rounds) for key, feed, rounds in timed_shapes(job.ranges, job.config) if _rows(feed) > 1]
+    from_rows = min(_rows(feed) for _, feed, _ in shapes) if shapes else 2
     if requested != "auto":
-        return requested == "split", {"form": requested}
-    runners = {name: OpenVINORunner(core, staged, job.engine_path, hint, None, output_names, streams=name == "split")
-               for name in ("single", "split")}
-    streams = runners["split"].streams
+        return (from_rows if requested == "split" else None), {"form": requested}
+    runners = {name: OpenVINORunner(core, staged, job.engine_path, hint, None, output_names,
+                                    split_from_rows=2 if name == "split" else None) for name in ("single", "split")}
+    streams = runners["split"].compile_streams()
     decided: dict[str, Any] = {"streams": streams}
-    for key, feed, rounds in timed_shapes(job.ranges, job.config):
+    for key, feed, rounds in shapes:
         if streams > 1 and _rows(feed) >= streams:
             inputs = numpy_feed(feed)
             timed = interleaved({name: (lambda runner=runner: runner.run(inputs)) for name, runner in runners.items()},
@@ -437,11 +460,11 @@ def _streams_form(core, staged, job: BuildJob, hint: str, output_names: list[str
                 "split_to_single": round(timed.ratio("split", "single"), 4)}
     ratios = [timed["split_to_single"] for key, timed in decided.items() if key.startswith("ms_at_")]
     if not ratios:  # one stream here (one thread), or no timed shape with a row per stream
-        return False, {"form": "single", **decided}
+        return None, {"form": "single", **decided}
     ratio = geometric_mean(ratios)
     faster = ratio <= 1 - STREAMS_MIN_GAIN
-    return faster, {"form": "split" if faster else "single", **decided, "split_to_single": round(ratio, 4),
-                    "min_gain": STREAMS_MIN_GAIN}
+    return (from_rows if faster else None), {"form": "split" if faster else "single", **decided,
+                                             "split_to_single": round(ratio, 4), "min_gain": STREAMS_MIN_GAIN}
 
 
 def _one_text_widths(ranges: list[TensorRange]) -> list[int]:
@@ -591,9 +614,9 @@ class OpenVINO(Backend):
     # 4: INT8 LSTM layers where faster; 6: calls padded to a few widths, one text on fixed-width models where faster;
     # 7: INT8 attention on Q and K only, fixed widths decided over three widths; 8: the cost table per call
     # shape, by which rows are cut or padded to powers of two (also where widths cannot be padded); 9: widths
-    # padded where the tokenizer's padding id masks padding (checked at build), not only a mask input; 10: calls
-    # of at least a row per stream split across streams where faster
-    form = "10"
+    # padded where the tokenizer's padding id masks padding (checked at build), not only a mask input; 11: calls
+    # of at least the smallest batch the build timed split across streams where faster
+    form = "11"
 
     def version(self) -> str:
         return _import_openvino().get_version()
@@ -636,12 +659,13 @@ class OpenVINO(Backend):
         # The staged files, compiled as the runtime will compile them.
         core, staged = read_ir(job.engine_path, weights)
         output_names = [o.get_any_name() for o in model.outputs if o.get_any_name() not in unfused]
-        streams, streams_decided = _streams_form(core, staged, job, hint, output_names)
-        runner = OpenVINORunner(core, staged, job.engine_path, hint, None, output_names, one_text, streams)
+        split_from_rows, streams_decided = _streams_form(core, staged, job, hint, output_names)
+        runner = OpenVINORunner(core, staged, job.engine_path, hint, None, output_names, one_text, split_from_rows)
         settings = {"precision_hint": hint, "performance_hint": "LATENCY", "unfused_outputs": unfused,
                     "attention": attention["form"], "int8_attention_blocks": len(blocks) if attention["form"] == "int8" else 0,
                     "lstm": lstm["form"], "int8_lstm_layers": len(lstm_bounds) if lstm["form"] == "int8" else 0,
                     "one_text": one_text_decided["form"], "streams": streams_decided["form"],
+                    **({"split_from_rows": split_from_rows} if split_from_rows else {}),
                     "weights_sha256": sha256_file(weights), "weights_bytes": weights.stat().st_size}
         checks = _check(job.onnx_path, runner, job.ranges, job.config)
         timed = []
@@ -692,7 +716,8 @@ class OpenVINO(Backend):
                     if step and metadata.session.get("one_text_fixed") else None)
         core, model = read_ir(path, weights_path(path))
         return OpenVINORunner(core, model, path, hint, threads, [o.name for o in metadata.outputs], one_text,
-                              streams=metadata.settings.get("streams") == "split")
+                              split_from_rows=metadata.settings.get("split_from_rows") if
+                              metadata.settings.get("streams") == "split" else None)
 
     def describe(self, metadata: EngineMetadata) -> str:
         diff = metadata.checks.get("vs_onnxruntime_max_abs_diff", float("nan"))
@@ -701,7 +726,8 @@ class OpenVINO(Backend):
         attention = " (attention in INT8)" if metadata.settings.get("attention") == "int8" else ""
         attention += " (LSTM layers in INT8)" if metadata.settings.get("lstm") == "int8" else ""
         attention += " (one text at fixed widths)" if metadata.settings.get("one_text") == "static" else ""
-        attention += " (batches split across streams)" if metadata.settings.get("streams") == "split" else ""
+        if metadata.settings.get("streams") == "split":
+            attention += f" (calls of {metadata.settings.get('split_from_rows')} rows or more split across streams)"
         if "padding_checked_with" in metadata.checks and "padded_widths_why_not" not in metadata.checks:
             attention += f" (padding marked by {metadata.checks['padding_checked_with']}, checked)"
         return (f"openvino {metadata.backend_version.split('-')[0]} IR{attention}, float parts in {hint}{where}; "

@@ -324,7 +324,7 @@ def run(config, work_dir: Path, force: bool, wait: bool, progress: StageProgress
                    "padded to the next of at most 16 widths and run on a model compiled for that shape; auto where "
                    "the build measures it at least 5% faster.")
 @click.option("--openvino-streams", type=click.Choice(["auto", "split", "single"]), default="auto", show_default=True,
-              help="openvino: a call of at least a row per stream split across the CPU's streams, its parts run at "
+              help="openvino: calls of at least the opt batch split across the CPU's streams, their parts run at "
                    "once (a second compiled model); auto where the build measures it at least 2% faster.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="ENGINE",
               help="Engine file (.ort or .plan; default: engines/<name>.<backend>.<precision>.<ext> beside the ONNX file).")
