@@ -239,11 +239,13 @@ class OpenVINORunner:
         requests = getattr(self._local, "in_streams", None)
         if requests is None:
             requests = self._local.in_streams = [self._in_streams.create_infer_request() for _ in range(self.streams)]
-        bounds = np.linspace(0, _rows(feed), self.streams + 1).round().astype(int)
+        from miaotui.engines.call_split import row_slices
+
+        sizes = np.diff(np.linspace(0, _rows(feed), self.streams + 1).round().astype(int)).tolist()
         started, failure = [], None
-        for request, start, stop in zip(requests, bounds, bounds[1:]):
+        for request, part in zip(requests, row_slices(feed, sizes)):
             try:
-                request.start_async({name: array[start:stop] for name, array in feed.items()})
+                request.start_async(part)
             except Exception as error:  # OpenVINO's RuntimeError; the inputs passed the sidecar's checks
                 failure = error
                 break
