@@ -55,9 +55,9 @@ class BuildOptions:
     openvino_one_text: str = "auto"
     # openvino, models whose inputs share a batch axis: a call of at least the smallest batch the build times
     # (the opt batch, or 32 rows) is split across streams (the CPU plugin's THROUGHPUT streams, 2 vCPUs: two of
-    # one thread), its parts run at once, at the cost of a second compiled model. "auto": where the build
-    # measures it at least 2% faster over the opt shape and 32 rows (MiniLM on a Zen 5 EPYC: 1-17%, most
-    # where the machine is busy); "split" or "single" to choose.
+    # one thread), its parts run at once, at the cost of a second compiled model. "auto": unless the build
+    # measures it slower over the opt shape and 32 rows (MiniLM on a Zen 5 EPYC: 1-17% faster, most where the
+    # machine is busy, which changes by the hour); "split" or "single" to choose.
     openvino_streams: str = "auto"
 
 

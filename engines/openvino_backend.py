@@ -22,9 +22,9 @@ text a call runs on models compiled for its padded width where that is faster, a
 to one of a few widths and cut into rows of powers of two (engines/openvino_shapes.py, `openvino_one_text`;
 the sidecar's session says the step the runtime pads to). A large call may run
 split across the CPU plugin's streams (`openvino_streams`): one part per stream, all started at once, each
-on threads of its own, where one call on every thread makes them meet at each node; kept where the build
-times the staged engine at least STREAMS_MIN_GAIN faster so, at the cost of a second compiled model, for
-calls of at least as many rows as the smallest batch it timed.
+on threads of its own, where one call on every thread makes them meet at each node; kept unless the build
+times the staged engine slower so (what it gains depends on how busy the machine is, hour by hour), at the
+cost of a second compiled model, for calls of at least as many rows as the smallest batch it timed.
 """
 
 from __future__ import annotations
@@ -57,10 +57,11 @@ LARGE_BATCH_ROUNDS = 7
 COST_ROUNDS = 2  # timed calls per shape for the cost table (after one that prepares the shape)
 LSTM_MIN_GAIN = 0.03  # INT8 LSTM layers: kept when at least this much faster (lstm-sentiment: about 25%)
 STREAMS_CHOICES = ("auto", "split", "single")  # --openvino-streams
-# Calls split across streams cost a second compiled model (MiniLM: about 80 MB with its buffers): kept when at
-# least this much faster (MiniLM on a Zen 5 EPYC, 2 vCPUs: 1-17% at 2 to 64 rows, most where the machine is
-# busy, benchmarks/NOTES.md).
-STREAMS_MIN_GAIN = 0.02
+# Calls split across streams are kept unless the build times them slower: what they gain depends on how busy the
+# machine is, which changes by the hour (MiniLM on a Zen 5 EPYC, 2 vCPUs: 8-17% at 2 to 64 rows in a busy hour,
+# 1-5% in a quiet one, never more than 1% slower from 8 rows; benchmarks/NOTES.md), and a build times one hour.
+# What they cost, a second compiled model (MiniLM: about 80 MB with its buffers), is paid once a call splits.
+STREAMS_MIN_GAIN = 0.0
 
 
 def weights_path(engine: Path) -> Path:
@@ -148,6 +149,45 @@ def with_static_shape(model, width: int):
     return copy
 
 
+class StreamParts:
+    """The model compiled in streams (the THROUGHPUT hint: on 2 vCPUs two streams of a thread each), a call's rows
+    run one part per stream, the parts started together on the calling thread's own requests. One call on every
+    thread makes them meet at each node; on a shared machine each meeting waits for the thread the hypervisor
+    held back (benchmarks/NOTES.md, twenty-second session)."""
+
+    def __init__(self, compiled, positions: list[int]):
+        self.compiled = compiled
+        self.streams = int(compiled.get_property("NUM_STREAMS"))
+        self._positions = positions
+        self._local = threading.local()
+
+    def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """The rows in one part per stream (as even as they divide), started together; outputs joined in order."""
+        from miaotui.engines.call_split import row_slices
+
+        requests = getattr(self._local, "requests", None)
+        if requests is None:
+            requests = self._local.requests = [self.compiled.create_infer_request() for _ in range(self.streams)]
+        sizes = np.diff(np.linspace(0, _rows(feed), self.streams + 1).round().astype(int)).tolist()
+        started, failure = [], None
+        for request, part in zip(requests, row_slices(feed, sizes)):
+            try:
+                request.start_async(part)
+            except Exception as error:  # OpenVINO's RuntimeError; the inputs passed the sidecar's checks
+                failure = error
+                break
+            started.append(request)
+        for request in started:  # every started part is waited for: none runs on into this thread's next call
+            try:
+                request.wait()
+            except Exception as error:
+                failure = failure or error
+        if failure is not None:
+            raise run_failed("OpenVINO", feed, failure)
+        return [np.concatenate([request.get_output_tensor(position).data for request in requests])
+                for position in self._positions]
+
+
 class OpenVINORunner:
     """One compiled model, plus (with `one_text`) one compiled for each fixed width that one text a call
     has come at, and (with `split_from_rows`) one compiled in streams for calls of at least that many rows
@@ -157,12 +197,11 @@ class OpenVINORunner:
     def __init__(self, core, model, where: Path, precision_hint: str, threads: int | None, output_names: list[str],
                  one_text: OneTextForms | None = None, split_from_rows: int | None = None):
         self.compiled = compile_model(core, model, where, precision_hint, threads)
-        # A call's rows split across streams, each part on threads of its own at once: no thread waits for
-        # another at every node, as one call on all of them does (engines/openvino_backend's docstring). The
-        # model in streams is compiled on the first call that large (compile_streams): a service of one text
-        # a request never holds it (about 80 MiB for MiniLM).
+        # Calls of at least split_from_rows rows (and a row per stream) run in StreamParts, compiled on the first
+        # call that large (compile_streams): a service of one text a request never holds it (about 80 MiB for
+        # MiniLM).
         self.split_from_rows = split_from_rows
-        self._in_streams, self.streams = None, 1
+        self._parts: StreamParts | None = None
         self._streams_lock = threading.Lock()
         self.provider = f"OpenVINO CPU ({self.compiled.get_property('INFERENCE_PRECISION_HINT').to_string()})"
         self.output_names = output_names
@@ -207,58 +246,44 @@ class OpenVINORunner:
         """The widths one text a call has run at so far (each a model compiled for it)."""
         return sorted(self._fixed)
 
+    def stream_parts(self) -> StreamParts:
+        """This runner's model compiled in streams, not yet used by it (what the build times against whole calls)."""
+        return StreamParts(compile_model(self._core, self._model, self._where, self._hint, self._threads, streams=True),
+                           self._positions)
+
+    def split_in_streams(self, parts: StreamParts, from_rows: int) -> None:
+        """Run calls of at least `from_rows` rows (and a row per stream) in `parts` from now on."""
+        self._parts, self.split_from_rows = parts, from_rows
+
+    @property
+    def streams(self) -> int:
+        """The streams a large call is split across: 1 before the model in streams is compiled, or where it has
+        one stream (one thread: nothing to split across, calls run whole)."""
+        return self._parts.streams if self._parts else 1
+
     def compile_streams(self) -> int:
-        """Compile the model in streams now, if this runner splits calls; the number of streams (1: none, or
-        one thread, which is one stream and nothing to split across: calls then run whole)."""
-        if self._in_streams is not None:
-            return self.streams
-        with self._streams_lock:
-            if self.split_from_rows is not None and self._in_streams is None:
-                in_streams = compile_model(self._core, self._model, self._where, self._hint, self._threads, streams=True)
-                self.streams = int(in_streams.get_property("NUM_STREAMS"))
-                if self.streams > 1:
-                    self._in_streams = in_streams
-                else:
-                    self.split_from_rows = None
+        """Compile the model in streams now, if this runner splits calls; the number of streams."""
+        if self._parts is None and self.split_from_rows is not None:
+            with self._streams_lock:
+                if self._parts is None and self.split_from_rows is not None:
+                    parts = self.stream_parts()
+                    if parts.streams > 1:
+                        self._parts = parts
+                    else:
+                        self.split_from_rows = None
         return self.streams
 
     def run(self, arrays: dict[str, object]) -> list[np.ndarray]:
         feed = numpy_feed(arrays)
         if self.split_from_rows is not None and _rows(feed) >= self.split_from_rows and self.compile_streams() > 1 \
                 and _rows(feed) >= self.streams:
-            return self._run_in_streams(feed)
+            return self._parts.run(feed)
         request = self._request(self.one_text.fixed(feed) if self.one_text else None)
         try:
             results = request.infer(feed)
         except Exception as error:  # OpenVINO's RuntimeError; the inputs passed the sidecar's checks
             raise run_failed("OpenVINO", feed, error) from None
         return [np.array(results[position]) for position in self._positions]  # copies: the request reuses its buffers
-
-    def _run_in_streams(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """The rows in one part per stream (as even as they divide), started together; outputs joined in order."""
-        requests = getattr(self._local, "in_streams", None)
-        if requests is None:
-            requests = self._local.in_streams = [self._in_streams.create_infer_request() for _ in range(self.streams)]
-        from miaotui.engines.call_split import row_slices
-
-        sizes = np.diff(np.linspace(0, _rows(feed), self.streams + 1).round().astype(int)).tolist()
-        started, failure = [], None
-        for request, part in zip(requests, row_slices(feed, sizes)):
-            try:
-                request.start_async(part)
-            except Exception as error:  # OpenVINO's RuntimeError; the inputs passed the sidecar's checks
-                failure = error
-                break
-            started.append(request)
-        for request in started:  # every started part is waited for: none runs on into this thread's next call
-            try:
-                request.wait()
-            except Exception as error:
-                failure = failure or error
-        if failure is not None:
-            raise run_failed("OpenVINO", feed, failure)
-        return [np.concatenate([request.get_output_tensor(position).data for request in requests])
-                for position in self._positions]
 
     def signature(self):
         def describe(ports):
@@ -428,13 +453,13 @@ def _faster_form(ov, forms: dict, hint: str, feed: dict[str, np.ndarray],
         f"{second}_to_{first}": round(timed.ratio(second, first), 4)}
 
 
-def _streams_form(core, staged, job: BuildJob, hint: str, output_names: list[str]) -> tuple[int | None, dict[str, Any]]:
-    """(the rows from which a call runs split across streams, or None for never; what was decided): where asked
-    for, or with "auto" where the staged engine, run as the runtime runs it, timed at least STREAMS_MIN_GAIN
-    faster so over timed_shapes (those with a row per stream). Calls smaller than the smallest shape timed
-    stay whole: served one text a request from 8 clients on the same two cores, MiniLM's engine splitting
-    calls of 2-4 rows answered 7% fewer texts per second than whole calls, splitting from 8 rows level
-    (benchmarks/NOTES.md)."""
+def _streams_form(runner: OpenVINORunner, job: BuildJob) -> tuple[int | None, dict[str, Any]]:
+    """(the rows from which a call runs split across streams, or None for never; what was decided), `runner`
+    (the staged engine as the runtime runs it) set to split so: where asked for, or with "auto" where its calls
+    split across streams timed at least STREAMS_MIN_GAIN faster than whole (0: not slower) over timed_shapes (those
+    with a row per stream), compiled once for the timing and kept by the runner. Calls smaller than the smallest shape timed stay whole: served one text a request from 8 clients on
+    the same two cores, MiniLM's engine splitting calls of 2-4 rows answered 7% fewer texts per second than whole
+    calls, splitting from 8 rows level (benchmarks/NOTES.md)."""
     from miaotui.engines.timing import interleaved
 
     requested = job.options.openvino_streams
@@ -447,17 +472,18 @@ def _streams_form(core, staged, job: BuildJob, hint: str, output_names: list[str
         return None, {"form": "single"}
     shapes = [(key, feed, rounds) for key, feed, rounds in timed_shapes(job.ranges, job.config) if _rows(feed) > 1]
     from_rows = min(_rows(feed) for _, feed, _ in shapes) if shapes else 2
-    if requested != "auto":
-        return (from_rows if requested == "split" else None), {"form": requested}
-    runners = {name: OpenVINORunner(core, staged, job.engine_path, hint, None, output_names,
-                                    split_from_rows=2 if name == "split" else None) for name in ("single", "split")}
-    streams = runners["split"].compile_streams()
-    decided: dict[str, Any] = {"streams": streams}
+    if requested == "split":
+        runner.split_from_rows = from_rows  # the model in streams compiled on the first call that splits
+        return from_rows, {"form": "split"}
+    if requested == "single":
+        return None, {"form": "single"}
+    parts = runner.stream_parts()
+    decided: dict[str, Any] = {"streams": parts.streams}
     for key, feed, rounds in shapes:
-        if streams > 1 and _rows(feed) >= streams:
+        if parts.streams > 1 and _rows(feed) >= parts.streams:
             inputs = numpy_feed(feed)
-            timed = interleaved({name: (lambda runner=runner: runner.run(inputs)) for name, runner in runners.items()},
-                                rounds, warmup=2)
+            timed = interleaved({"single": lambda: runner.run(inputs), "split": lambda: parts.run(inputs)}, rounds,
+                                warmup=2)
             decided[key] = {name: round(ms, 3) for name, ms in timed.ms().items()} | {
                 "split_to_single": round(timed.ratio("split", "single"), 4)}
     ratios = [timed["split_to_single"] for key, timed in decided.items() if key.startswith("ms_at_")]
@@ -465,6 +491,8 @@ def _streams_form(core, staged, job: BuildJob, hint: str, output_names: list[str
         return None, {"form": "single", **decided}
     ratio = geometric_mean(ratios)
     faster = ratio <= 1 - STREAMS_MIN_GAIN
+    if faster:
+        runner.split_in_streams(parts, from_rows)
     return (from_rows if faster else None), {"form": "split" if faster else "single", **decided,
                                              "split_to_single": round(ratio, 4), "min_gain": STREAMS_MIN_GAIN}
 
@@ -617,8 +645,8 @@ class OpenVINO(Backend):
     # 7: INT8 attention on Q and K only, fixed widths decided over three widths; 8: the cost table per call
     # shape, by which rows are cut or padded to powers of two (also where widths cannot be padded); 9: widths
     # padded where the tokenizer's padding id masks padding (checked at build), not only a mask input; 11: calls
-    # of at least the smallest batch the build timed split across streams where faster
-    form = "11"
+    # of at least the smallest batch the build timed split across streams where faster; 12: split unless timed slower
+    form = "12"
 
     def version(self) -> str:
         return _import_openvino().get_version()
@@ -661,8 +689,8 @@ class OpenVINO(Backend):
         # The staged files, compiled as the runtime will compile them.
         core, staged = read_ir(job.engine_path, weights)
         output_names = [o.get_any_name() for o in model.outputs if o.get_any_name() not in unfused]
-        split_from_rows, streams_decided = _streams_form(core, staged, job, hint, output_names)
-        runner = OpenVINORunner(core, staged, job.engine_path, hint, None, output_names, one_text, split_from_rows)
+        runner = OpenVINORunner(core, staged, job.engine_path, hint, None, output_names, one_text)
+        split_from_rows, streams_decided = _streams_form(runner, job)
         settings = {"precision_hint": hint, "performance_hint": "LATENCY", "unfused_outputs": unfused,
                     "attention": attention["form"], "int8_attention_blocks": len(blocks) if attention["form"] == "int8" else 0,
                     "lstm": lstm["form"], "int8_lstm_layers": len(lstm_bounds) if lstm["form"] == "int8" else 0,

@@ -325,7 +325,7 @@ def run(config, work_dir: Path, force: bool, wait: bool, progress: StageProgress
                    "the build measures it at least 5% faster.")
 @click.option("--openvino-streams", type=click.Choice(["auto", "split", "single"]), default="auto", show_default=True,
               help="openvino: calls of at least the opt batch split across the CPU's streams, their parts run at "
-                   "once (a second compiled model); auto where the build measures it at least 2% faster.")
+                   "once (a second compiled model); auto unless the build measures it slower.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="ENGINE",
               help="Engine file (.ort or .plan; default: engines/<name>.<backend>.<precision>.<ext> beside the ONNX file).")
 @_apply(_TENSORRT_OPTIONS)

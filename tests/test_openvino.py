@@ -7,6 +7,7 @@ import json
 import shutil
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnxruntime as ort
@@ -479,12 +480,13 @@ def test_calls_split_across_streams_answer_like_one_call_from_many_threads(openv
     assert diffs["split"] == pytest.approx(diffs["single"], abs=1e-4)  # the opt shape's 8 rows, in parts or not
     split, single = Engine.load(tmp_path / "split.xml", threads=2), Engine.load(tmp_path / "single.xml", threads=2)
     runner = split._backend
-    assert runner.streams == 1 and runner._in_streams is None  # nothing compiled in streams before a call needs it
+    assert runner.streams == 1 and runner._parts is None  # nothing compiled in streams before a call needs it
     split(input_ids=_ids(4, 16))
-    assert runner._in_streams is None
-    parts = []
-    in_streams = runner._run_in_streams
-    runner._run_in_streams = lambda feed: parts.append(feed["input_ids"].shape[0]) or in_streams(feed)
+    assert runner._parts is None
+    split(input_ids=_ids(8, 16))
+    parts, in_streams = [], runner._parts
+    assert in_streams is not None and runner.streams == 2
+    runner._parts = SimpleNamespace(streams=2, run=lambda feed: parts.append(feed["input_ids"].shape[0]) or in_streams.run(feed))
     inputs = [_ids(rows, 5 + 3 * rows, seed=rows) for rows in (1, 2, 3, 8, 21, 64)]
     expected = [single(input_ids=ids)["logits"] for ids in inputs]
     for ids, answer in zip(inputs, expected):
@@ -581,7 +583,9 @@ def test_auto_keeps_int8_lstm_only_where_it_measured_faster(openvino_work: Path)
         assert all(set(streams[key]) == {"single", "split", "split_to_single"} for key in shapes)
         ratio = float(np.prod([streams[key]["split_to_single"] for key in shapes]) ** 0.5)
         assert streams["split_to_single"] == pytest.approx(ratio, abs=1e-4) and streams["min_gain"] == STREAMS_MIN_GAIN
-        assert metadata.settings["streams"] == ("split" if ratio <= 1 - STREAMS_MIN_GAIN else "single")
+        split = ratio <= 1 - STREAMS_MIN_GAIN
+        assert metadata.settings["streams"] == ("split" if split else "single")
+        assert metadata.settings.get("split_from_rows") == (8 if split else None)  # the opt batch, the smallest timed
     # The FP32 graph's engine is left as the graph has it, and nothing is timed for it.
     fp32 = read_metadata(_engine(openvino_work))
     assert fp32.settings["lstm"] == "float" and "lstm_timing" not in fp32.checks
