@@ -40,8 +40,8 @@ class BuildOptions:
     # batch 32 83 -> 70 ms, top-1 agreement with PyTorch 0.9944 -> 0.9966 (benchmarks/NOTES.md).
     openvino_float: str = "auto"
     # openvino, INT8 graphs with self-attention: Q and K in INT8 too (the scores product), from the ranges
-    # model.int8.onnx records (export/attention.py). "auto": where the build measures it at least 2% faster
-    # over the opt shape and 32 rows (MiniLM on AMD EPYCs without AMX: 2-4%); "int8" or "float" to choose.
+    # model.int8.onnx records (export/attention.py). "auto": where the build measures it at least 1% faster
+    # over the opt shape and 32 rows (MiniLM on AMD EPYCs without AMX: 1-5%); "int8" or "float" to choose.
     openvino_attention: str = "auto"
     # openvino, INT8 graphs with LSTM layers (float in the QDQ graph): the layers in INT8 where their input
     # has a known bound (engines/openvino_lstm.py). "auto": where the build measures it at least 3% faster

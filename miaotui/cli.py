@@ -315,7 +315,7 @@ def run(config, work_dir: Path, force: bool, wait: bool, progress: StageProgress
                    "BF16 natively (AMX, AVX512-BF16), f32 elsewhere. FP32 graphs run in f32 unless bf16 is asked for.")
 @click.option("--openvino-attention", type=click.Choice(["auto", "int8", "float"]), default="auto", show_default=True,
               help="openvino, INT8 graphs: self-attention's scores product (Q, K) in INT8 from the ranges the graph "
-                   "records; auto keeps it where the build measures it at least 2% faster.")
+                   "records; auto keeps it where the build measures it at least 1% faster.")
 @click.option("--openvino-lstm", type=click.Choice(["auto", "int8", "float"]), default="auto", show_default=True,
               help="openvino, INT8 graphs: LSTM layers in INT8 where their input has a known bound (an embedding "
                    "table, another LSTM's states); auto keeps them where the build measures them at least 3% faster.")

@@ -499,6 +499,24 @@ def test_calls_split_across_streams_answer_like_one_call_from_many_threads(openv
     assert one_thread._backend.streams == 1 and one_thread._backend.split_from_rows is None
 
 
+@pytest.mark.skipif(_cpus() < 2, reason="streams need two CPUs: one thread is one stream")
+def test_a_call_refused_in_streams_is_one_line_and_the_next_call_answers(openvino_work: Path):
+    """A call whose parts OpenVINO refuses (here a batch of rank 3, past the sidecar's checks by calling the parts
+    directly) fails in one line naming the inputs, and the same thread's requests then answer the next call as a
+    whole call does."""
+    from miaotui.runtime import Engine
+
+    engine = Engine.load(_engine(openvino_work), threads=2)
+    runner = engine._backend
+    parts = runner.stream_parts()
+    assert parts.streams == 2
+    good = {"input_ids": _ids(8, 12)}
+    with pytest.raises(InputError, match=r"^OpenVINO failed on inputs input_ids \[8, 12, 2\]: ") as error:
+        parts.run({"input_ids": np.stack([good["input_ids"]] * 2, axis=-1)})
+    assert "\n" not in str(error.value)
+    np.testing.assert_allclose(parts.run(good)[0], runner.run(good)[0], atol=1e-5)
+
+
 def test_streams_are_refused_in_one_line_where_there_is_no_batch_to_split(openvino_work: Path, tmp_path: Path):
     from miaotui.config import load_config
     from miaotui.engines import BuildOptions, build_engine
