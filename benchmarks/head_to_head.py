@@ -2,6 +2,7 @@
 
     python benchmarks/head_to_head.py [--model minilm-sentiment] [--batch 1,32] [--seq 128] [--threads 2]
                                       [--seconds 20] [--block 4] [--processes 8] [--peers-in-streams]
+                                      [--engine ENGINE.xml]
 
 peers.py times each peer in its own process in slices of about a second: on the shared machines here the
 machine's speed drifts between slices by more than these engines differ (per-round ratios 0.79 to 1.07 in
@@ -23,7 +24,12 @@ the engine runs a batch where its build chose streams (its rows split across the
 streams, one part per stream at once; one row as one call), in the plugin's default precision: what the
 engine's graph gains over NNCF's, without what its way of running a call gains.
 
-Writes benchmarks/results/<model>/head_to_head.{json,md}.
+`--engine` compares another openvino engine of the same model (one built with other forms, `miaotui build
+build/<model>/model.int8.onnx --backend openvino --openvino-attention float -o variant.xml`) instead of the
+work dir's, which is otherwise built if missing.
+
+Writes benchmarks/results/<model>/head_to_head.{json,md}, or head_to_head.<engine file's stem>.{json,md} with
+`--engine`.
 """
 
 from __future__ import annotations
@@ -127,7 +133,7 @@ def main() -> None:
                         help="also run each NNCF IR with its batch rows split across streams, as the engine may")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--engine-first", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--engine", help=argparse.SUPPRESS)  # the workers' engine file, as the build stage made it
+    parser.add_argument("--engine", help="an openvino engine file of the model to compare instead of the work dir's")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(one_process(args)))
@@ -141,7 +147,12 @@ def main() -> None:
 
     config = resolve_config(args.model)
     work = REPO / "build" / config.name
-    engine_path = run_build_stage(config, work, BuildOptions(backend="openvino")).path
+    if args.engine:
+        engine_path = Path(args.engine)
+        if not engine_path.is_file():
+            raise SystemExit(f"head_to_head.py: --engine {engine_path}: no such file")
+    else:
+        engine_path = run_build_stage(config, work, BuildOptions(backend="openvino")).path
     for transformer in (False, True):  # made once, before the workers
         nncf_int8(config, work, transformer=transformer)
     started = time.time()
@@ -153,7 +164,7 @@ def main() -> None:
     cpu, machine = describe_machine()
     command = (f"python benchmarks/head_to_head.py --model {config.name} --batch {args.batch} --seq {args.seq} "
                f"--threads {args.threads} --seconds {args.seconds:g} --block {args.block} --processes {args.processes}"
-               + (" --peers-in-streams" if args.peers_in_streams else ""))
+               + (" --peers-in-streams" if args.peers_in_streams else "") + (f" --engine {args.engine}" if args.engine else ""))
     lines = [f"{config.name}, the openvino engine (`{engine_path.name}`) against NNCF's INT8 IRs, paired within each of "
              f"{args.processes} fresh processes, {args.threads} threads: `{command}` ({time.time() - started:.0f} s). "
              f"{machine}.", "",
@@ -179,9 +190,10 @@ def main() -> None:
                          f"| [{widest[0]:.3f}, {widest[1]:.3f}] |")
     out = REPO / "benchmarks" / "results" / config.name
     out.mkdir(parents=True, exist_ok=True)
-    (out / "head_to_head.json").write_text(json.dumps({"command": command, "cpu": cpu, "engine": engine_path.name,
-                                                       "table": table, "processes": runs}, indent=2) + "\n")
-    (out / "head_to_head.md").write_text("\n".join(lines) + "\n")
+    stem = f"head_to_head.{engine_path.name.removesuffix('.xml')}" if args.engine else "head_to_head"
+    (out / f"{stem}.json").write_text(json.dumps({"command": command, "cpu": cpu, "engine": engine_path.name,
+                                                  "table": table, "processes": runs}, indent=2) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
