@@ -758,6 +758,8 @@ def package(engine_or_dir: Path, repository: Path, backend, precision, name, mod
     for path in sorted(p for p in result.model_dir.rglob("*") if p.is_file()):
         _console().print(f"  {escape(str(path.relative_to(result.model_dir.parent)))}  {_size(path.stat().st_size)}")
     _console().print(escape(result.config_text.rstrip()))
+    for difference in result.differences:
+        _console().print(f"note: {escape(difference)}" + ("; the text model runs it as built" if text is not None else ""))
     if ensemble is not None:
         _console().print(f"miaotui package: {escape(ensemble.name)} (text -> {escape(result.model_dir.name)}-tokenize "
                          f"-> {escape(result.model_dir.name)} -> {escape(result.model_dir.name)}-labels: the GPU "

@@ -56,6 +56,7 @@ class TritonPackage:
     engine: Path
     labels: Path | None
     config_text: str
+    differences: list[str]  # how Triton's backend runs the engine unlike the miaotui runtime (Backend.triton_parameters)
 
 
 def _batch_dim(metadata: EngineMetadata) -> tuple[int, str | None]:
@@ -127,6 +128,8 @@ def model_config(metadata: EngineMetadata, name: str, options: TritonOptions, la
                 raise InputError(f"--preferred-batch {size}: the engine takes batches of 1 to {max_batch}")
         config.dynamic_batching.preferred_batch_size.extend(sizes)
         config.dynamic_batching.max_queue_delay_microseconds = options.max_queue_delay_us
+    for key, value in backend.triton_parameters(metadata)[0].items():
+        config.parameters[key].string_value = value
     kind = pb.ModelInstanceGroup.Kind.Value("KIND_GPU" if backend.on_gpu(metadata) else "KIND_CPU")
     config.instance_group.add(count=options.instances, kind=kind)
     return config
@@ -207,4 +210,5 @@ def package_triton(path: str | Path, repository: str | Path, options: TritonOpti
     entry = repository / name
     return TritonPackage(entry, entry / "config.pbtxt", entry / str(options.version) / model_file.name,
                          config.platform or config.backend, config.max_batch_size, engine,
-                         entry / "labels.txt" if (entry / "labels.txt").exists() else None, text)
+                         entry / "labels.txt" if (entry / "labels.txt").exists() else None, text,
+                         get_backend(metadata.backend).triton_parameters(metadata)[1])

@@ -199,6 +199,18 @@ def test_triton_serves_it_with_its_openvino_backend(openvino_work: Path, tmp_pat
     assert config.backend == "openvino" and not config.platform and config.max_batch_size == 64
     assert (entry / "1" / "model.xml").read_bytes() == _engine(openvino_work).read_bytes()
     assert (entry / "1" / "model.bin").read_bytes() == _engine(openvino_work).with_suffix(".bin").read_bytes()
+    # Run as built where Triton's backend has a setting for it, and told where it has none: an FP32 engine's
+    # precision (Triton's backend takes a BF16 hint only), the INT8 engine's batches split across streams.
+    assert config.parameters["PERFORMANCE_HINT"].string_value == "LATENCY"
+    assert "note: Triton's openvino backend cannot ask for FP32" in result.output
+    from miaotui.engines import read_metadata
+    from miaotui.serving.triton import TritonOptions, package_triton
+
+    int8 = openvino_work / "engines" / "lstm-sentiment.openvino.int8.xml"
+    package = package_triton(int8, tmp_path / "repo-int8", TritonOptions())
+    settings = read_metadata(int8).settings
+    assert any("cannot ask for FP32" in d for d in package.differences) == (settings["precision_hint"] == "f32")
+    assert any("across the CPU's streams" in d for d in package.differences) == (settings["streams"] == "split")
 
 
 def test_a_sidecar_claiming_longer_sequences_than_the_ir_takes_is_refused(openvino_work: Path, tmp_path: Path):
