@@ -51,7 +51,7 @@ INT8_FORM_CHOICES = ("auto", "int8", "float")  # --openvino-attention, --openvin
 # INT8 attention costs some agreement: kept when at least this much faster. 1%: on Q and K only it costs
 # little (MiniLM's margin-error RMS 0.049 -> 0.0525, a test text or two of 1,774) and gains 3-4% in batches on
 # the Zen 4 EPYC, 1-5% on the Zen 5 (never slower in 84 repeats, paired); under the 2% of before about half the
-# Zen 5's builds kept float, and MiniLM's engine then trailed NNCF's IRs by 4% at batch 32 (benchmarks/NOTES.md).
+# Zen 5's builds kept float, and MiniLM's engine then trailed NNCF's IRs by 2-4% at batch 32 (benchmarks/NOTES.md).
 ATTENTION_MIN_GAIN = 0.01
 ATTENTION_TIMING_ROUNDS = 15
 LARGE_BATCH = 32  # the INT8 forms are also timed at this many rows (the opt width)
@@ -459,9 +459,10 @@ def _streams_form(runner: OpenVINORunner, job: BuildJob) -> tuple[int | None, di
     """(the rows from which a call runs split across streams, or None for never; what was decided), `runner`
     (the staged engine as the runtime runs it) set to split so: where asked for, or with "auto" where its calls
     split across streams timed at least STREAMS_MIN_GAIN faster than whole (0: not slower) over timed_shapes (those
-    with a row per stream), compiled once for the timing and kept by the runner. Calls smaller than the smallest shape timed stay whole: served one text a request from 8 clients on
-    the same two cores, MiniLM's engine splitting calls of 2-4 rows answered 7% fewer texts per second than whole
-    calls, splitting from 8 rows level (benchmarks/NOTES.md)."""
+    with a row per stream), the model in streams compiled once for the timing and kept by the runner. Calls smaller
+    than the smallest shape timed stay whole: served one text a request from 8 clients on the same two cores,
+    MiniLM's engine splitting calls of 2-4 rows answered 7% fewer texts per second than whole calls, splitting from
+    8 rows level (benchmarks/NOTES.md)."""
     from miaotui.engines.timing import interleaved
 
     requested = job.options.openvino_streams
@@ -773,7 +774,8 @@ class OpenVINO(Backend):
         differences = []
         if metadata.settings.get("precision_hint", "f32") == "f32":
             differences.append("Triton's openvino backend cannot ask for FP32: on a CPU with native BF16 (AMX, "
-                               "AVX512-BF16) it computes this engine's float parts in BF16, which the gate did not judge")
+                               "AVX512-BF16) it computes this engine's float parts in BF16, which the gate did not "
+                               "judge")
         if metadata.settings.get("streams") == "split":
             differences.append(f"Triton's openvino backend runs each batch as one call; the engine splits calls of "
                                f"{metadata.settings.get('split_from_rows')} rows or more across the CPU's streams")

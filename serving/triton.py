@@ -56,7 +56,7 @@ class TritonPackage:
     engine: Path
     labels: Path | None
     config_text: str
-    differences: list[str]  # how Triton's backend runs the engine unlike the miaotui runtime (Backend.triton_parameters)
+    differences: list[str]  # how Triton's backend runs it unlike the miaotui runtime (Backend.triton_parameters)
 
 
 def _batch_dim(metadata: EngineMetadata) -> tuple[int, str | None]:
