@@ -147,10 +147,13 @@ class Backend:
         returns the file name."""
         raise InputError(f"{engine}: a {self.name} engine; Triton serves {' and '.join(triton_backends())} engines")
 
-    def triton_parameters(self, metadata: "EngineMetadata") -> tuple[dict[str, str], list[str]]:
-        """(config.pbtxt `parameters` for Triton's backend, so it runs the engine as built; what that backend
-        still runs differently from the engine the gate judged, one sentence each)."""
-        return {}, []
+    def triton_parameters(self, metadata: "EngineMetadata") -> dict[str, str]:
+        """config.pbtxt `parameters` for Triton's backend, so that it runs the engine as built."""
+        return {}
+
+    def triton_differences(self, metadata: "EngineMetadata") -> list[str]:
+        """What Triton's backend still runs differently from the engine the gate judged, one sentence each."""
+        return []
 
     def on_gpu(self, metadata: "EngineMetadata") -> bool:
         """Its Triton instances run on a GPU."""

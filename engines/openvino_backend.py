@@ -767,10 +767,12 @@ class OpenVINO(Backend):
         return (f"openvino {metadata.backend_version.split('-')[0]} IR{attention}, float parts in {hint}{where}; "
                 f"ran at min/opt/max shapes; vs ONNX Runtime on the .onnx max |diff| {diff:.0e}")
 
-    def triton_parameters(self, metadata: EngineMetadata) -> tuple[dict[str, str], list[str]]:
+    def triton_parameters(self, metadata: EngineMetadata) -> dict[str, str]:
         """Triton's openvino backend takes the performance hint, threads, streams and a BF16 hint
         (openvino_backend's src/openvino.cc, ParseParameterHelper), nothing that sets FP32 or splits a batch."""
-        parameters = {"PERFORMANCE_HINT": str(metadata.settings.get("performance_hint", "LATENCY"))}
+        return {"PERFORMANCE_HINT": str(metadata.settings.get("performance_hint", "LATENCY"))}
+
+    def triton_differences(self, metadata: EngineMetadata) -> list[str]:
         differences = []
         if metadata.settings.get("precision_hint", "f32") == "f32":
             differences.append("Triton's openvino backend cannot ask for FP32: on a CPU with native BF16 (AMX, "
@@ -779,7 +781,7 @@ class OpenVINO(Backend):
         if metadata.settings.get("streams") == "split":
             differences.append(f"Triton's openvino backend runs each batch as one call; the engine splits calls of "
                                f"{metadata.settings.get('split_from_rows')} rows or more across the CPU's streams")
-        return parameters, differences
+        return differences
 
     def triton_model(self, engine: Path, metadata: EngineMetadata, target: Path, config) -> str:
         """Triton's OpenVINO backend loads model.xml and model.bin from the version folder."""

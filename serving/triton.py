@@ -56,7 +56,7 @@ class TritonPackage:
     engine: Path
     labels: Path | None
     config_text: str
-    differences: list[str]  # how Triton's backend runs it unlike the miaotui runtime (Backend.triton_parameters)
+    differences: list[str]  # how Triton's backend runs it unlike the miaotui runtime (Backend.triton_differences)
 
 
 def _batch_dim(metadata: EngineMetadata) -> tuple[int, str | None]:
@@ -128,7 +128,7 @@ def model_config(metadata: EngineMetadata, name: str, options: TritonOptions, la
                 raise InputError(f"--preferred-batch {size}: the engine takes batches of 1 to {max_batch}")
         config.dynamic_batching.preferred_batch_size.extend(sizes)
         config.dynamic_batching.max_queue_delay_microseconds = options.max_queue_delay_us
-    for key, value in backend.triton_parameters(metadata)[0].items():
+    for key, value in backend.triton_parameters(metadata).items():
         config.parameters[key].string_value = value
     kind = pb.ModelInstanceGroup.Kind.Value("KIND_GPU" if backend.on_gpu(metadata) else "KIND_CPU")
     config.instance_group.add(count=options.instances, kind=kind)
@@ -211,4 +211,4 @@ def package_triton(path: str | Path, repository: str | Path, options: TritonOpti
     return TritonPackage(entry, entry / "config.pbtxt", entry / str(options.version) / model_file.name,
                          config.platform or config.backend, config.max_batch_size, engine,
                          entry / "labels.txt" if (entry / "labels.txt").exists() else None, text,
-                         get_backend(metadata.backend).triton_parameters(metadata)[1])
+                         get_backend(metadata.backend).triton_differences(metadata))
