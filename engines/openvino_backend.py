@@ -15,7 +15,9 @@ An INT8 graph whose metadata records self-attention ranges (export/attention.py)
 Q and K in INT8 (`openvino_attention`): OpenVINO then runs each attention block as one kernel with its
 scores product in INT8. Both forms are compiled and timed at the opt shape and at 32 rows, and the INT8
 one is kept only where it is at least ATTENTION_MIN_GAIN faster over both: it costs some agreement (the gate judges the engine as
-built), and where BF16 attention is fast (AMX) the gain may not be there. Likewise an INT8 graph's LSTM
+built), and where BF16 attention is fast (AMX) the gain may not be there. In either form each attention's key
+projection writes K^T, the layout the attention kernel reads, instead of K and a transpose of its own
+(engines/openvino_key_layout.py). Likewise an INT8 graph's LSTM
 layers (float in the QDQ graph) are built in INT8 form where their input has a known bound
 (engines/openvino_lstm.py, `openvino_lstm`) and kept where at least LSTM_MIN_GAIN faster. And one
 text a call runs on models compiled for its padded width where that is faster, and every call is padded
@@ -42,6 +44,7 @@ import numpy as np
 from miaotui.engines.backend import (Backend, BackendBuild, BuildJob, TensorSignature, numpy_feed, run_failed,
                                      version_tuple)
 from miaotui.engines.metadata import EngineMetadata, TensorRange, batch_axis_shared
+from miaotui.engines.openvino_key_layout import keys_in_attention_layout
 from miaotui.engines.openvino_shapes import MIN_STEP
 from miaotui.errors import InputError, first_line
 
@@ -377,6 +380,7 @@ def _with_int8_attention(ov, graph, onnx_path: Path, blocks: list, ranges: list[
     save_model(graph, path, Path(str(onnx_path) + ".data").is_file())
     model = _convert(ov, path, ranges)
     _keep_reductions_unfused(model)
+    keys_in_attention_layout(model)
     return model
 
 
@@ -649,8 +653,8 @@ class OpenVINO(Backend):
     # shape, by which rows are cut or padded to powers of two (also where widths cannot be padded); 9: widths
     # padded where the tokenizer's padding id masks padding (checked at build), not only a mask input; 11: calls
     # of at least the smallest batch the build timed split across streams where faster; 12: split unless timed slower;
-    # 13: INT8 attention where at least 1% faster (was 2%)
-    form = "13"
+    # 13: INT8 attention where at least 1% faster (was 2%); 14: keys projected in the attention kernel's layout
+    form = "14"
 
     def version(self) -> str:
         return _import_openvino().get_version()
@@ -671,6 +675,7 @@ class OpenVINO(Backend):
         blocks, graph = _attention_blocks(job.onnx_path, job.options.openvino_attention, job.precision)
         model = _convert(ov, job.onnx_path, job.ranges)
         unfused = _keep_reductions_unfused(model) if job.precision.startswith("int8") else []
+        keys_moved = keys_in_attention_layout(model)
         weights = job.stage_file(weights_path(Path(job.engine_name)).name)
         attention: dict[str, Any] = {"form": "float"}
         lstm: dict[str, Any] = {"form": "float"}
@@ -698,6 +703,7 @@ class OpenVINO(Backend):
         settings = {"precision_hint": hint, "performance_hint": "LATENCY", "unfused_outputs": unfused,
                     "attention": attention["form"], "int8_attention_blocks": len(blocks) if attention["form"] == "int8" else 0,
                     "lstm": lstm["form"], "int8_lstm_layers": len(lstm_bounds) if lstm["form"] == "int8" else 0,
+                    "keys_in_attention_layout": keys_moved,
                     "one_text": one_text_decided["form"], "streams": streams_decided["form"],
                     **({"split_from_rows": split_from_rows} if split_from_rows else {}),
                     "weights_sha256": sha256_file(weights), "weights_bytes": weights.stat().st_size}

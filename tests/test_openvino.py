@@ -328,14 +328,15 @@ def _fake_quantizes(xml: Path) -> int:
 
 def _int8_activation_products(xml: Path) -> int:
     """Nodes of the compiled model that multiply two activations (attention's products: a fused Subgraph or a
-    MatMul, not a FullyConnected with weights) and read two INT8 inputs."""
+    MatMul, not a FullyConnected or a MatMul with weights) and read two INT8 inputs."""
     import openvino
 
     core = openvino.Core()
     compiled = core.compile_model(core.read_model(str(xml)), "CPU", {"INFERENCE_NUM_THREADS": 1})
     count = 0
     for op in compiled.get_runtime_model().get_ordered_ops():
-        if op.get_rt_info()["layerType"].astype(str) in ("Subgraph", "MatMul"):
+        weights = any(i.get_source_output().get_node().get_rt_info()["layerType"].astype(str) == "Const" for i in op.inputs())
+        if op.get_rt_info()["layerType"].astype(str) in ("Subgraph", "MatMul") and not weights:
             count += sum(str(i.get_element_type()) in ("<Type: 'int8_t'>", "<Type: 'uint8_t'>") for i in op.inputs()) >= 2
     return count
 
@@ -378,6 +379,8 @@ def test_int8_attention_builds_each_block_in_int8_and_answers_close_to_float(tin
              for form in ("int8", "float")}
     assert built["int8"].metadata.settings["attention"] == "int8"
     assert built["int8"].metadata.settings["int8_attention_blocks"] == 2
+    assert built["int8"].metadata.settings["keys_in_attention_layout"] == 2  # both forms: K^T from its projection
+    assert built["float"].metadata.settings["keys_in_attention_layout"] == 2
     assert built["float"].metadata.settings["attention"] == "float"
     # Q and K of two blocks: four more FakeQuantize in the IR (V and the probabilities stay float).
     assert _fake_quantizes(tmp_path / "int8.xml") - _fake_quantizes(tmp_path / "float.xml") == 4
