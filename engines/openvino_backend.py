@@ -764,6 +764,8 @@ class OpenVINO(Backend):
         hint = metadata.settings.get("precision_hint")
         where = " (f32 on CPUs without native BF16)" if hint == "bf16" else ""
         attention = " (attention in INT8)" if metadata.settings.get("attention") == "int8" else ""
+        if metadata.settings.get("keys_in_attention_layout"):
+            attention += f" (K^T from its projection in {metadata.settings['keys_in_attention_layout']} attention blocks)"
         attention += " (LSTM layers in INT8)" if metadata.settings.get("lstm") == "int8" else ""
         attention += " (one text at fixed widths)" if metadata.settings.get("one_text") == "static" else ""
         if metadata.settings.get("streams") == "split":

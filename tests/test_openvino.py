@@ -384,7 +384,7 @@ def test_int8_attention_builds_each_block_in_int8_and_answers_close_to_float(tin
     assert built["float"].metadata.settings["attention"] == "float"
     # Q and K of two blocks: four more FakeQuantize in the IR (V and the probabilities stay float).
     assert _fake_quantizes(tmp_path / "int8.xml") - _fake_quantizes(tmp_path / "float.xml") == 4
-    assert "IR (attention in INT8)" in BACKEND.describe(built["int8"].metadata)
+    assert "IR (attention in INT8) (K^T from its projection in 2 attention blocks)" in BACKEND.describe(built["int8"].metadata)
     ids = np.random.default_rng(1).integers(5, 300, (16, 40)).astype(np.int64)
     inputs = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
     logits = {form: Engine.load(tmp_path / f"{form}.xml", threads=2)(**inputs)["logits"] for form in built}
