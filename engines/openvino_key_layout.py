@@ -138,12 +138,16 @@ def _key_projection(reader, layout: list[int]) -> _KeyProjection | None:
         return None
     activations = matmul.input(0).get_source_output()
     weights = _int8_weights(matmul.input(1).get_source_output())
-    if weights is None or activations.get_partial_shape().rank.get_length() != 3:
+    rank = activations.get_partial_shape().rank
+    if weights is None or rank.is_dynamic or rank.get_length() != 3:
         return None
     levels, scales = weights
-    if not matmul.get_attributes()["transpose_b"]:
+    transposed = matmul.get_attributes()["transpose_b"]
+    if not transposed:
         levels = levels.T  # [width in, width out] -> [width out, width in]
-    if levels.shape[0] != heads * size or scales.size not in (1, heads * size) or not np.all(scales > 0):
+    per_output = (heads * size, 1) if transposed else (1, heads * size)  # a scale per output channel, or one
+    if levels.shape[0] != heads * size or (scales.size != 1 and scales.shape[-2:] != per_output) \
+            or not np.all(scales > 0):
         return None
     scales = np.broadcast_to(scales.reshape(-1), (heads * size,)).astype(np.float32)
     return _KeyProjection(reader, layout, activations, np.ascontiguousarray(levels), scales, bias, quantizer, heads, size)

@@ -21,12 +21,12 @@ def _quantizer(source, bound: float):
     return ops.fake_quantize(source, low, high, low, high, 256)
 
 
-def _projection(x, rng, quantize_output: bool):
+def _projection(x, rng, quantize_output: bool, scale_shape=(1, WIDTH)):
     """X (quantized) times int8 weights [in, out] with a scale per output channel, plus a bias; quantized too."""
     from openvino import opset13 as ops
 
     levels = rng.integers(-127, 128, (WIDTH, WIDTH)).astype(np.int8)
-    scales = rng.uniform(0.002, 0.02, (1, WIDTH)).astype(np.float32)  # differ per channel, as calibrated ones do
+    scales = rng.uniform(0.002, 0.02, scale_shape).astype(np.float32)  # differ per channel, as calibrated ones do
     weights = ops.multiply(ops.convert(ops.constant(levels), "f32"), ops.constant(scales))
     out = ops.add(ops.matmul(x, weights, False, False), ops.constant(rng.normal(0, 0.3, WIDTH).astype(np.float32)))
     return _quantizer(out, 2.0) if quantize_output else out
@@ -39,7 +39,7 @@ def _heads(out, order):
     return ops.transpose(split, ops.constant(np.array(order, np.int64)))
 
 
-def _attention_model(form: str, quantize_k: bool = True, second_reader: bool = False):
+def _attention_model(form: str, quantize_k: bool = True, second_reader: bool = False, k_scale_shape=(1, WIDTH)):
     """One attention block over X: "sdpa" (the ONNX frontend's fused op) or "eager" (MatMul(Q, K^T), scale,
     mask, Softmax, MatMul), all three projections INT8."""
     from openvino import opset13 as ops
@@ -49,7 +49,7 @@ def _attention_model(form: str, quantize_k: bool = True, second_reader: bool = F
     mask = ops.parameter([-1, 1, 1, -1], np.float32, name="mask")
     xq = _quantizer(x, 3.0)
     q, v = (_heads(_projection(xq, rng, True), [0, 2, 1, 3]) for _ in range(2))
-    k_out = _projection(xq, rng, quantize_k)
+    k_out = _projection(xq, rng, quantize_k, k_scale_shape)
     if form == "sdpa":
         k = _heads(k_out, [0, 2, 1, 3])
         context = ops.scaled_dot_product_attention(q, k, v, mask, ops.constant(np.float32(SIZE ** -0.5)), causal=False)
@@ -105,6 +105,15 @@ def test_a_projection_read_elsewhere_too_is_left_as_it_is():
     ops_before = len(model.get_ops())
     assert keys_in_attention_layout(model) == 0
     assert len(model.get_ops()) == ops_before
+
+
+def test_weights_scaled_per_input_channel_are_left_as_they_are():
+    """Scales on the weights' rows [width in, 1] (a graph that is not per output channel) cannot move to the
+    product's rows: the projection stays, though its width in equals its width out."""
+    from miaotui.engines.openvino_key_layout import keys_in_attention_layout
+
+    assert keys_in_attention_layout(_attention_model("sdpa", k_scale_shape=(WIDTH, 1))) == 0
+    assert keys_in_attention_layout(_attention_model("sdpa", k_scale_shape=(1, 1))) == 1  # one scale: taken
 
 
 def test_a_graph_without_attention_is_left_as_it_is():
