@@ -380,7 +380,6 @@ def _with_int8_attention(ov, graph, onnx_path: Path, blocks: list, ranges: list[
     save_model(graph, path, Path(str(onnx_path) + ".data").is_file())
     model = _convert(ov, path, ranges)
     _keep_reductions_unfused(model)
-    keys_in_attention_layout(model)
     return model
 
 
@@ -675,15 +674,18 @@ class OpenVINO(Backend):
         blocks, graph = _attention_blocks(job.onnx_path, job.options.openvino_attention, job.precision)
         model = _convert(ov, job.onnx_path, job.ranges)
         unfused = _keep_reductions_unfused(model) if job.precision.startswith("int8") else []
-        keys_moved = keys_in_attention_layout(model)
+        keys_moved = keys_in_attention_layout(model)  # in each attention form: it gains in both
         weights = job.stage_file(weights_path(Path(job.engine_name)).name)
         attention: dict[str, Any] = {"form": "float"}
         lstm: dict[str, Any] = {"form": "float"}
         with tempfile.TemporaryDirectory(prefix="miaotui-openvino-") as folder:
             if blocks:
                 int8_form = _with_int8_attention(ov, graph, job.onnx_path, blocks, job.ranges, Path(folder))
+                int8_keys_moved = keys_in_attention_layout(int8_form)
                 model, attention = _keep_int8_form(ov, model, int8_form, job.options.openvino_attention,
                                                    ATTENTION_MIN_GAIN, hint, job)
+                if attention["form"] == "int8":
+                    keys_moved = int8_keys_moved  # the sidecar counts the form kept
             lstm_bounds = _lstm_bounds(model, job.onnx_path, job.options.openvino_lstm, job.precision)
             if lstm_bounds:
                 from miaotui.engines.openvino_lstm import with_int8_lstm

@@ -166,8 +166,8 @@ def keys_in_attention_layout(model) -> int:
         product = ops.matmul(weights, key.activations, transpose_a=False, transpose_b=True)  # [batch, width, seq]
         # special_zero: 0 keeps the batch dim; -1 the sequence length
         split = ops.reshape(product, ops.constant(np.array([0, key.heads, key.size, -1], np.int64)), special_zero=True)
-        per_row = (key.scales / column_scale).reshape(1, key.heads, key.size, 1)
-        keys = ops.multiply(split, ops.constant(per_row.astype(np.float32)))
+        per_row = (key.scales / column_scale).reshape(1, key.heads, key.size, 1).astype(np.float32)
+        keys = split if np.all(per_row == 1) else ops.multiply(split, ops.constant(per_row))  # one scale: none left
         if key.bias is not None:
             keys = ops.add(keys, ops.constant(key.bias.reshape(1, key.heads, key.size, 1)))
         if key.quantizer is not None:
